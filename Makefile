@@ -1,0 +1,35 @@
+# megatron-fusion: `make demo` runs the CPU demo, `make test` runs the suite.
+# Both do their own set-up on a fresh machine: a venv with the CPU torch wheel installed FIRST,
+# then the package under constraints.txt (pins torch and megatron-core, so no CUDA build is pulled).
+PY ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
+
+.PHONY: setup demo demo-tiny test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): setup.py constraints.txt
+	test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q torch==2.13.0
+	$(VPY) -m pip install -q -c constraints.txt -e ".[test,wandb,hf]"
+	@if $(VPY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
+	  echo "error: CUDA packages were pulled into a CPU venv"; exit 1; fi
+	rm -f $(VENV)/.installed-*; touch $@
+
+demo: setup
+	$(VPY) -m megatron_fusion.demo
+
+demo-tiny: setup
+	$(VPY) -m megatron_fusion.demo --tiny
+
+test: setup
+	$(VPY) -m pytest -q tests
+
+test-fast: setup
+	$(VPY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf runs .pytest_cache

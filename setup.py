@@ -1,0 +1,29 @@
+"""megatron-fusion: fuse heterogeneous LLMs into a pivot model on Megatron-Core."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-fusion",
+    version="0.1.0",
+    description="InfiFusion / InfiGFusion / InfiFPO model fusion on Megatron-Core (TP/PP/DP)",
+    packages=find_packages(include=["megatron_fusion", "megatron_fusion.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.6",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "packaging",
+        "pyyaml",
+        "sentencepiece",
+        "editdistance",
+        "tqdm",
+    ],
+    extras_require={
+        "wandb": ["wandb"],
+        "hf": ["transformers>=4.45", "safetensors", "gguf"],
+        "gpu": ["transformer-engine[pytorch]"],
+        "test": ["pytest", "pytest-timeout", "POT", "transformers>=4.45", "safetensors", "gguf",
+                 "mistral-common"],
+    },
+    entry_points={"console_scripts": ["megatron-fusion=megatron_fusion.cli:main"]},
+)
