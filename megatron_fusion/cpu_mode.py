@@ -89,8 +89,9 @@ def enable() -> bool:
     torch.cuda.synchronize = lambda device=None: None  # item 3
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # item 4
     torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
-    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
-    torch.cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)
+    # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself (recursion).
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
 
     from megatron.core.tensor_parallel import random as mp_random
 

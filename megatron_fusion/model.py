@@ -1,0 +1,185 @@
+"""The student (and Megatron-backend teacher) model: a Llama-style megatron-core GPTModel.
+
+``build_transformer_config(cfg)`` maps the typed config onto megatron-core's TransformerConfig;
+``build_model(cfg)`` returns the list of model chunks this rank owns (one per virtual pipeline
+stage), unwrapped; the trainer wraps them in Megatron DDP.
+
+Layer spec: Transformer Engine's when TE imports on a GPU (needed for FP8), otherwise the local
+(pure megatron-core) spec with ``ShardedNorm`` in place of the stock torch-norm wrapper, whose
+parameters carry ``sequence_parallel`` so ``finalize_model_grads`` all-reduces their gradients
+over TP when sequence parallelism is on (the stock wrapper refuses SP).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from megatron_fusion.config import Config, ModelConfig
+
+
+def te_available() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def use_transformer_engine(model_cfg: ModelConfig) -> bool:
+    impl = model_cfg.transformer_impl
+    if impl == "local":
+        return False
+    have = te_available()
+    if impl == "transformer_engine" and not have:
+        raise RuntimeError("model.transformer_impl: 'transformer_engine' requested but Transformer "
+                           "Engine does not import (or there is no GPU)")
+    if impl == "auto" and not have and torch.cuda.is_available():
+        warnings.warn("Transformer Engine is not importable: using the local layer spec (no FP8)")
+    return have
+
+
+class ShardedNorm(torch.nn.Module):
+    """RMSNorm/LayerNorm over the hidden dim whose params are tagged for sequence parallelism."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__()
+        cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        self.norm = cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in self.norm.parameters():
+            # Read by finalize_model_grads: grads of SP-replicated params are all-reduced over TP.
+            setattr(p, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x):
+        return self.norm(x)
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def build_transformer_config(cfg: Config, *, num_layers: int | None = None,
+                             model_cfg: ModelConfig | None = None, tp: int | None = None,
+                             pp: int | None = None):
+    """megatron-core TransformerConfig for ``cfg`` (or a teacher's ``model_cfg``)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    m = model_cfg or cfg.model
+    p = cfg.parallel
+    on_gpu = torch.cuda.is_available()
+    dtype = _dtype(cfg.train.precision)
+    kw = dict(
+        num_layers=num_layers or m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_size,
+        kv_channels=getattr(m, "kv_channels", None),
+        normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=False,
+        add_qkv_bias=m.add_qkv_bias,
+        init_method_std=m.init_method_std,
+        tensor_model_parallel_size=tp if tp is not None else p.tp,
+        pipeline_model_parallel_size=pp if pp is not None else p.pp,
+        virtual_pipeline_model_parallel_size=p.vpp if model_cfg is None else None,
+        sequence_parallel=p.sequence_parallel if model_cfg is None else False,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=not on_gpu,
+        perform_initialization=True,
+        # Fusions need CUDA kernels; off on CPU, on where they exist.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        # The stage loss returns (sum, count); Megatron normalises once by the global count.
+        calculate_per_token_loss=True,
+        # batch_p2p_sync=True calls torch.cuda.synchronize between p2p ops.
+        batch_p2p_sync=on_gpu,
+        deallocate_pipeline_outputs=on_gpu,
+    )
+    if cfg.train.recompute is not None:
+        kw["recompute_granularity"] = cfg.train.recompute
+        if cfg.train.recompute == "full":
+            kw.update(recompute_method="uniform", recompute_num_layers=1)
+    if cfg.train.fp8 is not None:
+        kw.update(fp8=cfg.train.fp8, fp8_recipe=cfg.train.fp8_recipe)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(cfg: Config, tcfg, *, te: bool, vp_stage: int | None = None,
+               pp_rank: int | None = None):
+    """Block spec: TE layers, or local layers with ShardedNorm (also as the final norm)."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if te:
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization=tcfg.normalization)
+    norm = ModuleSpec(module=ShardedNorm)
+    spec.submodules.input_layernorm = norm
+    spec.submodules.pre_mlp_layernorm = norm
+    n_local = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=ShardedNorm)
+
+
+def build_model(cfg: Config, *, model_cfg: ModelConfig | None = None, vocab_size: int | None = None,
+                tp: int | None = None, pp: int | None = None, pp_rank: int | None = None,
+                pp_size: int | None = None) -> list[torch.nn.Module]:
+    """This rank's GPTModel chunks (one per virtual stage), on the current device, unwrapped."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    m = model_cfg or cfg.model
+    tcfg = build_transformer_config(cfg, model_cfg=model_cfg, tp=tp, pp=pp)
+    te = use_transformer_engine(m)
+    vocab = vocab_size or m.padded_vocab_size(tcfg.tensor_model_parallel_size)
+    vpp = tcfg.virtual_pipeline_model_parallel_size or 1
+    pp_rank = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank
+    pp_size = ps.get_pipeline_model_parallel_world_size() if pp_size is None else pp_size
+    chunks = []
+    for vp in range(vpp):
+        vp_stage = vp if vpp > 1 else None
+        first = pp_rank == 0 and vp == 0
+        last = pp_rank == pp_size - 1 and vp == vpp - 1
+        model = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=layer_spec(cfg, tcfg, te=te, vp_stage=vp_stage, pp_rank=pp_rank),
+            vocab_size=vocab,
+            max_sequence_length=m.max_position_embeddings or m.seq_length,
+            pre_process=first,
+            post_process=last,
+            parallel_output=True,  # logits stay vocab-sharded: the losses work on the local shard
+            share_embeddings_and_output_weights=m.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(m.rotary_base),
+            vp_stage=vp_stage,
+        )
+        if torch.cuda.is_available():
+            model.cuda(torch.cuda.current_device())
+        chunks.append(model)
+    return chunks
+
+
+def count_parameters(chunks) -> int:
+    return sum(p.numel() for c in chunks for p in c.parameters())
