@@ -54,6 +54,9 @@ class ModelConfig:
     """Query heads."""
     num_query_groups: Optional[int] = None
     """KV heads for GQA (None = MHA)."""
+    kv_channels: Optional[int] = None
+    """Per-head dimension (None = hidden_size / num_attention_heads). Mistral-Small-24B uses 128
+    with hidden 5120 and 32 heads, so its attention width (4096) differs from the hidden size."""
     ffn_hidden_size: Optional[int] = None
     """MLP width (None = 4 * hidden, or 8/3 * hidden rounded to 64 with SwiGLU)."""
     vocab_size: int = 0
@@ -90,9 +93,14 @@ class ModelConfig:
             _check(self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
                    "model.num_query_groups",
                    f"{self.num_query_groups} must divide num_attention_heads={self.num_attention_heads}")
+        _check(self.kv_channels is None or self.kv_channels > 0, "model.kv_channels", "must be > 0 or null")
         _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0")
         _check(self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be > 0")
         _check(self.norm_epsilon > 0, "model.norm_epsilon", "must be > 0")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def ffn_size(self) -> int:
@@ -375,8 +383,17 @@ def _parse_scalar(text: str) -> Any:
     return yaml.safe_load(text)
 
 
+def _list_index(items: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(key, f"'{part}' is not an index of a list of {len(items)}")
+    return int(part)
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict."""
+    """Apply ``a.b.c=value`` overrides (value parsed as YAML) to a nested dict.
+
+    A numeric part indexes a list: ``fuse.teachers.1.ranks=16`` sets the second teacher's ranks.
+    """
     for item in overrides:
         if "=" not in item:
             raise ConfigError(item, "override must look like dotted.key=value")
@@ -384,12 +401,16 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         parts = key.strip().split(".")
         node = raw
         for p in parts[:-1]:
-            if node.get(p) is None:
-                node[p] = {}
-            node = node[p]
-            if not isinstance(node, dict):
+            if isinstance(node, list):  # a list item by index: fuse.teachers.0.ranks=8
+                node = node[_list_index(node, p, key)]
+            else:
+                if node.get(p) is None:
+                    node[p] = {}
+                node = node[p]
+            if not isinstance(node, (dict, list)):
                 raise ConfigError(key, f"'{p}' is not a section")
-        node[parts[-1]] = _parse_scalar(value)
+        last = parts[-1]
+        node[_list_index(node, last, key) if isinstance(node, list) else last] = _parse_scalar(value)
     return raw
 
 
