@@ -1,0 +1,100 @@
+"""Vocab-parallel log-probabilities of the labels (SPEC §5 building block; ``-token_logprobs``
+is the trainer's CE, equal to megatron-core's ``vocab_parallel_cross_entropy``).
+
+Per token: ``log p(label) = z_label - max - log(sum exp(z - max))`` over the true vocabulary.
+Collectives (forward only, per token): one MAX all-reduce of one scalar, then ONE SUM all-reduce of
+two scalars (local sum-exp, target logit from its owning shard). Backward recomputes
+``softmax = exp(z - logsumexp)`` chunk by chunk from the saved logits shard and the saved
+per-token ``logsumexp``, so nothing shard-sized is saved.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_fusion.losses._shard import all_reduce_, compute_dtype, shard_layout, token_chunks
+
+
+class _VocabParallelLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_local, labels, vocab_size, tp_group, chunk_tokens):
+        lay = shard_layout(logits_local, vocab_size, tp_group)
+        x = logits_local.reshape(-1, lay.v_local)                       # [N, v_local]
+        lab = labels.reshape(-1).long()
+        if lab.shape[0] != x.shape[0]:
+            raise ValueError(f"token_logprobs: labels {tuple(labels.shape)} do not match logits "
+                             f"{tuple(logits_local.shape)}")
+        cdt = compute_dtype(logits_local.dtype)
+        local = lab - lay.start
+        owned = (local >= 0) & (local < lay.n_valid)   # labels outside the vocab: nobody owns them
+        col = torch.where(owned, local, torch.zeros_like(local))
+        target = torch.where(owned, x.gather(1, col[:, None])[:, 0].to(cdt), 0.0)
+        n_tok = x.shape[0]
+        lmax = torch.full((n_tok,), -torch.inf, dtype=cdt, device=x.device)
+        if lay.n_valid > 0:
+            for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
+                lmax[sl] = x[sl, :lay.n_valid].amax(-1).to(cdt)
+        all_reduce_(lmax, lay, op=dist.ReduceOp.MAX)                     # all-reduce 1 (1 scalar)
+        stats = torch.zeros((n_tok, 2), dtype=cdt, device=x.device)     # [sum-exp, target]
+        stats[:, 1] = target
+        if lay.n_valid > 0:
+            for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
+                stats[sl, 0] = torch.exp(x[sl, :lay.n_valid].to(cdt) - lmax[sl, None]).sum(-1)
+        all_reduce_(stats, lay)                                          # all-reduce 2 (2 scalars)
+        lse = lmax + stats[:, 0].log()
+        ctx.save_for_backward(logits_local, col, owned, lse)
+        ctx.lay, ctx.chunk_tokens = lay, chunk_tokens
+        return (stats[:, 1] - lse).view(labels.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits_local, col, owned, lse = ctx.saved_tensors
+        lay = ctx.lay
+        cdt = compute_dtype(logits_local.dtype)
+        x = logits_local.reshape(-1, lay.v_local)
+        g = grad_out.reshape(-1).to(cdt)                                  # [N]
+        grad = torch.zeros_like(logits_local)
+        grad2 = grad.view(-1, lay.v_local)
+        onehot_col = torch.where(owned, col, lay.v_local)                  # v_local = dump column
+        for sl in token_chunks(x.shape[0], lay.v_local, ctx.chunk_tokens):
+            n = sl.stop - sl.start
+            gc = torch.zeros((n, lay.v_local + 1), dtype=cdt, device=x.device)
+            if lay.n_valid > 0:   # d logp / dz_j = [j == label] - softmax_j ; padding stays 0
+                gc[:, :lay.n_valid] = -torch.exp(x[sl, :lay.n_valid].to(cdt) - lse[sl, None])
+            gc.scatter_add_(1, onehot_col[sl, None], torch.ones((n, 1), dtype=cdt, device=x.device))
+            gc.mul_(g[sl, None])
+            grad2[sl] = gc[:, :lay.v_local].to(grad.dtype)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits_local: torch.Tensor, labels: torch.Tensor, *,
+                   vocab_size: int | None = None, tp_group=None,
+                   chunk_tokens: int | None = None) -> torch.Tensor:
+    """Log-softmax over the TP-sharded vocab, taken at the labels.
+
+    Args:
+        logits_local: ``[b, s, v_local]`` (or any ``[..., v_local]``) this rank's shard.
+        labels: ``[b, s]`` global token ids; must lie in ``[0, vocab_size)`` where the result is
+            used (other ids, e.g. -100, give a meaningless value and no gradient to any column).
+        vocab_size: true vocab size; padded columns are excluded from the softmax.
+    Returns:
+        ``[b, s]`` log-probabilities (fp32; fp64 for fp64 logits), identical on all TP ranks.
+    """
+    return _VocabParallelLogProb.apply(logits_local, labels, vocab_size, tp_group, chunk_tokens)
+
+
+def sequence_logprobs(logits_local: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
+                      vocab_size: int | None = None, tp_group=None,
+                      chunk_tokens: int | None = None):
+    """Summed log-probability of each sequence's masked-in labels.
+
+    Args: logits_local ``[b, s, v_local]``, labels ``[b, s]`` (already shifted so that position t
+        scores labels[t]), mask ``[b, s]`` (1 = response token).
+    Returns: ``(logp_sum [b], n_tokens [b])``; ``logp_sum / n_tokens`` is SPEC §5's ℓ(y).
+        With context parallelism, all-reduce both over the CP group before dividing.
+    """
+    tok = token_logprobs(logits_local, labels, vocab_size=vocab_size, tp_group=tp_group,
+                         chunk_tokens=chunk_tokens)
+    keep = mask > 0
+    return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1), keep.sum(-1)

@@ -1,0 +1,212 @@
+"""Global top-K over TP vocab shards, raw or z-scored (SPEC §2), in one autograd.Function.
+
+Forward, per token (b*s tokens, ``N`` below):
+  1. each rank picks its local top-K candidates over its *real* columns (padding excluded);
+  2. ONE all-gather of ``K`` candidates per rank (``K*tp`` per token) and a re-selection of the
+     global top-K, descending, ties to the lower global id;
+  3. ``standardized_topk`` also needs the per-token mean and population std over the true vocab:
+     a two-pass formulation, two all-reduces of one scalar per token (sum, then centred sum of
+     squares), which stays accurate in fp32 where ``E[z^2] - mu^2`` would cancel.
+
+Because z-scoring is a positive affine map per token, the top-K of ``(z - mu) / (sigma + eps)`` is
+the top-K of ``z``; only the returned values are transformed.
+
+Every TP rank ends with the same replicated (values, ids), so the loss built on them is replicated
+too and its gradient w.r.t. the values is the same on every rank: the backward needs no
+communication. Each rank scatters the entries whose ids it owns and, for the z-score, adds the
+dense term through mu and sigma, which needs only per-token ``sum(g)`` and ``sum(g * a)``.
+
+fp32 path (bf16/fp16/fp32 inputs): a candidate is packed into one int64 *sort key*
+``(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - id)``, so a single ``topk`` on
+keys gives "value descending, then id ascending" exactly, and the all-gather moves 8 bytes per
+candidate (4 value + 4 id) in one tensor. fp64 inputs (gradcheck) take an equivalent path with a
+stable sort and (value, id) pairs packed as float64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_fusion.losses._shard import (
+    ShardLayout, all_gather_rows, all_reduce_, compute_dtype, shard_layout, token_chunks,
+)
+
+_LOW32 = (1 << 32) - 1
+_MAG31 = 0x7FFFFFFF
+_SENTINEL_KEY = torch.iinfo(torch.int64).min   # pads a rank's candidate list; never selected
+_SENTINEL_ID = float(1 << 52)                  # same role on the fp64 path (exact in float64)
+
+
+# ---------------------------------------------------------------- sort keys (fp32 path)
+def encode_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """fp32 values + int64 ids (< 2^32) -> int64 keys ordered by (value desc, id asc)."""
+    bits = values.view(torch.int32).to(torch.int64)          # sign-extended IEEE bits
+    sign = bits >> 63                                         # -1 for negative floats, else 0
+    # negative floats: flip the magnitude bits so that larger magnitude sorts lower; the "+1"
+    # (i.e. "- sign") maps -0.0 onto +0.0 so the two zeros tie and fall back to the id order.
+    ordered = (bits ^ (sign & _MAG31)) - sign
+    return (ordered << 32) + (_LOW32 - ids)
+
+
+def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    ordered = keys >> 32
+    ids = _LOW32 - (keys & _LOW32)
+    bits = torch.where(ordered < 0, (ordered - 1) ^ _MAG31, ordered)
+    return bits.to(torch.int32).view(torch.float32), ids
+
+
+def _local_keys(x: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
+    """x: [n, v_local] (any float dtype) -> [n, k] int64 candidate keys of this shard."""
+    n = x.shape[0]
+    out = torch.full((n, k), _SENTINEL_KEY, dtype=torch.int64, device=x.device)
+    kk = min(k, lay.n_valid)                                  # k may exceed the shard
+    if kk > 0:
+        xv = x[:, :lay.n_valid].float()                       # fp32 copy of one chunk only
+        ids = torch.arange(lay.start, lay.start + lay.n_valid, device=x.device)
+        out[:, :kk] = encode_keys(xv, ids).topk(kk, dim=-1, sorted=False).values
+    return out
+
+
+def _merge_keys(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """gathered: [tp, N, k] keys -> global (values fp32 [N, k], ids int64 [N, k]), descending."""
+    cand = gathered.permute(1, 0, 2).reshape(gathered.shape[1], -1)   # [N, tp*k]
+    return decode_keys(cand.topk(k, dim=-1, sorted=True).values)
+
+
+# ---------------------------------------------------------------- fp64 path (tests, gradcheck)
+def _local_pairs_f64(x: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
+    """x: [n, v_local] float64 -> [n, k, 2] (value, id) candidates; stable sort = lower id first."""
+    n = x.shape[0]
+    out = torch.empty((n, k, 2), dtype=torch.float64, device=x.device)
+    out[..., 0] = -torch.inf
+    out[..., 1] = _SENTINEL_ID
+    kk = min(k, lay.n_valid)
+    if kk > 0:
+        vals, idx = torch.sort(x[:, :lay.n_valid], dim=-1, descending=True, stable=True)
+        out[:, :kk, 0] = vals[:, :kk]
+        out[:, :kk, 1] = (idx[:, :kk] + lay.start).double()
+    return out
+
+
+def _merge_pairs_f64(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cand = gathered.permute(1, 0, 2, 3).reshape(gathered.shape[1], -1, 2)   # [N, tp*k, 2]
+    vals, ids = cand[..., 0], cand[..., 1]
+    by_id = ids.argsort(dim=-1, stable=True)                  # secondary key first ...
+    vals, ids = vals.gather(1, by_id), ids.gather(1, by_id)
+    by_val = vals.argsort(dim=-1, descending=True, stable=True)[:, :k]   # ... then primary
+    return vals.gather(1, by_val), ids.gather(1, by_val).long()
+
+
+# ---------------------------------------------------------------- the autograd.Function
+class _VocabParallelTopK(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits_local, k, vocab_size, tp_group, standardize, eps, chunk_tokens):
+        lay = shard_layout(logits_local, vocab_size, tp_group)
+        if not 0 < k <= lay.vocab_size:
+            raise ValueError(f"top-K: k={k} must be in [1, vocab_size={lay.vocab_size}]")
+        lead = logits_local.shape[:-1]
+        x = logits_local.reshape(-1, lay.v_local)             # [N, v_local], a view
+        n_tok = x.shape[0]
+        cdt = compute_dtype(logits_local.dtype)
+        f64 = cdt == torch.float64
+        cands = []
+        local_sum = torch.zeros(n_tok, dtype=cdt, device=x.device)
+        # pass 1: local candidates (+ shard sums of z for the mean)
+        for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
+            xc = x[sl]
+            cands.append(_local_pairs_f64(xc, k, lay) if f64 else _local_keys(xc, k, lay))
+            if standardize and lay.n_valid > 0:
+                local_sum[sl] = xc[:, :lay.n_valid].to(cdt).sum(-1)
+        if standardize:
+            mu = all_reduce_(local_sum, lay) / lay.vocab_size                    # all-reduce 1
+            # pass 2: centred second moment (two-pass: no E[z^2] - mu^2 cancellation)
+            m2 = torch.zeros_like(mu)
+            if lay.n_valid > 0:
+                for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
+                    d = x[sl, :lay.n_valid].to(cdt) - mu[sl, None]
+                    m2[sl] = (d * d).sum(-1)
+            sigma = (all_reduce_(m2, lay) / lay.vocab_size).sqrt()               # all-reduce 2
+        gathered = all_gather_rows(torch.cat(cands), lay)       # the one all-gather of k*tp
+        values, ids = (_merge_pairs_f64 if f64 else _merge_keys)(gathered, k)
+        values = values.to(cdt)
+        if standardize:
+            values = (values - mu[:, None]) / (sigma[:, None] + eps)
+            ctx.save_for_backward(logits_local, ids, values, mu, sigma)
+        else:
+            ctx.save_for_backward(ids)
+        ctx.lay, ctx.standardize, ctx.eps, ctx.chunk_tokens = lay, standardize, eps, chunk_tokens
+        ctx.shape, ctx.dtype, ctx.device = logits_local.shape, logits_local.dtype, logits_local.device
+        ctx.mark_non_differentiable(ids)
+        return values.view(*lead, k), ids.view(*lead, k)
+
+    @staticmethod
+    def backward(ctx, grad_values, _grad_ids):
+        lay: ShardLayout = ctx.lay
+        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        if grad_values is None:
+            return grad, None, None, None, None, None, None
+        grad2 = grad.view(-1, lay.v_local)
+        cdt = compute_dtype(ctx.dtype)
+        if ctx.standardize:
+            x_all, ids, values, mu, sigma = ctx.saved_tensors
+            x = x_all.reshape(-1, lay.v_local)
+        else:
+            (ids,) = ctx.saved_tensors
+        g = grad_values.reshape(ids.shape).to(cdt)              # [N, k], same on every TP rank
+        local = ids - lay.start
+        owned = (local >= 0) & (local < lay.n_valid)
+        # entries owned by other ranks go to a dump column (v_local) that is dropped below
+        col = torch.where(owned, local, lay.v_local)
+        if ctx.standardize:
+            d = sigma + ctx.eps                                   # [N]
+            g_sum = g.sum(-1)                                     # sum_i g_i
+            ga_sum = (g * values).sum(-1)                         # sum_i g_i a_i
+            # a_i = (z_id_i - mu) / d ;  dmu/dz_j = 1/V ;  dsigma/dz_j = (z_j - mu) / (V sigma)
+            # dL/dz_j = [scatter g / d]_j - sum(g) / (V d) - sum(g a) (z_j - mu) / (V sigma d)
+            c0 = g_sum / (lay.vocab_size * d)
+            safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+            c1 = torch.where(sigma > 0, ga_sum / (lay.vocab_size * safe_sigma * d),
+                             torch.zeros_like(sigma))             # sigma = 0: z_j - mu = 0 anyway
+            g_sparse = g / d[:, None]
+        else:
+            g_sparse = g
+        for sl in token_chunks(ids.shape[0], lay.v_local, ctx.chunk_tokens):
+            n = sl.stop - sl.start
+            gc = torch.zeros((n, lay.v_local + 1), dtype=cdt, device=ctx.device)
+            if ctx.standardize and lay.n_valid > 0:
+                gc[:, :lay.n_valid] = (-c0[sl, None]
+                                       - c1[sl, None] * (x[sl, :lay.n_valid].to(cdt) - mu[sl, None]))
+            gc.scatter_add_(1, col[sl], g_sparse[sl])
+            grad2[sl] = gc[:, :lay.v_local].to(ctx.dtype)
+        return grad, None, None, None, None, None, None
+
+
+def distributed_topk(logits_local: torch.Tensor, k: int, *, vocab_size: int | None = None,
+                     tp_group=None, chunk_tokens: int | None = None):
+    """Global top-K of the vocab-parallel logits.
+
+    Args:
+        logits_local: ``[b, s, v_local]`` this TP rank's shard (any float dtype; any leading dims).
+        k: number of entries; may exceed ``v_local`` (must be <= vocab_size).
+        vocab_size: true vocabulary size; columns ``>= vocab_size`` are padding, never selected.
+        tp_group: the TP process group, or None for a single shard holding the whole vocab.
+        chunk_tokens: tokens per chunk of the local work (default: ~8M logits per chunk).
+    Returns:
+        values ``[b, s, k]`` (fp32, fp64 for fp64 input; differentiable, identical on all TP ranks),
+        ids ``[b, s, k]`` int64 global vocab ids; descending, ties to the lower id.
+    Communication: one all-gather of ``k`` int64 keys per token per rank; backward none.
+    """
+    return _VocabParallelTopK.apply(logits_local, k, vocab_size, tp_group, False, 0.0, chunk_tokens)
+
+
+def standardized_topk(logits_local: torch.Tensor, k: int, *, eps: float = 1e-6,
+                      vocab_size: int | None = None, tp_group=None,
+                      chunk_tokens: int | None = None):
+    """Top-K of the full-vocabulary z-scored logits ``(z - mu) / (sigma + eps)`` (SPEC §2).
+
+    ``mu`` and the population ``sigma`` are over the true vocabulary (padding excluded); the
+    gradient flows through the selected entries *and* through ``mu`` and ``sigma``.
+    Shapes and arguments as :func:`distributed_topk`. Communication: two all-reduces of one
+    scalar per token plus the top-K all-gather; backward none.
+    """
+    return _VocabParallelTopK.apply(logits_local, k, vocab_size, tp_group, True, eps, chunk_tokens)
