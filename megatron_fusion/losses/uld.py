@@ -22,7 +22,10 @@ def _check_reduction(reduction: str) -> None:
 def zscore_within_topk(values: torch.Tensor, eps: float) -> torch.Tensor:
     """[..., k] -> the K values standardised among themselves (population std)."""
     mu = values.mean(-1, keepdim=True)
-    sigma = (values - mu).pow(2).mean(-1, keepdim=True).sqrt()
+    var = (values - mu).pow(2).mean(-1, keepdim=True)
+    # all K values equal (exact ties): sigma = 0 has no derivative; take 0 instead of sqrt's inf*0
+    positive = var > 0
+    sigma = torch.where(positive, torch.where(positive, var, 1.0).sqrt(), 0.0)
     return (values - mu) / (sigma + eps)
 
 
