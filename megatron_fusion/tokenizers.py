@@ -136,7 +136,13 @@ class SentencePieceTokenizer:
         ids, offsets = [], []
         for p in proto.pieces:
             ids.append(p.id)
-            offsets.append((floor[p.begin], ceil[p.end]))
+            if p.begin == p.end and self.sp.is_byte(p.id) and p.begin < len(floor) - 1:
+                # a leading byte-fallback piece of a multi-byte character: SentencePiece gives it
+                # an empty span; give it the character, like byte-level BPE pieces get
+                c = floor[p.begin]
+                offsets.append((c, c + 1))
+            else:
+                offsets.append((floor[p.begin], ceil[p.end]))
         return ids, offsets
 
     def decode(self, ids: Sequence[int]) -> str:

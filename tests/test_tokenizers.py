@@ -78,9 +78,11 @@ def test_byte_fallback_pieces_zero_width_until_complete(toks):
     ids, offs = tok.encode_with_offsets("aꙮb")
     pieces = [tok.id_to_piece(i) for i in ids]
     assert "<0xEA>" in pieces
-    # the bytes of ꙮ: only the last one closes the character
+    # the three bytes of ꙮ all carry its span (as byte-level BPE pieces do); alignment takes the
+    # last of them as the one after which the character is complete
     i = pieces.index("<0xEA>")
-    assert offs[i][1] == offs[i + 1][1] == 1 and offs[i + 2] == (1, 2)
+    assert offs[i] == offs[i + 1] == offs[i + 2] == (1, 2)
+    assert offs[i - 1] == (0, 1) and offs[i + 3] == (2, 3)
 
 
 def test_hash_stable_and_distinct(toks, tmp_path):
