@@ -397,11 +397,6 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> int:
     m, p = cfg.model, cfg.parallel
     if m.vocab_size <= 0:
         raise ConfigError("model.vocab_size", "plan needs the true vocabulary size (not 0)")
-    world = nodes * gpus_per_node
-    dp = cfg.validate_layout(world)
-    if gpus_per_node % p.tp != 0:
-        raise ConfigError("parallel.tp", f"{p.tp} must divide gpus per node ({gpus_per_node}): "
-                          "a TP group stays inside one node's NVLink domain")
     for i, (tc, tm) in enumerate(zip(cfg.fuse.teachers, teacher_models(cfg))):
         if tc.source != "online":
             continue
@@ -413,6 +408,11 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> int:
             raise ConfigError(f"{where}.tp", f"{tc.tp} must divide gpus per node ({gpus_per_node})")
         if tc.ranks % tc.tp != 0:
             raise ConfigError(f"{where}.ranks", f"{tc.ranks} is not a multiple of the teacher's tp={tc.tp}")
+    world = nodes * gpus_per_node
+    dp = cfg.validate_layout(world)
+    if gpus_per_node % p.tp != 0:
+        raise ConfigError("parallel.tp", f"{p.tp} must divide gpus per node ({gpus_per_node}): "
+                          "a TP group stays inside one node's NVLink domain")
     return dp
 
 

@@ -1,0 +1,179 @@
+"""`megatron-fusion plan`: parameter counts, the activation formulas, fit / no-fit / bad layouts."""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+import pytest
+
+from megatron_fusion import plan
+from megatron_fusion.config import ConfigError, ModelConfig, load_config
+
+FUSE = "configs/fuse_14b.yaml"
+FPO = "configs/fpo_14b.yaml"
+
+
+def run_plan(capsys, *argv):
+    rc = plan.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def billions(out: str, label: str) -> float:
+    m = re.search(rf"^\s+{re.escape(label)}\s+([\d.]+) B", out, re.M)
+    assert m, f"no parameter line for {label!r} in:\n{out}"
+    return float(m.group(1))
+
+
+def test_fuse_14b_fits_on_4_nodes_and_counts_match_the_published_sizes(capsys):
+    rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                            "--gpu-mem-gb", "80")
+    assert rc == 0, out + err
+    assert "result: fits" in out and "DOES NOT FIT" not in out
+    assert billions(out, "pivot") == pytest.approx(14.66, rel=0.01)
+    assert billions(out, "teacher qwen2.5-14b-instruct") == pytest.approx(14.77, rel=0.01)
+    assert billions(out, "teacher qwen2.5-coder-14b-instruct") == pytest.approx(14.77, rel=0.01)
+    assert billions(out, "teacher mistral-small-24b-instruct-2501") == pytest.approx(23.57, rel=0.01)
+    assert "tokens per step: 262,144" in out
+    totals = [float(x) for x in re.findall(r"^\s+total\s+([\d.]+)", out, re.M)]
+    assert totals and max(totals) <= 80 * plan.USABLE_FRACTION
+    # each piece of the model is printed: optimizer with/without distributed optimizer, recompute levels
+    assert re.search(r"distributed over dp=4: [\d.]+ \| not distributed: [\d.]+", out)
+    assert re.search(r"\[none [\d.]+ \| selective [\d.]+ \| full [\d.]+\]", out)
+    assert "teacher top-K buffers" in out and "logits shard" in out
+
+
+def test_exact_counts_of_the_three_families():
+    cfg = load_config(FUSE)
+    phi4 = plan.param_count(cfg.model)
+    # Phi-4: 40 x (attention 5120*(5120+2*1280) + 5120*5120, SwiGLU 3*5120*17920, 2 norms) + 2 embeddings + norm
+    layer = 5120 * (5120 + 2 * 1280) + 5120 * 5120 + 3 * 5120 * 17920 + 2 * 5120
+    assert phi4.total == 40 * layer + 2 * 100352 * 5120 + 5120
+    qwen, _, mistral = plan.teacher_models(cfg)
+    q_layer = 5120 * (5120 + 2 * 1024) + (5120 + 2 * 1024) + 5120 * 5120 + 3 * 5120 * 13824 + 2 * 5120
+    assert plan.param_count(qwen).total == 48 * q_layer + 2 * 152064 * 5120 + 5120
+    m_layer = 5120 * (4096 + 2 * 1024) + 4096 * 5120 + 3 * 5120 * 32768 + 2 * 5120
+    assert plan.param_count(mistral).total == 40 * m_layer + 2 * 131072 * 5120 + 5120
+    tied = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000, tie_embeddings=True)
+    assert plan.param_count(tied).output == 0
+
+
+def _count_on_rank(rank, world_size):
+    from megatron_fusion import model as model_lib
+    from megatron_fusion.config import config_from_dict
+    from megatron_fusion.parallel import init_student_groups
+
+    groups = init_student_groups(tp=2, pp=2)
+    results = []
+    shapes = [  # GQA + qkv bias + head dim != hidden/heads, untied; and tied embeddings
+        dict(num_layers=4, hidden_size=48, num_attention_heads=4, num_query_groups=2, kv_channels=16,
+             ffn_hidden_size=40, vocab_size=250, add_qkv_bias=True, seq_length=16),
+        dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=64,
+             vocab_size=300, tie_embeddings=True, seq_length=16),
+    ]
+    for shape in shapes:
+        cfg = config_from_dict({"model": shape, "parallel": {"tp": 2, "pp": 2}, "train": {"precision": "fp32"}})
+        chunks = model_lib.build_model(cfg)
+        results.append((groups.pp_rank, model_lib.count_parameters(chunks), shape))
+    return results
+
+
+@pytest.mark.dist
+def test_stage_counts_equal_what_megatron_allocates_at_tp2_pp2():
+    from megatron_fusion.testing import run_on_ranks
+
+    for rank_results in run_on_ranks(_count_on_rank, world_size=4):
+        for pp_rank, counted, shape in rank_results:
+            first, last = plan.stage_params(ModelConfig(**shape), tp=2, pp=2)
+            assert counted == (first if pp_rank == 0 else last), (shape, pp_rank)
+
+
+def test_activation_formula_reduces_to_korthikanti_for_a_gpt():
+    s, b, h, a, t = 2048, 2, 1024, 16, 4
+    gpt = ModelConfig(num_layers=24, hidden_size=h, num_attention_heads=a, swiglu=False,
+                      ffn_hidden_size=4 * h, vocab_size=50304, seq_length=s)
+    kw = dict(seq=s, micro=b, tp=t, flash=False, dropout=True)
+    sbh = s * b * h
+    # Table 2 of Korthikanti et al. (bytes per layer)
+    assert plan.layer_activation_bytes(gpt, sp=False, recompute=None, **kw) == sbh * (10 + 24 // t) + 5 * a * s * s * b // t
+    assert plan.layer_activation_bytes(gpt, sp=True, recompute=None, **kw) == (34 * sbh + 5 * a * s * s * b) // t
+    assert plan.layer_activation_bytes(gpt, sp=False, recompute="selective", **kw) == sbh * (10 + 24 // t)
+    assert plan.layer_activation_bytes(gpt, sp=True, recompute="selective", **kw) == 34 * sbh // t
+    assert plan.layer_activation_bytes(gpt, sp=False, recompute="full", **kw) == 2 * sbh
+    assert plan.layer_activation_bytes(gpt, sp=True, recompute="full", **kw) == 2 * sbh // t
+    # flash attention keeps no s^2 term: only the fp32 log-sum-exp per head and token
+    flash = plan.layer_activation_bytes(gpt, sp=True, recompute=None, **{**kw, "flash": True})
+    assert flash == 34 * sbh // t + 4 * a * s * b // t
+
+
+def test_layout_that_does_not_fit_suggests_one_that_does(capsys):
+    rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                            "parallel.pp=1", "parallel.distributed_optimizer=false", "train.micro_batch=4")
+    assert rc == 1, out + err
+    assert "DOES NOT FIT" in out and "result: DOES NOT FIT" in out
+    line = out.split("suggestion:", 1)[1].splitlines()[1].strip()
+    args = shlex.split(line)
+    assert args[:2] == ["megatron-fusion", "plan"]
+    rc2, out2, err2 = run_plan(capsys, *args[2:])
+    assert rc2 == 0, out2 + err2
+    assert "result: fits" in out2
+
+
+def test_teacher_that_does_not_fit_gets_a_larger_tp(capsys):
+    # Mistral-Small-24B on one GPU at micro-batch 8: 8 x 4096 tokens of 131k-vocab logits
+    rc, out, _ = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                          "fuse.teachers.2.tp=1", "train.micro_batch=8", "train.recompute=full")
+    assert rc == 1
+    assert re.search(r"teacher mistral-small-24b-instruct-2501 per GPU \(tp=1.*DOES NOT FIT", out)
+    args = shlex.split(out.split("suggestion:", 1)[1].splitlines()[1])
+    assert any(a.startswith("fuse.teachers.2.tp=") and a != "fuse.teachers.2.tp=1" for a in args)
+    assert run_plan(capsys, *args[2:])[0] == 0
+
+
+@pytest.mark.parametrize("override,field", [
+    ("parallel.tp=4", "parallel.tp"),                       # Phi-4 has 10 KV heads
+    ("parallel.pp=3", "parallel"),                          # 16 student ranks / (2*3)
+    ("train.global_batch=66", "train.global_batch"),        # not a multiple of micro*dp = 4
+    ("fuse.teachers.2.ranks=7", "fuse.teachers.2.ranks"),   # not a multiple of the teacher's tp=2
+    ("fuse.teachers.0.tp=3", "fuse.teachers.0.tp"),         # does not divide 40 heads
+    ("fuse.teachers.1.model.vocab_size=0", "fuse.teachers.1.model.vocab_size"),
+])
+def test_bad_layout_is_one_line_naming_the_field(capsys, override, field):
+    rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8", override)
+    assert rc == 2, out + err
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith(f"config error: {field}:"), err
+
+
+def test_teacher_nodes_split_follows_forward_flops():
+    cfg = load_config(FUSE)
+    expected = {1: [2, 2, 4], 2: [4, 4, 8], 4: [9, 9, 14]}   # the table in configs/fuse_14b.yaml
+    for teacher_nodes, ranks in expected.items():
+        got = plan.split_teacher_ranks(cfg, teacher_nodes * 8)
+        assert got == ranks
+        assert all(r % tc.tp == 0 for r, tc in zip(got, cfg.fuse.teachers))
+    with pytest.raises(ConfigError, match="--teacher-nodes"):
+        plan.split_teacher_ranks(cfg, 3)                    # cannot hold tp 1 + 1 + 2 ... and more
+    with pytest.raises(ConfigError, match="--teacher-nodes"):
+        plan.teacher_rank_overrides(cfg, 4, 4, 8)           # no node left for the student
+
+
+@pytest.mark.parametrize("nodes", [2, 4, 8])
+def test_documented_layouts_fit(capsys, nodes):
+    rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", str(nodes), "--gpus-per-node", "8",
+                            "--teacher-nodes", str(nodes // 2))
+    assert rc == 0, out + err
+    assert f"online teachers: {nodes * 4} ranks = {nodes // 2} nodes" in out
+    rc, out, err = run_plan(capsys, "--config", FPO, "--nodes", str(nodes), "--gpus-per-node", "8")
+    assert rc == 0, out + err
+    assert "tokens per step: 524,288 (64 samples x 2 sequence(s) x 4096)" in out
+
+
+def test_fpo_counts_chosen_and_rejected_in_activations():
+    fpo = load_config(FPO)
+    fuse_like = load_config(FPO, ["stage=sft"])
+    lay = plan.Layout.of(fpo)
+    a_fpo = plan.student_memory(fpo, lay, dp=8)[0].activations["selective"]
+    a_sft = plan.student_memory(fuse_like, lay, dp=8)[0].activations["selective"]
+    assert a_fpo == pytest.approx(2 * a_sft)
