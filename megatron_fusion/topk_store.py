@@ -1,0 +1,397 @@
+"""Teacher top-K shards and source log-prob files on disk (SPEC §6), written atomically, checked.
+
+Teacher top-K, per sample at *pivot* positions (already aligned): ``values [s, K]`` (standardised
+logits ``a_t`` of SPEC §2), ``ids [s, K]`` (teacher vocab), ``aligned_mask [s]``.
+
+    with TopKWriter(path, TopKHeader(teacher="t0", ...)) as w:
+        w.add(sample_id, values, ids, aligned_mask)         # rows where the mask is 0 are dropped
+    reader = TopKReader(dir_or_paths, expected={"k": 10, "dataset_hash": ds.dataset_hash, ...})
+    values, ids, aligned_mask = reader.get(sample_id, seq_len=s)   # [s,K] f32, [s,K] i64, [s] bool
+
+File layout (little-endian)::
+
+    magic (8 B) | version u32 | header_len u32 | header (JSON, utf-8)
+    | index: n x (sample_id i64, offset i64, n_positions i32, n_rows i32)      offsets into the data
+    | data: per sample  ids i32 [n_rows, K] | values fp16/bf16 [n_rows, K] | aligned bits [ceil(n/8)]
+    |       (each sample padded to 8 bytes)
+    | sha256 of everything before it (32 B)
+
+Only aligned rows are stored: K ids (4 B) + K values (2 B) = 60 B per aligned position at K = 10,
+plus one bit per pivot position. The header carries the teacher name, both tokenizer hashes, K,
+dataset hash, the sample-id range, dtype and a free ``meta`` dict; the trailer checksum covers
+header and payload. ``TopKReader`` validates every file when opened (before step 1): a wrong
+magic/version, a truncated file, a bad checksum or a header field that differs from ``expected``
+raises ``TopKStoreError`` naming the file (and the field).
+
+``SourceLogprobStore``: per preference pair and source model, the summed log-prob and token count
+of the chosen and of the rejected response (SPEC §5), in the same checked container.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+VERSION = 1
+TOPK_MAGIC = b"MFTOPK\r\n"
+LOGPROB_MAGIC = b"MFSLPB\r\n"
+_PRE = struct.Struct("<8sII")           # magic, version, header_len
+_INDEX = np.dtype([("sample_id", "<i8"), ("offset", "<i8"), ("n_positions", "<i4"),
+                   ("n_rows", "<i4")])
+_LOGPROB = np.dtype([("sample_id", "<i8"), ("chosen_logprob", "<f8"), ("chosen_tokens", "<i8"),
+                     ("rejected_logprob", "<f8"), ("rejected_tokens", "<i8")])
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class TopKStoreError(ValueError):
+    """A shard that cannot be used: message names the file (and the header field)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Container: magic | version | header | payload | sha256
+# ------------------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
+    """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the dir."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            for c in chunks:
+                f.write(c)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _write_container(path, magic: bytes, header: dict, payload: Sequence[bytes]) -> None:
+    header = dict(header, payload_bytes=sum(len(p) for p in payload))
+    hb = json.dumps(header, sort_keys=True).encode()
+    pre = _PRE.pack(magic, VERSION, len(hb))
+    h = hashlib.sha256(pre)
+    h.update(hb)
+    for p in payload:
+        h.update(p)
+    atomic_write_bytes(path, [pre, hb, *payload, h.digest()])
+
+
+def _read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.ndarray]:
+    """-> (header, payload as a read-only uint8 memmap). Raises TopKStoreError naming the file."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise TopKStoreError(f"{path}: file not found") from None
+    if size < _PRE.size + 32:
+        raise TopKStoreError(f"{path}: truncated ({size} bytes, smaller than any valid file)")
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    got_magic, version, hlen = _PRE.unpack(raw[:_PRE.size].tobytes())
+    if got_magic != magic:
+        raise TopKStoreError(f"{path}: not a {magic[:6].decode()} file (magic {got_magic!r})")
+    if version != VERSION:
+        raise TopKStoreError(f"{path}: format version {version}, this reader reads {VERSION}")
+    if _PRE.size + hlen + 32 > size:
+        raise TopKStoreError(f"{path}: truncated inside the header")
+    try:
+        header = json.loads(raw[_PRE.size:_PRE.size + hlen].tobytes())
+        payload_bytes = int(header["payload_bytes"])
+    except (ValueError, KeyError, TypeError):
+        raise TopKStoreError(f"{path}: corrupt header (checksum would fail)") from None
+    start = _PRE.size + hlen
+    expected = start + payload_bytes + 32
+    if size != expected:
+        raise TopKStoreError(f"{path}: truncated or padded: {size} bytes, header says {expected}")
+    if verify:
+        h = hashlib.sha256()
+        for a in range(0, size - 32, 1 << 24):
+            h.update(raw[a:min(a + (1 << 24), size - 32)])
+        if h.digest() != raw[size - 32:].tobytes():
+            raise TopKStoreError(f"{path}: checksum mismatch (file corrupted)")
+    return header, raw[start:start + payload_bytes]
+
+
+def _check_expected(path, header: Mapping, expected: Mapping | None) -> None:
+    for k, v in (expected or {}).items():
+        if k not in header:
+            raise TopKStoreError(f"{path}: header has no field {k!r} (the run expects {v!r})")
+        if header[k] != v:
+            raise TopKStoreError(f"{path}: header field {k!r} is {header[k]!r}, "
+                                 f"the run expects {v!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Teacher top-K
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class TopKHeader:
+    """What a teacher top-K shard was made from; the reader checks these against the run."""
+
+    teacher: str                   # teacher name (as in the fusion config)
+    teacher_tokenizer_hash: str    # Tokenizer.content_hash of the teacher
+    pivot_tokenizer_hash: str      # Tokenizer.content_hash of the pivot
+    k: int                         # top-K width
+    dataset_hash: str              # SFTDataset.dataset_hash of the pivot data (file+tokenizer+seq_len)
+    dtype: str = "bfloat16"        # stored value dtype: "bfloat16" or "float16"
+    sample_id_start: int = -1      # first sample id in the shard (filled by the writer)
+    sample_id_end: int = -1        # last sample id + 1 (filled by the writer)
+    n_samples: int = 0             # filled by the writer
+    meta: dict = field(default_factory=dict)  # free-form: alignment method, eps, aligned fraction
+
+    def __post_init__(self):
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"TopKHeader.dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.k < 1:
+            raise ValueError(f"TopKHeader.k must be >= 1, got {self.k}")
+
+
+class TopKWriter:
+    """Collect samples in memory, write the shard atomically on ``close()`` (or ``with`` exit)."""
+
+    def __init__(self, path: str | os.PathLike, header: TopKHeader):
+        self.path, self.header = Path(path), header
+        self._samples: list[tuple[int, int, bytes, int]] = []  # (sample_id, n_positions, data, rows)
+        self._closed = False
+
+    def add(self, sample_id: int, values: torch.Tensor, ids: torch.Tensor,
+            aligned_mask: torch.Tensor) -> None:
+        """values [s, K] float, ids [s, K] int, aligned_mask [s] bool; rows with mask 0 dropped."""
+        k, s = self.header.k, aligned_mask.shape[0]
+        if values.shape != (s, k) or ids.shape != (s, k):
+            raise ValueError(f"{self.path}: sample {sample_id}: values {tuple(values.shape)} / ids "
+                             f"{tuple(ids.shape)} must be [{s}, {k}] (aligned_mask has {s})")
+        if self._samples and sample_id <= self._samples[-1][0]:
+            raise ValueError(f"{self.path}: sample ids must increase ({sample_id} after "
+                             f"{self._samples[-1][0]})")
+        mask = aligned_mask.detach().to("cpu", torch.bool)
+        v = values.detach().to("cpu")[mask].to(_DTYPES[self.header.dtype]).contiguous()
+        i = ids.detach().to("cpu")[mask]
+        if i.numel() and (i.min() < 0 or i.max() > np.iinfo(np.int32).max):
+            raise ValueError(f"{self.path}: sample {sample_id}: ids out of int32 range")
+        data = (i.to(torch.int32).numpy().tobytes() + v.view(torch.int16).numpy().tobytes()
+                + np.packbits(mask.numpy(), bitorder="little").tobytes())
+        data += b"\0" * (-len(data) % 8)
+        self._samples.append((int(sample_id), int(s), data, int(mask.sum())))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        n = len(self._samples)
+        index = np.zeros(n, dtype=_INDEX)
+        off = n * _INDEX.itemsize
+        for r, (sid, s, data, rows) in enumerate(self._samples):
+            index[r] = (sid, off, s, rows)
+            off += len(data)
+        h = self.header
+        h.n_samples = n
+        h.sample_id_start = self._samples[0][0] if n else -1
+        h.sample_id_end = self._samples[-1][0] + 1 if n else -1
+        _write_container(self.path, TOPK_MAGIC, asdict(h),
+                         [index.tobytes()] + [d for _, _, d, _ in self._samples])
+
+    def abort(self) -> None:
+        """Drop what was added; nothing is written."""
+        self._closed = True
+        self._samples.clear()
+
+    def __enter__(self) -> "TopKWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def read_topk_header(path: str | os.PathLike, expected: Mapping | None = None,
+                     verify: bool = True) -> dict:
+    """Validate one shard (magic, size, checksum, ``expected`` fields) and return its header."""
+    header, _ = _read_container(path, TOPK_MAGIC, verify)
+    _check_expected(path, header, expected)
+    return header
+
+
+class TopKReader:
+    """Random access by sample id over one or more shards, every shard validated on open.
+
+    ``expected``: header fields the run requires (e.g. ``teacher``, ``k``, ``dataset_hash``,
+    ``teacher_tokenizer_hash``, ``pivot_tokenizer_hash``, ``dtype``).
+    """
+
+    def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 expected: Mapping | None = None, *, verify_checksum: bool = True,
+                 pattern: str = "*.topk"):
+        if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
+            folder, paths = paths, sorted(Path(paths).glob(pattern))
+            if not paths:
+                raise TopKStoreError(f"{folder}: no {pattern} shards")
+        elif isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        self.headers: list[dict] = []
+        self._payloads: list[np.ndarray] = []
+        self._where: dict[int, tuple[int, int]] = {}
+        common = ("teacher", "teacher_tokenizer_hash", "pivot_tokenizer_hash", "k", "dataset_hash",
+                  "dtype")
+        for si, p in enumerate(self.paths):
+            header, payload = _read_container(p, TOPK_MAGIC, verify_checksum)
+            _check_expected(p, header, expected)
+            if self.headers:  # all shards of one reader come from one teacher run
+                _check_expected(p, header, {k: self.headers[0][k] for k in common})
+            n = header["n_samples"]
+            index = np.frombuffer(payload, dtype=_INDEX, count=n)
+            for r, sid in enumerate(index["sample_id"].tolist()):
+                if sid in self._where:
+                    raise TopKStoreError(f"{p}: sample id {sid} also in "
+                                         f"{self.paths[self._where[sid][0]]}")
+                self._where[sid] = (si, r)
+            self.headers.append(header)
+            self._payloads.append(payload)
+        if not self.headers:
+            raise TopKStoreError("TopKReader: no shard files given")
+        self.header = {k: self.headers[0][k] for k in common}
+        self.k = int(self.header["k"])
+        self._dtype = _DTYPES[self.header["dtype"]]
+
+    @property
+    def sample_ids(self) -> list[int]:
+        return sorted(self._where)
+
+    def __contains__(self, sample_id: int) -> bool:
+        return sample_id in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def get(self, sample_id: int, seq_len: int | None = None):
+        """-> values [s, K] float32, ids [s, K] int64, aligned_mask [s] bool at pivot positions
+        (zeros where unaligned); ``seq_len`` pads (or cuts) to that length."""
+        try:
+            si, r = self._where[sample_id]
+        except KeyError:
+            raise KeyError(f"sample id {sample_id} is in none of the shards "
+                           f"({self.paths[0].parent})") from None
+        payload, k = self._payloads[si], self.k
+        entry = np.frombuffer(payload, dtype=_INDEX, count=1, offset=r * _INDEX.itemsize)[0]
+        off, s, rows = int(entry["offset"]), int(entry["n_positions"]), int(entry["n_rows"])
+        ids_rows = np.frombuffer(payload, dtype="<i4", count=rows * k, offset=off)
+        off += rows * k * 4
+        val_rows = np.frombuffer(payload, dtype="<i2", count=rows * k, offset=off)
+        off += rows * k * 2
+        bits = np.frombuffer(payload, dtype=np.uint8, count=(s + 7) // 8, offset=off)
+        mask = torch.from_numpy(np.unpackbits(bits, count=s, bitorder="little").astype(bool))
+        n = s if seq_len is None else seq_len
+        values = torch.zeros(n, k, dtype=torch.float32)
+        ids = torch.zeros(n, k, dtype=torch.long)
+        aligned = torch.zeros(n, dtype=torch.bool)
+        keep = min(s, n)
+        rows_t = torch.from_numpy(val_rows.copy()).view(self._dtype).float().view(rows, k)
+        ids_t = torch.from_numpy(ids_rows.astype(np.int64)).view(rows, k)
+        pos = mask.nonzero().squeeze(1)
+        sel = pos < keep
+        values[pos[sel]] = rows_t[sel]
+        ids[pos[sel]] = ids_t[sel]
+        aligned[:keep] = mask[:keep]
+        return values, ids, aligned
+
+    def batch(self, sample_ids: Sequence[int], seq_len: int):
+        """-> values [b, s, K], ids [b, s, K], aligned_mask [b, s] for a micro-batch."""
+        out = [self.get(int(i), seq_len) for i in sample_ids]
+        return tuple(torch.stack(t) for t in zip(*out))
+
+
+# ------------------------------------------------------------------------------------------------
+# Source sequence log-probs (FPO)
+# ------------------------------------------------------------------------------------------------
+
+@dataclass
+class LogprobHeader:
+    """What a source log-prob file was made from."""
+
+    source: str                    # source model name
+    source_tokenizer_hash: str     # Tokenizer.content_hash of the source model
+    dataset_hash: str              # hash of the preference data file (sha256 of its bytes)
+    sample_id_start: int = -1      # filled by the writer
+    sample_id_end: int = -1
+    n_samples: int = 0
+    meta: dict = field(default_factory=dict)
+
+
+class SourceLogprobStore:
+    """Per pair: summed log-prob and token count of chosen and rejected under one source model.
+
+    ``SourceLogprobStore.write(path, header, records)`` with records
+    ``(sample_id, chosen_logprob, chosen_tokens, rejected_logprob, rejected_tokens)``;
+    ``SourceLogprobStore(paths, expected=...)`` reads and validates (one or more shards).
+    """
+
+    FIELDS = _LOGPROB.names
+
+    @staticmethod
+    def write(path: str | os.PathLike, header: LogprobHeader, records: Iterable[Sequence]) -> None:
+        arr = np.array([tuple(r) for r in records], dtype=_LOGPROB)
+        if len(arr) and (np.diff(arr["sample_id"]) <= 0).any():
+            raise ValueError(f"{path}: sample ids must increase")
+        header.n_samples = len(arr)
+        header.sample_id_start = int(arr["sample_id"][0]) if len(arr) else -1
+        header.sample_id_end = int(arr["sample_id"][-1]) + 1 if len(arr) else -1
+        _write_container(path, LOGPROB_MAGIC, asdict(header), [arr.tobytes()])
+
+    def __init__(self, paths, expected: Mapping | None = None, *, verify_checksum: bool = True,
+                 pattern: str = "*.logp"):
+        if isinstance(paths, (str, os.PathLike)) and Path(paths).is_dir():
+            paths = sorted(Path(paths).glob(pattern))
+        elif isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise TopKStoreError("SourceLogprobStore: no files given")
+        parts, self.headers = [], []
+        for p in self.paths:
+            header, payload = _read_container(p, LOGPROB_MAGIC, verify_checksum)
+            _check_expected(p, header, expected)
+            if self.headers:
+                _check_expected(p, header, {k: self.headers[0][k] for k in
+                                            ("source", "source_tokenizer_hash", "dataset_hash")})
+            self.headers.append(header)
+            parts.append(np.frombuffer(payload, dtype=_LOGPROB, count=header["n_samples"]))
+        self.records = np.concatenate(parts)
+        self.header = self.headers[0]
+        self._where = {int(s): i for i, s in enumerate(self.records["sample_id"])}
+        if len(self._where) != len(self.records):
+            raise TopKStoreError(f"{self.paths[0].parent}: a sample id appears twice")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __contains__(self, sample_id: int) -> bool:
+        return sample_id in self._where
+
+    def get(self, sample_id: int) -> dict:
+        r = self.records[self._where[sample_id]]
+        return {k: r[k].item() for k in self.FIELDS}
+
+    def batch(self, sample_ids: Sequence[int]) -> dict[str, torch.Tensor]:
+        """-> chosen_logprob, rejected_logprob [b] float64; chosen_tokens, rejected_tokens [b]."""
+        idx = [self._where[int(s)] for s in sample_ids]
+        r = self.records[idx]
+        return {k: torch.from_numpy(np.ascontiguousarray(r[k])) for k in self.FIELDS[1:]}
