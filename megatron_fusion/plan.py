@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import math
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Optional
 
 from megatron_fusion.config import Config, ConfigError, ModelConfig, _build, load_config
