@@ -1,0 +1,138 @@
+"""Offline source log-probs for FPO (SPEC §5): each source scores prompt+chosen and prompt+rejected
+with its OWN tokenizer; per pair we store the summed log-prob and the token count of each response.
+
+The source encodes the preference file exactly like the pivot does (``PreferenceDataset``: BOS,
+prompt, response, EOS; the EOS counts as a response token), runs ``backend.local_logits`` (same
+``TeacherBackend`` interface as the teacher top-K tool, TP-sharded vocab allowed) and sums
+``sequence_logprobs`` (the trainer's vocab-parallel log-softmax) over the response labels.
+Shards ``{out_dir}/{source}-{index:05d}.logp`` are written atomically by TP rank 0, skipped when
+already finished. ``dataset_hash`` in the header is the sha256 of the preference file.
+CLI: ``tools/precompute_source_logprobs.py``.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from megatron_fusion.data.preference import PreferenceDataset
+from megatron_fusion.topk_store import (LOGPROB_MAGIC, LogprobHeader, SourceLogprobStore,
+                                        TopKStoreError, _check_expected, _read_container)
+
+
+def score_batch(items: list[dict], backend, pad_id: int) -> list[tuple]:
+    """items: PreferenceDataset items -> (sample_id, chosen_sum, chosen_n, rejected_sum, rejected_n)."""
+    from megatron_fusion.losses import sequence_logprobs
+
+    sums = {}
+    for side in ("chosen", "rejected"):
+        tokens = torch.stack([it[f"{side}_tokens"] for it in items])        # [b, s]
+        labels = torch.stack([it[f"{side}_labels"] for it in items])        # [b, s]
+        mask = torch.stack([it[f"{side}_loss_mask"] for it in items])       # [b, s]
+        used = int(((tokens != pad_id) | (mask > 0)).any(0).nonzero().max()) + 1
+        tokens, labels, mask = tokens[:, :used], labels[:, :used], mask[:, :used]
+        with torch.no_grad():
+            logits = backend.local_logits(tokens)                            # [b, s, v/tp]
+            lp, n = sequence_logprobs(logits.float(), labels, mask, vocab_size=backend.vocab_size,
+                                      tp_group=backend.tp_group)             # [b], [b]
+        sums[side] = (lp.double().tolist(), n.tolist())
+    return [(it["sample_id"], sums["chosen"][0][r], sums["chosen"][1][r], sums["rejected"][0][r],
+             sums["rejected"][1][r]) for r, it in enumerate(items)]
+
+
+def shard_path(out_dir, source: str, index: int) -> Path:
+    return Path(out_dir) / f"{source}-{index:05d}.logp"
+
+
+def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, source: str,
+                               samples_per_shard: int = 1024, batch_size: int = 4,
+                               write: bool = True, progress: bool = True) -> dict:
+    """Score every pair of ``dataset`` (encoded with the source's tokenizer); write shards."""
+    out_dir = Path(out_dir)
+    n = len(dataset)
+    n_shards = -(-n // samples_per_shard)
+    expected = {"source": source, "source_tokenizer_hash": dataset.tokenizer.content_hash,
+                "dataset_hash": dataset.file_hash}
+    bar = None
+    if progress and write:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"source {source}", unit="pair", dynamic_ncols=True)
+    t0, tokens, skipped = time.perf_counter(), 0, 0
+    for si in range(n_shards):
+        lo, hi = si * samples_per_shard, min(n, (si + 1) * samples_per_shard)
+        path = shard_path(out_dir, source, si)
+        if path.exists():
+            try:
+                header, _ = _read_container(path, LOGPROB_MAGIC)
+            except TopKStoreError as e:
+                warnings.warn(f"recomputing unusable shard: {e}")
+            else:
+                first, last = dataset.pair(lo)[0].sample_id, dataset.pair(hi - 1)[0].sample_id
+                _check_expected(path, header, dict(expected, sample_id_start=first,
+                                                   sample_id_end=last + 1))
+                skipped += 1
+                if bar:
+                    bar.update(hi - lo)
+                continue
+        records = []
+        for b0 in range(lo, hi, batch_size):
+            items = [dataset[i] for i in range(b0, min(hi, b0 + batch_size))]
+            records += score_batch(items, backend, dataset.pad_id)
+            tokens += sum(int((it["chosen_tokens"] != dataset.pad_id).sum()
+                              + (it["rejected_tokens"] != dataset.pad_id).sum()) for it in items)
+            if bar:
+                bar.update(len(items))
+                bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if write:
+            SourceLogprobStore.write(path, LogprobHeader(
+                **expected, meta={"seq_len": dataset.seq_len, "truncated": dataset.stats.truncated}),
+                records)
+    if bar:
+        bar.close()
+    elapsed = time.perf_counter() - t0
+    return {"source": source, "shards": n_shards, "skipped_shards": skipped,
+            "pairs": n, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+            "stats": dataset.stats.as_dict(),
+            "paths": [str(shard_path(out_dir, source, i)) for i in range(n_shards)]}
+
+
+def cli_main(argv=None) -> dict:
+    """``tools/precompute_source_logprobs.py``: one source model over one preference file."""
+    import argparse
+    import json
+
+    from megatron_fusion.teacher_topk import HFTeacherBackend
+    from megatron_fusion.tokenizers import load_tokenizer
+
+    ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
+                                 "source model and its own tokenizer (FPO, SPEC §5).")
+    ap.add_argument("--data", required=True, help="preference JSONL (prompt/chosen/rejected)")
+    ap.add_argument("--source-model", required=True, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--gguf-file", default=None)
+    ap.add_argument("--source-tokenizer", default=None, help="default: the model dir / its GGUF")
+    ap.add_argument("--source-name", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seq-len", type=int, required=True, help="max tokens per side (source)")
+    ap.add_argument("--samples-per-shard", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
+    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    model_dir = Path(args.source_model)
+    tok_spec = args.source_tokenizer or (model_dir / args.gguf_file if args.gguf_file else model_dir)
+    ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
+                           args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
+                           empty=args.empty)
+    summary = precompute_source_logprobs(
+        ds, HFTeacherBackend(model_dir, gguf_file=args.gguf_file), args.out,
+        source=args.source_name, samples_per_shard=args.samples_per_shard,
+        batch_size=args.batch_size, progress=not args.no_progress)
+    print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    return summary

@@ -1,0 +1,12 @@
+"""Score each preference pair's chosen and rejected response with one source model (SPEC §5).
+
+    python tools/precompute_source_logprobs.py --data pref.jsonl --source-model src/ \
+        --source-name s0 --out runs/logp/s0 --seq-len 2048
+
+Resumable like tools/precompute_teacher_topk.py. Logic: megatron_fusion/source_logprobs.py.
+"""
+
+from megatron_fusion.source_logprobs import cli_main
+
+if __name__ == "__main__":
+    cli_main()
