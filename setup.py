@@ -17,6 +17,7 @@ setup(
         "sentencepiece",
         "editdistance",
         "tqdm",
+        "psutil",  # megatron-core dist_checkpointing writer needs it
     ],
     extras_require={
         "wandb": ["wandb"],

@@ -26,6 +26,7 @@ Cost: the function mode adds Python dispatch to every torch call (~30% of a tiny
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -92,6 +93,11 @@ def enable() -> bool:
     # Not torch.manual_seed: it calls torch.cuda.manual_seed_all itself (recursion).
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     torch.cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+
+    # Megatron warns at import that TE/apex are absent and it falls back to torch: expected here.
+    for pattern in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                    "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=pattern)
 
     from megatron.core.tensor_parallel import random as mp_random
 
