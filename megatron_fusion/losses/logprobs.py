@@ -3,7 +3,8 @@ is the trainer's CE, equal to megatron-core's ``vocab_parallel_cross_entropy``).
 
 Per token: ``log p(label) = z_label - max - log(sum exp(z - max))`` over the true vocabulary.
 Collectives (forward only, per token): one MAX all-reduce of one scalar, then ONE SUM all-reduce of
-two scalars (local sum-exp, target logit from its owning shard). Backward recomputes
+two scalars (local sum-exp rescaled to the global max, target logit from its owning shard). The
+shard is read once in forward (per-chunk max and sum-exp, online-softmax style). Backward recomputes
 ``softmax = exp(z - logsumexp)`` chunk by chunk from the saved logits shard and the saved
 per-token ``logsumexp``, so nothing shard-sized is saved.
 """
@@ -26,23 +27,29 @@ class _VocabParallelLogProb(torch.autograd.Function):
             raise ValueError(f"token_logprobs: labels {tuple(labels.shape)} do not match logits "
                              f"{tuple(logits_local.shape)}")
         cdt = compute_dtype(logits_local.dtype)
+        n_tok, nv = x.shape[0], lay.n_valid
         local = lab - lay.start
-        owned = (local >= 0) & (local < lay.n_valid)   # labels outside the vocab: nobody owns them
+        owned = (local >= 0) & (local < nv)   # labels outside the vocab: nobody owns them
         col = torch.where(owned, local, torch.zeros_like(local))
         target = torch.where(owned, x.gather(1, col[:, None])[:, 0].to(cdt), 0.0)
-        n_tok = x.shape[0]
+        # one sweep: each chunk's local max and sum-exp while the chunk is hot (online softmax),
+        # rescaled to the global max after the MAX all-reduce
         lmax = torch.full((n_tok,), -torch.inf, dtype=cdt, device=x.device)
-        if lay.n_valid > 0:
-            for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
-                lmax[sl] = x[sl, :lay.n_valid].amax(-1).to(cdt)
-        all_reduce_(lmax, lay, op=dist.ReduceOp.MAX)                     # all-reduce 1 (1 scalar)
         stats = torch.zeros((n_tok, 2), dtype=cdt, device=x.device)     # [sum-exp, target]
         stats[:, 1] = target
-        if lay.n_valid > 0:
-            for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
-                stats[sl, 0] = torch.exp(x[sl, :lay.n_valid].to(cdt) - lmax[sl, None]).sum(-1)
+        if nv > 0:
+            for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, x.device):
+                xc = x[sl, :nv]
+                lmax[sl] = xc.amax(-1).to(cdt)
+                buf = torch.sub(xc, lmax[sl, None]) if xc.dtype == cdt else \
+                    xc.to(cdt).sub_(lmax[sl, None])
+                stats[sl, 0] = buf.exp_().sum(-1)
+        gmax = all_reduce_(lmax.clone(), lay, op=dist.ReduceOp.MAX)     # all-reduce 1 (1 scalar)
+        if lay.group is not None:
+            # exp(-inf - gmax) = 0 for a padding-only shard
+            stats[:, 0] *= torch.exp(lmax - gmax)
         all_reduce_(stats, lay)                                          # all-reduce 2 (2 scalars)
-        lse = lmax + stats[:, 0].log()
+        lse = gmax + stats[:, 0].log()
         ctx.save_for_backward(logits_local, col, owned, lse)
         ctx.lay, ctx.chunk_tokens = lay, chunk_tokens
         return (stats[:, 1] - lse).view(labels.shape)
@@ -51,20 +58,25 @@ class _VocabParallelLogProb(torch.autograd.Function):
     def backward(ctx, grad_out):
         logits_local, col, owned, lse = ctx.saved_tensors
         lay = ctx.lay
+        nv = lay.n_valid
+        grad = torch.zeros_like(logits_local)
+        if nv == 0:
+            return grad, None, None, None, None
         cdt = compute_dtype(logits_local.dtype)
         x = logits_local.reshape(-1, lay.v_local)
-        g = grad_out.reshape(-1).to(cdt)                                  # [N]
-        grad = torch.zeros_like(logits_local)
         grad2 = grad.view(-1, lay.v_local)
-        onehot_col = torch.where(owned, col, lay.v_local)                  # v_local = dump column
-        for sl in token_chunks(x.shape[0], lay.v_local, ctx.chunk_tokens):
-            n = sl.stop - sl.start
-            gc = torch.zeros((n, lay.v_local + 1), dtype=cdt, device=x.device)
-            if lay.n_valid > 0:   # d logp / dz_j = [j == label] - softmax_j ; padding stays 0
-                gc[:, :lay.n_valid] = -torch.exp(x[sl, :lay.n_valid].to(cdt) - lse[sl, None])
-            gc.scatter_add_(1, onehot_col[sl, None], torch.ones((n, 1), dtype=cdt, device=x.device))
-            gc.mul_(g[sl, None])
-            grad2[sl] = gc[:, :lay.v_local].to(grad.dtype)
+        g = grad_out.reshape(-1).to(cdt)                                  # [N]
+        onehot = torch.where(owned, g, torch.zeros_like(g))[:, None]      # g at the owned label
+        direct = logits_local.dtype == cdt                                # fp32/fp64: in place
+        for sl in token_chunks(x.shape[0], lay.v_local, ctx.chunk_tokens, x.device):
+            # d logp / dz_j = [j == label] - softmax_j ; padding columns stay 0
+            gc = grad2[sl, :nv] if direct else torch.empty(
+                (sl.stop - sl.start, nv), dtype=cdt, device=x.device)
+            torch.sub(x[sl, :nv], lse[sl, None], out=gc)
+            gc.exp_().mul_(-g[sl, None])
+            gc.scatter_add_(1, col[sl, None], onehot[sl])
+            if not direct:
+                grad2[sl, :nv] = gc
         return grad, None, None, None, None
 
 

@@ -5,8 +5,10 @@ Forward, per token (b*s tokens, ``N`` below):
   2. ONE all-gather of ``K`` candidates per rank (``K*tp`` per token) and a re-selection of the
      global top-K, descending, ties to the lower global id;
   3. ``standardized_topk`` also needs the per-token mean and population std over the true vocab:
-     a two-pass formulation, two all-reduces of one scalar per token (sum, then centred sum of
-     squares), which stays accurate in fp32 where ``E[z^2] - mu^2`` would cancel.
+     each shard's mean and variance come from ``torch.var_mean`` (Welford, accurate in fp32) in the
+     same sweep as the candidates; they become float64 moments ``[sum z, sum z^2]`` and ONE
+     all-reduce of these two scalars per token combines the shards. In float64, ``E[z^2] - mu^2``
+     loses only ~1e-16 * (mu / sigma)^2 relative, where fp32 would lose ~1e-7 * (mu / sigma)^2.
 
 Because z-scoring is a positive affine map per token, the top-K of ``(z - mu) / (sigma + eps)`` is
 the top-K of ``z``; only the returned values are transformed.
@@ -16,10 +18,11 @@ too and its gradient w.r.t. the values is the same on every rank: the backward n
 communication. Each rank scatters the entries whose ids it owns and, for the z-score, adds the
 dense term through mu and sigma, which needs only per-token ``sum(g)`` and ``sum(g * a)``.
 
-fp32 path (bf16/fp16/fp32 inputs): a candidate is packed into one int64 *sort key*
-``(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - id)``, so a single ``topk`` on
-keys gives "value descending, then id ascending" exactly, and the all-gather moves 8 bytes per
-candidate (4 value + 4 id) in one tensor. fp64 inputs (gradcheck) take an equivalent path with a
+fp32 path (bf16/fp16/fp32 inputs): the local top-K is ``torch.topk`` on the fp32 chunk (rows whose
+k-th value has left-out ties are redone exactly). A candidate travels packed into one int64 *sort
+key* ``(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - id)``: the all-gather moves
+8 bytes per candidate (4 value + 4 id) in one tensor, and one ``topk`` on the ``k*tp`` keys gives
+"value descending, then id ascending" exactly. fp64 inputs (gradcheck) take an equivalent path with a
 stable sort and (value, id) pairs packed as float64.
 """
 
@@ -55,15 +58,31 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.to(torch.int32).view(torch.float32), ids
 
 
-def _local_keys(x: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
-    """x: [n, v_local] (any float dtype) -> [n, k] int64 candidate keys of this shard."""
-    n = x.shape[0]
-    out = torch.full((n, k), _SENTINEL_KEY, dtype=torch.int64, device=x.device)
+def _exact_topk_f32(xf: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-kk of fp32 rows ``[n, c]``, descending, ties to the lower column index.
+
+    ``torch.topk`` returns the right *values* but, when the k-th value is tied with columns it left
+    out, which tied columns it kept is implementation-defined. Such rows are rare with real logits
+    (common with integer test logits): they are found with one comparison pass and redone exactly
+    with (value, index) sort keys on those rows only.
+    """
+    vals, idx = xf.topk(kk, dim=-1, sorted=True)
+    kth = vals[:, -1:]
+    ambiguous = ((xf == kth).sum(-1) > (vals == kth).sum(-1)).nonzero()[:, 0]
+    if ambiguous.numel():
+        cols = torch.arange(xf.shape[1], device=xf.device)
+        keys = encode_keys(xf[ambiguous], cols).topk(kk, dim=-1, sorted=True).values
+        vals[ambiguous], idx[ambiguous] = decode_keys(keys)
+    return vals, idx
+
+
+def _local_keys(xf: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
+    """xf: [n, n_valid] fp32 real columns of this shard -> [n, k] int64 candidate keys."""
+    out = torch.full((xf.shape[0], k), _SENTINEL_KEY, dtype=torch.int64, device=xf.device)
     kk = min(k, lay.n_valid)                                  # k may exceed the shard
     if kk > 0:
-        xv = x[:, :lay.n_valid].float()                       # fp32 copy of one chunk only
-        ids = torch.arange(lay.start, lay.start + lay.n_valid, device=x.device)
-        out[:, :kk] = encode_keys(xv, ids).topk(kk, dim=-1, sorted=False).values
+        vals, idx = _exact_topk_f32(xf, kk)
+        out[:, :kk] = encode_keys(vals, idx + lay.start)
     return out
 
 
@@ -75,14 +94,14 @@ def _merge_keys(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Ten
 
 # ---------------------------------------------------------------- fp64 path (tests, gradcheck)
 def _local_pairs_f64(x: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
-    """x: [n, v_local] float64 -> [n, k, 2] (value, id) candidates; stable sort = lower id first."""
+    """x: [n, n_valid] float64 -> [n, k, 2] (value, id) candidates; stable sort = lower id first."""
     n = x.shape[0]
     out = torch.empty((n, k, 2), dtype=torch.float64, device=x.device)
     out[..., 0] = -torch.inf
     out[..., 1] = _SENTINEL_ID
     kk = min(k, lay.n_valid)
     if kk > 0:
-        vals, idx = torch.sort(x[:, :lay.n_valid], dim=-1, descending=True, stable=True)
+        vals, idx = torch.sort(x, dim=-1, descending=True, stable=True)
         out[:, :kk, 0] = vals[:, :kk]
         out[:, :kk, 1] = (idx[:, :kk] + lay.start).double()
     return out
@@ -106,26 +125,28 @@ class _VocabParallelTopK(torch.autograd.Function):
             raise ValueError(f"top-K: k={k} must be in [1, vocab_size={lay.vocab_size}]")
         lead = logits_local.shape[:-1]
         x = logits_local.reshape(-1, lay.v_local)             # [N, v_local], a view
-        n_tok = x.shape[0]
+        n_tok, nv = x.shape[0], lay.n_valid
         cdt = compute_dtype(logits_local.dtype)
         f64 = cdt == torch.float64
         cands = []
-        local_sum = torch.zeros(n_tok, dtype=cdt, device=x.device)
-        # pass 1: local candidates (+ shard sums of z for the mean)
-        for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
-            xc = x[sl]
-            cands.append(_local_pairs_f64(xc, k, lay) if f64 else _local_keys(xc, k, lay))
-            if standardize and lay.n_valid > 0:
-                local_sum[sl] = xc[:, :lay.n_valid].to(cdt).sum(-1)
+        # per token: [sum z, sum z^2] of this shard, in float64 (see below)
+        moments = torch.zeros((n_tok, 2), dtype=torch.float64, device=x.device)
+        # one sweep over the shard, a chunk of tokens at a time (fp32 copy of one chunk at most)
+        for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, x.device):
+            xf = x[sl, :nv].to(cdt)
+            cands.append(_local_pairs_f64(xf, k, lay) if f64 else _local_keys(xf, k, lay))
+            if standardize and nv > 0:
+                # Welford per shard (accurate in fp32), then exact-enough float64 moments: the
+                # cross-shard combination sum z^2 - V mu^2 only cancels in float64 (~1e-16 rel)
+                var, mean = torch.var_mean(xf, dim=-1, correction=0)
+                mean = mean.double()
+                moments[sl, 0] = nv * mean
+                moments[sl, 1] = nv * (var.double() + mean * mean)
         if standardize:
-            mu = all_reduce_(local_sum, lay) / lay.vocab_size                    # all-reduce 1
-            # pass 2: centred second moment (two-pass: no E[z^2] - mu^2 cancellation)
-            m2 = torch.zeros_like(mu)
-            if lay.n_valid > 0:
-                for sl in token_chunks(n_tok, lay.v_local, chunk_tokens):
-                    d = x[sl, :lay.n_valid].to(cdt) - mu[sl, None]
-                    m2[sl] = (d * d).sum(-1)
-            sigma = (all_reduce_(m2, lay) / lay.vocab_size).sqrt()               # all-reduce 2
+            all_reduce_(moments, lay)                          # the one all-reduce (2 scalars)
+            mu64 = moments[:, 0] / lay.vocab_size
+            var64 = (moments[:, 1] / lay.vocab_size - mu64 * mu64).clamp_min(0.0)
+            mu, sigma = mu64.to(cdt), var64.sqrt().to(cdt)
         gathered = all_gather_rows(torch.cat(cands), lay)       # the one all-gather of k*tp
         values, ids = (_merge_pairs_f64 if f64 else _merge_keys)(gathered, k)
         values = values.to(cdt)
@@ -142,8 +163,9 @@ class _VocabParallelTopK(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_values, _grad_ids):
         lay: ShardLayout = ctx.lay
+        nv = lay.n_valid
         grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
-        if grad_values is None:
+        if grad_values is None or nv == 0:                     # a padding-only shard: all zero
             return grad, None, None, None, None, None, None
         grad2 = grad.view(-1, lay.v_local)
         cdt = compute_dtype(ctx.dtype)
@@ -154,30 +176,30 @@ class _VocabParallelTopK(torch.autograd.Function):
             (ids,) = ctx.saved_tensors
         g = grad_values.reshape(ids.shape).to(cdt)              # [N, k], same on every TP rank
         local = ids - lay.start
-        owned = (local >= 0) & (local < lay.n_valid)
-        # entries owned by other ranks go to a dump column (v_local) that is dropped below
-        col = torch.where(owned, local, lay.v_local)
-        if ctx.standardize:
-            d = sigma + ctx.eps                                   # [N]
-            g_sum = g.sum(-1)                                     # sum_i g_i
-            ga_sum = (g * values).sum(-1)                         # sum_i g_i a_i
-            # a_i = (z_id_i - mu) / d ;  dmu/dz_j = 1/V ;  dsigma/dz_j = (z_j - mu) / (V sigma)
-            # dL/dz_j = [scatter g / d]_j - sum(g) / (V d) - sum(g a) (z_j - mu) / (V sigma d)
-            c0 = g_sum / (lay.vocab_size * d)
-            safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-            c1 = torch.where(sigma > 0, ga_sum / (lay.vocab_size * safe_sigma * d),
-                             torch.zeros_like(sigma))             # sigma = 0: z_j - mu = 0 anyway
-            g_sparse = g / d[:, None]
-        else:
-            g_sparse = g
-        for sl in token_chunks(ids.shape[0], lay.v_local, ctx.chunk_tokens):
-            n = sl.stop - sl.start
-            gc = torch.zeros((n, lay.v_local + 1), dtype=cdt, device=ctx.device)
-            if ctx.standardize and lay.n_valid > 0:
-                gc[:, :lay.n_valid] = (-c0[sl, None]
-                                       - c1[sl, None] * (x[sl, :lay.n_valid].to(cdt) - mu[sl, None]))
-            gc.scatter_add_(1, col[sl], g_sparse[sl])
-            grad2[sl] = gc[:, :lay.v_local].to(ctx.dtype)
+        owned = (local >= 0) & (local < nv)
+        # entries owned by other ranks add 0 to column 0 (harmless, keeps the scatter dense)
+        col = torch.where(owned, local, torch.zeros_like(local))
+        if not ctx.standardize:
+            src = torch.where(owned, g, torch.zeros_like(g)).to(ctx.dtype)
+            grad2.scatter_add_(1, col, src)
+            return grad, None, None, None, None, None, None
+        d = sigma + ctx.eps                                      # [N]
+        # a_i = (z_id_i - mu) / d ;  dmu/dz_j = 1/V ;  dsigma/dz_j = (z_j - mu) / (V sigma)
+        # dL/dz_j = [scatter g / d]_j - sum(g) / (V d) - sum(g a) (z_j - mu) / (V sigma d)
+        c0 = g.sum(-1) / (lay.vocab_size * d)
+        safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+        c1 = torch.where(sigma > 0, (g * values).sum(-1) / (lay.vocab_size * safe_sigma * d),
+                         torch.zeros_like(sigma))               # sigma = 0: z_j - mu = 0 anyway
+        src = torch.where(owned, g / d[:, None], torch.zeros_like(g))
+        direct = ctx.dtype == cdt                                # fp32/fp64: write in place
+        for sl in token_chunks(ids.shape[0], lay.v_local, ctx.chunk_tokens, ctx.device):
+            gc = grad2[sl, :nv] if direct else torch.empty(
+                (sl.stop - sl.start, nv), dtype=cdt, device=ctx.device)
+            torch.sub(x[sl, :nv], mu[sl, None], out=gc)
+            gc.mul_(-c1[sl, None]).sub_(c0[sl, None])
+            gc.scatter_add_(1, col[sl], src[sl])
+            if not direct:
+                grad2[sl, :nv] = gc
         return grad, None, None, None, None, None, None
 
 
@@ -206,7 +228,7 @@ def standardized_topk(logits_local: torch.Tensor, k: int, *, eps: float = 1e-6,
 
     ``mu`` and the population ``sigma`` are over the true vocabulary (padding excluded); the
     gradient flows through the selected entries *and* through ``mu`` and ``sigma``.
-    Shapes and arguments as :func:`distributed_topk`. Communication: two all-reduces of one
-    scalar per token plus the top-K all-gather; backward none.
+    Shapes and arguments as :func:`distributed_topk`. Communication: one all-reduce of two
+    scalars per token (float64 moments) plus the top-K all-gather; backward none.
     """
     return _VocabParallelTopK.apply(logits_local, k, vocab_size, tp_group, True, eps, chunk_tokens)
