@@ -46,6 +46,19 @@ def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
     return path
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, a ``checkpoints`` root (its latest), or a run dir (its latest)."""
+    p = Path(path)
+    if (p / "meta.json").exists():
+        return p
+    for root in (p, p / "checkpoints"):
+        if (root / "latest").exists():
+            found = latest_checkpoint(root)
+            if found is not None:
+                return found
+    raise CheckpointError(f"{p}: no checkpoint there (expected meta.json, latest, or checkpoints/latest)")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -131,7 +144,7 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, lay
     """Load a checkpoint into the (DDP-wrapped) chunks/optimizer/scheduler; return its meta."""
     from megatron.core import dist_checkpointing
 
-    path = Path(path)
+    path = resolve_checkpoint(path)
     meta_file = path / "meta.json"
     if not meta_file.exists():
         raise CheckpointError(f"{path}: not a megatron-fusion checkpoint (no meta.json)")

@@ -12,6 +12,7 @@ caller with that rank's traceback; a rank that hangs past ``timeout_s`` fails th
 
 from __future__ import annotations
 
+import io
 import os
 import queue
 import socket
@@ -42,7 +43,11 @@ def _worker(rank, world_size, port, fn, args, out_q, env):
 
         init_distributed(timeout_s=120)
         result = fn(rank, world_size, *args)
-        out_q.put((rank, "ok", result))
+        # Serialise by value: tensors put on an mp queue travel as shared-memory handles that
+        # die with this process, which may exit before the parent reads them.
+        buf = io.BytesIO()
+        torch.save(result, buf)
+        out_q.put((rank, "ok", buf.getvalue()))
         dist.barrier()
         dist.destroy_process_group()
     except BaseException:  # report everything, including SystemExit from the code under test
@@ -71,7 +76,9 @@ def run_on_ranks(fn: Callable[..., Any], world_size: int, args: tuple = (), *,
                 errors.append(f"timeout: no answer from some ranks within {timeout_s:.0f}s")
                 break
             if status == "ok":
-                results[rank] = payload
+                import torch
+
+                results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
             else:
                 errors.append(f"--- rank {rank} failed ---\n{payload}")
                 break  # other ranks are likely blocked in a collective; stop them

@@ -224,8 +224,12 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
     return out
 
 
-def train(cfg: Config) -> dict:
-    """Run (or resume) training; returns the final summary on every rank."""
+def train(cfg: Config, hooks=None) -> dict:
+    """Run (or resume) training; returns the final summary on every rank.
+
+    ``hooks`` (tests, tools) may define ``before_optimizer_step(step, model_chunks)``, called
+    with gradients final (after ``finalize_model_grads``) and before the update.
+    """
     from megatron.core import tensor_parallel
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -327,6 +331,8 @@ def train(cfg: Config) -> dict:
             last = ckpt.latest_checkpoint(ckpt_root)
             raise TrainError(f"non-finite {bad[0]}={red[bad[0]]} at step {state.step + 1}; "
                              f"stopping without saving (last good checkpoint: {last or 'none'})")
+        if hooks is not None and hasattr(hooks, "before_optimizer_step"):
+            hooks.before_optimizer_step(state.step + 1, model)
         ok, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         state.step += 1

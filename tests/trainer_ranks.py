@@ -1,0 +1,123 @@
+"""Rank-side helpers for the trainer tests (run through megatron_fusion.testing.run_on_ranks).
+
+Gradients are compared across layouts by dumping them with dist_checkpointing: each parameter's
+``data`` is swapped for its (final, reduced) ``main_grad`` while the model's sharded state dict
+is saved, so the checkpoint machinery reassembles full, unsharded gradient tensors whatever the
+TP/PP layout, and ``load_plain_tensors`` reads them back by global name.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from megatron_fusion.config import load_config
+
+
+def tiny_overrides(data: dict, run_dir: str) -> list[str]:
+    return [
+        f"run.dir={run_dir}", f"data.train={data['train']}", f"data.tokenizer={data['pivot_tokenizer']}",
+        "data.valid=[]", "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+        "model.num_query_groups=2", "model.ffn_hidden_size=176", "model.seq_length=64",
+        "train.micro_batch=2", "train.global_batch=4", "optim.lr=1e-4", "optim.min_lr=1e-4",
+        "optim.warmup_steps=0", "optim.decay=constant", "optim.weight_decay=0.0",
+        "logging.wandb_mode=disabled", "logging.progress=false", "checkpoint.interval=0",
+    ]
+
+
+class DumpGrads:
+    def __init__(self, out_dir: str, at_step: int = 1):
+        self.out_dir, self.at_step = out_dir, at_step
+
+    def before_optimizer_step(self, step, model):
+        if step != self.at_step:
+            return
+        from megatron.core import dist_checkpointing
+
+        swapped = []
+        for chunk in model:
+            for p in chunk.module.parameters():
+                swapped.append((p, p.data))
+                p.data = p.main_grad.to(p.dtype)
+        try:
+            if dist.get_rank() == 0:
+                import os
+
+                os.makedirs(self.out_dir, exist_ok=True)
+            dist.barrier()
+            sd = {"model": model[0].module.sharded_state_dict()} if len(model) == 1 else {
+                f"model{i}": m.module.sharded_state_dict() for i, m in enumerate(model)}
+            dist_checkpointing.save(sd, self.out_dir)
+        finally:
+            for p, data in swapped:
+                p.data = data
+
+
+def plain(path: str) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return {k: v.clone() for k, v in dist_checkpointing.load_plain_tensors(path).items()
+            if torch.is_tensor(v)}
+
+
+def run_layouts(rank, world, data, root, layouts):
+    """Train one step from the shared init checkpoint under each layout; return losses/grads/weights."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    out = {}
+    for name, extra in layouts:
+        run_dir = f"{root}/{name}"
+        cfg = load_config(None, tiny_overrides(data, run_dir) + ["train.steps=1"] + extra)
+        summary = train(cfg, hooks=DumpGrads(f"{run_dir}/grads"))
+        destroy_student_groups()
+        # load_plain_tensors is collective: every rank calls it, rank 0 keeps the result
+        grads, weights = plain(f"{run_dir}/grads"), plain(summary["checkpoint"])
+        if rank == 0:
+            out[name] = {"loss": summary["last"]["loss/ce"], "grads": grads, "weights": weights}
+    return out
+
+
+def make_init(rank, world, data, root, variants):
+    """Write step-0 checkpoints (TP1) that every layout loads, so all start from equal weights."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    for name, extra in variants:
+        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + ["train.steps=0"] + extra)
+        train(cfg)
+        destroy_student_groups()
+    return True
+
+
+def resume_runs(rank, world, data, root, layout):
+    """Uninterrupted 6 steps vs 3 steps + resume to 6 (same process, same run.dir re-used)."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    def run(run_dir, steps, extra=()):
+        cfg = load_config(None, tiny_overrides(data, run_dir) + layout + [f"train.steps={steps}"]
+                          + list(extra))
+        s = train(cfg)
+        destroy_student_groups()
+        return s
+
+    full = run(f"{root}/full", 6)
+    run(f"{root}/split", 3)
+    resumed = run(f"{root}/split", 6)
+    res = {"full_ckpt": full["checkpoint"], "split_ckpt": resumed["checkpoint"],
+           "resumed_from": resumed["start_step"]}
+    full_w, split_w = plain(full["checkpoint"]), plain(resumed["checkpoint"])  # collective
+    if rank == 0:
+        res["full_w"], res["split_w"] = full_w, split_w
+    return res
+
+
+def continue_run(rank, world, data, run_dir, layout, steps):
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    cfg = load_config(None, tiny_overrides(data, run_dir) + layout + [f"train.steps={steps}"])
+    s = train(cfg)
+    destroy_student_groups()
+    return {"start": s["start_step"], "loss": s["last"]["loss/ce"]}
