@@ -41,9 +41,8 @@ class _VocabParallelLogProb(torch.autograd.Function):
             for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, x.device):
                 xc = x[sl, :nv]
                 lmax[sl] = xc.amax(-1).to(cdt)
-                buf = torch.sub(xc, lmax[sl, None]) if xc.dtype == cdt else \
-                    xc.to(cdt).sub_(lmax[sl, None])
-                stats[sl, 0] = buf.exp_().sum(-1)
+                # bf16 - fp32 promotes to fp32: the conversion rides on the subtraction
+                stats[sl, 0] = torch.sub(xc, lmax[sl, None]).exp_().sum(-1)
         gmax = all_reduce_(lmax.clone(), lay, op=dist.ReduceOp.MAX)     # all-reduce 1 (1 scalar)
         if lay.group is not None:
             # exp(-inf - gmax) = 0 for a padding-only shard

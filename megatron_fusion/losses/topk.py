@@ -5,10 +5,10 @@ Forward, per token (b*s tokens, ``N`` below):
   2. ONE all-gather of ``K`` candidates per rank (``K*tp`` per token) and a re-selection of the
      global top-K, descending, ties to the lower global id;
   3. ``standardized_topk`` also needs the per-token mean and population std over the true vocab:
-     each shard's mean and variance come from ``torch.var_mean`` (Welford, accurate in fp32) in the
-     same sweep as the candidates; they become float64 moments ``[sum z, sum z^2]`` and ONE
-     all-reduce of these two scalars per token combines the shards. In float64, ``E[z^2] - mu^2``
-     loses only ~1e-16 * (mu / sigma)^2 relative, where fp32 would lose ~1e-7 * (mu / sigma)^2.
+     each shard sums ``z - c`` and ``(z - c)^2`` in fp32 with a shift ``c`` taken from the row (so
+     the squares do not cancel), in the same sweep as the candidates; these become float64 moments
+     ``[sum z, sum z^2]`` and ONE all-reduce of these two scalars per token combines the shards.
+     In float64, ``E[z^2] - mu^2`` loses only ~1e-16 * (mu / sigma)^2 relative.
 
 Because z-scoring is a positive affine map per token, the top-K of ``(z - mu) / (sigma + eps)`` is
 the top-K of ``z``; only the returned values are transformed.
@@ -18,8 +18,8 @@ too and its gradient w.r.t. the values is the same on every rank: the backward n
 communication. Each rank scatters the entries whose ids it owns and, for the z-score, adds the
 dense term through mu and sigma, which needs only per-token ``sum(g)`` and ``sum(g * a)``.
 
-fp32 path (bf16/fp16/fp32 inputs): the local top-K is ``torch.topk`` on the fp32 chunk (rows whose
-k-th value has left-out ties are redone exactly). A candidate travels packed into one int64 *sort
+fp32 path (bf16/fp16/fp32 inputs): the local top-K is ``torch.topk`` on the chunk in its own dtype
+(rows whose k-th value ties with a left-out column are redone exactly, one host sync per call). A candidate travels packed into one int64 *sort
 key* ``(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - id)``: the all-gather moves
 8 bytes per candidate (4 value + 4 id) in one tensor, and one ``topk`` on the ``k*tp`` keys gives
 "value descending, then id ascending" exactly. fp64 inputs (gradcheck) take an equivalent path with a
@@ -58,32 +58,28 @@ def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return bits.to(torch.int32).view(torch.float32), ids
 
 
-def _exact_topk_f32(xf: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-kk of fp32 rows ``[n, c]``, descending, ties to the lower column index.
+def _topk_with_margin(xc: torch.Tensor, kk: int):
+    """Local top-kk of ``xc [n, c]`` (bf16/fp16/fp32, no fp32 copy) and a per-row flag.
 
-    ``torch.topk`` returns the right *values* but, when the k-th value is tied with columns it left
-    out, which tied columns it kept is implementation-defined. Such rows are rare with real logits
-    (common with integer test logits): they are found with one comparison pass and redone exactly
-    with (value, index) sort keys on those rows only.
+    ``torch.topk`` returns the right *values*, but when the kk-th value ties with a column it left
+    out, which tied columns it kept is implementation-defined. One extra entry tells: the row is
+    ambiguous iff the (kk+1)-th value equals the kk-th. Ambiguous rows (rare with real logits,
+    common with integer test logits) are redone exactly afterwards (``_exact_rows``).
     """
-    vals, idx = xf.topk(kk, dim=-1, sorted=True)
-    kth = vals[:, -1:]
-    ambiguous = ((xf == kth).sum(-1) > (vals == kth).sum(-1)).nonzero()[:, 0]
-    if ambiguous.numel():
-        cols = torch.arange(xf.shape[1], device=xf.device)
-        keys = encode_keys(xf[ambiguous], cols).topk(kk, dim=-1, sorted=True).values
-        vals[ambiguous], idx[ambiguous] = decode_keys(keys)
-    return vals, idx
+    take = min(kk + 1, xc.shape[1])
+    vals, idx = xc.topk(take, dim=-1, sorted=True)
+    if take > kk:
+        ambiguous = vals[:, kk] == vals[:, kk - 1]
+        vals, idx = vals[:, :kk], idx[:, :kk]
+    else:                                   # every column is selected: nothing left out
+        ambiguous = torch.zeros(xc.shape[0], dtype=torch.bool, device=xc.device)
+    return vals.float(), idx, ambiguous
 
 
-def _local_keys(xf: torch.Tensor, k: int, lay: ShardLayout) -> torch.Tensor:
-    """xf: [n, n_valid] fp32 real columns of this shard -> [n, k] int64 candidate keys."""
-    out = torch.full((xf.shape[0], k), _SENTINEL_KEY, dtype=torch.int64, device=xf.device)
-    kk = min(k, lay.n_valid)                                  # k may exceed the shard
-    if kk > 0:
-        vals, idx = _exact_topk_f32(xf, kk)
-        out[:, :kk] = encode_keys(vals, idx + lay.start)
-    return out
+def _exact_rows(xf: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact top-kk of fp32 rows: value descending, then column ascending, via int64 sort keys."""
+    cols = torch.arange(xf.shape[1], device=xf.device)
+    return decode_keys(encode_keys(xf, cols).topk(kk, dim=-1, sorted=True).values)
 
 
 def _merge_keys(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,28 +122,49 @@ class _VocabParallelTopK(torch.autograd.Function):
         lead = logits_local.shape[:-1]
         x = logits_local.reshape(-1, lay.v_local)             # [N, v_local], a view
         n_tok, nv = x.shape[0], lay.n_valid
+        kk = min(k, nv)                                       # k may exceed the shard
         cdt = compute_dtype(logits_local.dtype)
         f64 = cdt == torch.float64
-        cands = []
-        # per token: [sum z, sum z^2] of this shard, in float64 (see below)
-        moments = torch.zeros((n_tok, 2), dtype=torch.float64, device=x.device)
-        # one sweep over the shard, a chunk of tokens at a time (fp32 copy of one chunk at most)
-        for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, x.device):
-            xf = x[sl, :nv].to(cdt)
-            cands.append(_local_pairs_f64(xf, k, lay) if f64 else _local_keys(xf, k, lay))
+        dev = x.device
+        if f64:
+            pairs = []
+        else:
+            cand_vals = torch.empty((n_tok, kk), dtype=torch.float32, device=dev)
+            cand_cols = torch.empty((n_tok, kk), dtype=torch.int64, device=dev)
+            ambiguous = torch.zeros(n_tok, dtype=torch.bool, device=dev)
+        # per token: [sum z, sum z^2] of this shard, in float64 (see the module docstring)
+        moments = torch.zeros((n_tok, 2), dtype=torch.float64, device=dev)
+        # one sweep over the shard, a chunk of tokens at a time (fp32 temporaries of one chunk)
+        for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, dev):
+            xc = x[sl, :nv]
+            if f64:
+                pairs.append(_local_pairs_f64(xc, k, lay))
+            elif kk > 0:
+                cand_vals[sl], cand_cols[sl], ambiguous[sl] = _topk_with_margin(xc, kk)
             if standardize and nv > 0:
-                # Welford per shard (accurate in fp32), then exact-enough float64 moments: the
-                # cross-shard combination sum z^2 - V mu^2 only cancels in float64 (~1e-16 rel)
-                var, mean = torch.var_mean(xf, dim=-1, correction=0)
-                mean = mean.double()
-                moments[sl, 0] = nv * mean
-                moments[sl, 1] = nv * (var.double() + mean * mean)
+                # shifted sums: the shift c (the row's first real logit) is a sample of the row, so
+                # sum (z - c)^2 does not cancel the way sum z^2 - V mu^2 would in fp32
+                c = xc[:, :1].to(cdt)
+                d = torch.sub(xc, c)                          # fp32 (promotion), one pass
+                s1, s2 = d.sum(-1).double(), torch.linalg.vecdot(d, d).double()
+                c = c[:, 0].double()
+                moments[sl, 0] = nv * c + s1
+                moments[sl, 1] = s2 + 2 * c * s1 + nv * c * c
         if standardize:
             all_reduce_(moments, lay)                          # the one all-reduce (2 scalars)
             mu64 = moments[:, 0] / lay.vocab_size
             var64 = (moments[:, 1] / lay.vocab_size - mu64 * mu64).clamp_min(0.0)
             mu, sigma = mu64.to(cdt), var64.sqrt().to(cdt)
-        gathered = all_gather_rows(torch.cat(cands), lay)       # the one all-gather of k*tp
+        if f64:
+            cands = torch.cat(pairs)
+        else:
+            rows = ambiguous.nonzero()[:, 0]                   # one host sync per forward
+            if rows.numel():
+                cand_vals[rows], cand_cols[rows] = _exact_rows(x[rows, :nv].float(), kk)
+            cands = torch.full((n_tok, k), _SENTINEL_KEY, dtype=torch.int64, device=dev)
+            if kk > 0:
+                cands[:, :kk] = encode_keys(cand_vals, cand_cols + lay.start)
+        gathered = all_gather_rows(cands, lay)                  # the one all-gather of k*tp
         values, ids = (_merge_pairs_f64 if f64 else _merge_keys)(gathered, k)
         values = values.to(cdt)
         if standardize:
@@ -191,12 +208,13 @@ class _VocabParallelTopK(torch.autograd.Function):
         c1 = torch.where(sigma > 0, (g * values).sum(-1) / (lay.vocab_size * safe_sigma * d),
                          torch.zeros_like(sigma))               # sigma = 0: z_j - mu = 0 anyway
         src = torch.where(owned, g / d[:, None], torch.zeros_like(g))
+        bias, neg_c1 = c1 * mu - c0, -c1
         direct = ctx.dtype == cdt                                # fp32/fp64: write in place
         for sl in token_chunks(ids.shape[0], lay.v_local, ctx.chunk_tokens, ctx.device):
             gc = grad2[sl, :nv] if direct else torch.empty(
                 (sl.stop - sl.start, nv), dtype=cdt, device=ctx.device)
-            torch.sub(x[sl, :nv], mu[sl, None], out=gc)
-            gc.mul_(-c1[sl, None]).sub_(c0[sl, None])
+            # -c0 - c1 (z - mu) = (c1 mu - c0) + z * (-c1): one pass, fp32 math
+            torch.addcmul(bias[sl, None], x[sl, :nv], neg_c1[sl, None], out=gc)
             gc.scatter_add_(1, col[sl], src[sl])
             if not direct:
                 grad2[sl, :nv] = gc
