@@ -350,9 +350,6 @@ class Config:
         """Check divisibility for ``world_size`` ranks; return the DP size."""
         p, m, t = self.parallel, self.model, self.train
         student = self.student_world_size(world_size)
-        _check(student >= 1, "fuse.teachers", f"online teachers take all {world_size} ranks")
-        _check(student % (p.tp * p.pp) == 0, "parallel",
-               f"student world size {student} is not divisible by tp*pp = {p.tp}*{p.pp}")
         _check(m.num_attention_heads % p.tp == 0, "parallel.tp",
                f"{p.tp} does not divide model.num_attention_heads={m.num_attention_heads}")
         groups = m.num_query_groups or m.num_attention_heads
@@ -364,6 +361,9 @@ class Config:
         _check(m.ffn_size % p.tp == 0, "parallel.tp", f"{p.tp} does not divide ffn size {m.ffn_size}")
         _check(not p.sequence_parallel or m.seq_length % p.tp == 0, "parallel.sequence_parallel",
                f"model.seq_length={m.seq_length} must be divisible by tp={p.tp}")
+        _check(student >= 1, "fuse.teachers", f"online teachers take all {world_size} ranks")
+        _check(student % (p.tp * p.pp) == 0, "parallel.tp",
+               f"student world size {student} is not divisible by tp*pp = {p.tp}*{p.pp}")
         dp = student // (p.tp * p.pp)
         _check(t.global_batch % (t.micro_batch * dp) == 0, "train.global_batch",
                f"{t.global_batch} is not divisible by micro_batch*dp = {t.micro_batch}*{dp}")

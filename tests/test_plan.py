@@ -133,7 +133,7 @@ def test_teacher_that_does_not_fit_gets_a_larger_tp(capsys):
 
 @pytest.mark.parametrize("override,field", [
     ("parallel.tp=4", "parallel.tp"),                       # Phi-4 has 10 KV heads
-    ("parallel.pp=3", "parallel"),                          # 16 student ranks / (2*3)
+    ("parallel.pp=3", "parallel.pp"),                       # 40 layers / 3 stages
     ("train.global_batch=66", "train.global_batch"),        # not a multiple of micro*dp = 4
     ("fuse.teachers.2.ranks=7", "fuse.teachers.2.ranks"),   # not a multiple of the teacher's tp=2
     ("fuse.teachers.0.tp=3", "fuse.teachers.0.tp"),         # does not divide 40 heads

@@ -1,0 +1,89 @@
+"""Bad input fails at start with one line naming the field or file, exit code != 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_fusion.config import ConfigError, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(args, cwd=ROOT, timeout=240):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    p = subprocess.run([sys.executable, "-m", "megatron_fusion.train", *args], cwd=cwd, env=env,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stderr.strip().splitlines()
+
+
+@pytest.mark.parametrize("override, field", [
+    ("parallel.tp=3", "parallel.tp"),            # heads % tp
+    ("parallel.pp=3", "parallel.pp"),            # layers % pp
+    ("train.global_batch=7", "train.global_batch"),
+    ("model.hiden_size=64", "model.hiden_size"),  # unknown key
+    ("optim.lr=-1", "optim.lr"),
+    ("train.steps=ten", "train.steps"),
+    ("stage=distill", "stage"),
+])
+def test_bad_config_one_line(override, field):
+    with pytest.raises(ConfigError) as e:
+        cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [override])
+        cfg.validate_layout(6 if "pp" in override else 2)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith(f"config error: {field}"), msg
+
+
+def test_cli_bad_config_exit_code(tmp_path):
+    code, err = _train(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "parallel.tp=3",
+                        f"run.dir={tmp_path}/r"])
+    assert code != 0 and err[-1].startswith("config error: parallel.tp"), err
+
+
+def test_cli_missing_config_file(tmp_path):
+    code, err = _train(["--config", str(tmp_path / "nope.yaml")])
+    assert code != 0 and "nope.yaml" in err[-1] and len(err) == 1, err
+
+
+def _small(tmp_path, demo_data, **kw):
+    base = ["logging.wandb_mode=disabled", "logging.progress=false", f"run.dir={tmp_path}/run",
+            f"data.tokenizer={demo_data['pivot_tokenizer']}", "data.valid=[]", "train.steps=1",
+            "parallel.tp=1", "model.seq_length=64", "train.global_batch=2", "train.micro_batch=2"]
+    return ["--config", str(ROOT / "configs/tiny_cpu.yaml"), *base, *[f"{k}={v}" for k, v in kw.items()]]
+
+
+@pytest.mark.slow
+def test_cli_missing_data_file(tmp_path, demo_data):
+    code, err = _train(_small(tmp_path, demo_data, **{"data.train": str(tmp_path / "missing.jsonl")}))
+    assert code != 0 and "missing.jsonl" in err[-1] and err[-1].startswith("error"), err
+
+
+@pytest.mark.slow
+def test_cli_malformed_jsonl_names_file_and_line(tmp_path, demo_data):
+    bad = tmp_path / "bad.jsonl"
+    good = Path(demo_data["train"]).read_text().splitlines()[:3]
+    bad.write_text("\n".join(good + ['{"prompt": "x", "response": ']) + "\n")
+    code, err = _train(_small(tmp_path, demo_data, **{"data.train": str(bad)}))
+    assert code != 0 and f"{bad}:4" in err[-1], err
+
+
+@pytest.mark.slow
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, demo_data):
+    """An exploding LR makes the loss non-finite; the run stops naming it, the step-1 checkpoint
+    stays the latest and loads."""
+    args = _small(tmp_path, demo_data, **{"optim.lr": "1e30", "optim.min_lr": "1e30",
+                                          "optim.warmup_steps": 0, "train.steps": 6,
+                                          "checkpoint.interval": 1, "optim.decay": "constant"})
+    code, err = _train(args)
+    assert code == 1, err
+    assert "non-finite loss/ce" in err[-1], err
+    ck = tmp_path / "run" / "checkpoints"
+    latest = (ck / "latest").read_text().strip()
+    meta = json.loads((ck / latest / "meta.json").read_text())
+    assert meta["step"] >= 1 and f"{latest}" in err[-1]
