@@ -19,4 +19,7 @@ def user_facing(e: BaseException) -> bool:
         kinds.append(TopKStoreError)
     except ImportError:
         pass
+    from megatron_fusion.stages.fuse import TeacherDataError
+
+    kinds.append(TeacherDataError)
     return isinstance(e, tuple(kinds))

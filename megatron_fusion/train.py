@@ -152,19 +152,19 @@ def _on_signal(signum, frame):  # Slurm sends SIGUSR1/SIGTERM before preemption
     _Stop.requested = True
 
 
-def make_stage(cfg: Config, groups, vocab_size: int, microbatch_extras=None):
+def make_stage(cfg: Config, groups, vocab_size: int, dataset=None, tokenizer=None):
     if cfg.stage == "sft":
         from megatron_fusion.stages.sft import SFTStage
 
-        return SFTStage(vocab_size, groups.tp_rank)
+        return SFTStage(vocab_size, groups.tp)
     if cfg.stage == "fuse":
         from megatron_fusion.stages.fuse import FuseStage
 
-        return FuseStage(cfg, vocab_size, groups)
+        return FuseStage(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
     if cfg.stage == "fpo":
         from megatron_fusion.stages.fpo import FPOStage
 
-        return FPOStage(cfg, vocab_size, groups)
+        return FPOStage(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
     raise ConfigError("stage", f"unknown stage {cfg.stage!r}")
 
 
@@ -276,7 +276,7 @@ def train(cfg: Config, hooks=None) -> dict:
         tcfg.no_sync_func = model[0].no_sync
     else:
         tcfg.no_sync_func = [m.no_sync for m in model]
-    stage = make_stage(cfg, groups, cfg.model.vocab_size)
+    stage = make_stage(cfg, groups, cfg.model.vocab_size, train_ds, tokenizer)
 
     layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "dp": dp}
     state = TrainState()

@@ -121,3 +121,30 @@ def continue_run(rank, world, data, run_dir, layout, steps):
     s = train(cfg)
     destroy_student_groups()
     return {"start": s["start_step"], "loss": s["last"]["loss/ce"]}
+
+
+def fuse_overrides(fuse: dict) -> list[str]:
+    import json
+
+    return ["stage=fuse", "fuse.teachers=" + json.dumps(fuse["teachers"]), "fuse.k=10"]
+
+
+def fuse_layouts(rank, world, data, fuse, root, layouts, steps=5):
+    """Train ``steps`` fusion steps from the shared init under each layout; return trajectories."""
+    import json
+
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    out = {}
+    for name, extra in layouts:
+        run_dir = f"{root}/{name}"
+        cfg = load_config(None, tiny_overrides(data, run_dir) + fuse_overrides(fuse)
+                          + [f"train.steps={steps}", f"checkpoint.load={root}/init"] + extra)
+        train(cfg)
+        destroy_student_groups()
+        dist.barrier()
+        if rank == 0:
+            with open(f"{run_dir}/metrics.jsonl") as fh:
+                out[name] = [json.loads(line) for line in fh]
+    return out

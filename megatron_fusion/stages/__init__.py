@@ -12,6 +12,6 @@ A stage provides
   ``report`` maps each report key to a tensor ``[sum, count]``.
 """
 
-from megatron_fusion.stages.sft import SFTStage, vocab_parallel_ce
+from megatron_fusion.stages.sft import SFTStage
 
-__all__ = ["SFTStage", "vocab_parallel_ce"]
+__all__ = ["SFTStage"]

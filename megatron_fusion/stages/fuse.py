@@ -1,0 +1,193 @@
+"""Fusion stage (InfiFusion + InfiGFusion): CE + ULD + GLD against N teachers' top-K.
+
+Teacher top-K arrives per micro-batch on the *last pipeline stage only* (never through the
+activation p2p): ``prepare_step`` fetches it by sample id from each teacher's source (offline
+shards, or the online teacher group), checks K, shape and the batch's sample ids, and stores it
+in the micro-batch dict; other stages drop nothing because they never load it.
+
+Normalisation (SPEC §4): with global counts known before the forward — N_ce response tokens,
+N_uld_j aligned response positions and N_gld_j sequences with any, for teacher j, summed over the
+step's micro-batches and DP ranks — the micro-batch loss is
+
+    loss_sum = λ_ce·Σce + N_ce·( λ_uld·Σ_j Σ_b w_jb·uld_jb / N_uld_j + λ_gld·Σ_j Σ_b w_jb·gld_jb / N_gld_j )
+    count    = this micro-batch's response tokens
+
+and Megatron divides the summed gradients once by Σcount = N_ce, giving
+λ_ce·CE + λ_uld·L_ULD + λ_gld·L_GLD with every term its own global mean, independent of
+micro-batching and DP size. Reports use the same scaling, so ``loss/uld`` etc. are exact.
+Teacher weights w_jb: ``uniform`` (the config's static weights, normalised), ``minCE`` /
+``avgCE`` from each teacher's CE on the gold response stored with its top-K (FuseLLM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from megatron_fusion.config import Config, ConfigError
+from megatron_fusion.losses import combine_teachers, gld_loss, standardized_topk, distributed_topk, uld_loss
+from megatron_fusion.stages.sft import REPORT_CE, SFTStage
+
+
+class TeacherDataError(RuntimeError):
+    """Teacher top-K that does not fit the run: names the teacher and the file or field."""
+
+
+def batch_fingerprint(sample_ids: torch.Tensor) -> str:
+    return hashlib.sha1(sample_ids.cpu().numpy().astype("<i8").tobytes()).hexdigest()[:16]
+
+
+class OfflineTeacher:
+    """A teacher whose top-K was precomputed (tools/precompute_teacher_topk.py)."""
+
+    def __init__(self, name: str, topk_dir: str, expected: dict):
+        from megatron_fusion.topk_store import TopKReader, TopKStoreError
+
+        if not topk_dir:
+            raise ConfigError(f"teacher {name}.topk_dir", "must be set for an offline teacher")
+        if not Path(topk_dir).is_dir():
+            raise TeacherDataError(f"teacher {name}: top-K directory not found: {topk_dir}")
+        try:
+            self.reader = TopKReader(topk_dir, expected=expected)
+        except TopKStoreError as e:
+            raise TeacherDataError(f"teacher {name}: {e}") from None
+        self.name = name
+
+    def check_covers(self, sample_ids) -> None:
+        missing = [i for i in sample_ids if i not in self.reader]
+        if missing:
+            raise TeacherDataError(
+                f"teacher {self.name}: {len(missing)} training samples have no top-K in "
+                f"{self.reader.paths[0].parent} (first: sample id {missing[0]}); re-run the precompute")
+
+    def fetch(self, sample_ids: torch.Tensor, seq_len: int):
+        """-> values [b,s,K] f32, ids [b,s,K] i64, aligned [b,s] bool, teacher_ce [b] or None."""
+        values, ids, aligned = self.reader.batch(sample_ids.tolist(), seq_len)
+        ce = self.reader.teacher_ce(sample_ids.tolist()) if hasattr(self.reader, "teacher_ce") else None
+        return values, ids, aligned, ce
+
+
+class FuseStage:
+    def __init__(self, cfg: Config, vocab_size: int, groups, *, dataset=None, tokenizer=None,
+                 teachers: list | None = None):
+        f = cfg.fuse
+        self.cfg, self.f, self.groups = cfg, f, groups
+        self.vocab_size = vocab_size
+        self.sft = SFTStage(vocab_size, groups.tp)
+        self.names = [t.name for t in f.teachers]
+        static = torch.tensor([t.weight for t in f.teachers], dtype=torch.float64)
+        if (static <= 0).any():
+            raise ConfigError("fuse.teachers[].weight", "must be > 0")
+        self.static_w = static / static.sum()
+        self.report_keys = [REPORT_CE, "loss/uld", "loss/gld", "loss/total"]
+        for n in self.names:
+            self.report_keys += [f"loss/uld/{n}", f"loss/gld/{n}", f"teacher/{n}/aligned_frac",
+                                 f"teacher/{n}/weight"]
+        if teachers is not None:
+            self.teachers = teachers
+        else:
+            self.teachers = []
+            for t in f.teachers:
+                if t.source != "offline":
+                    raise ConfigError(f"teacher {t.name}.source", "online teachers are started by "
+                                      "the teacher group (megatron_fusion.online)")
+                from megatron_fusion.tokenizers import load_tokenizer
+
+                t_tok = load_tokenizer(t.tokenizer) if t.tokenizer else None
+                expected = {"teacher": t.name, "k": f.k}
+                if dataset is not None:
+                    expected.update(dataset_hash=dataset.dataset_hash,
+                                    pivot_tokenizer_hash=dataset.tokenizer.content_hash)
+                if t_tok is not None:
+                    expected["teacher_tokenizer_hash"] = t_tok.content_hash
+                self.teachers.append(OfflineTeacher(t.name, t.topk_dir, expected))
+            if dataset is not None:  # every training sample must have top-K: fail before step 1
+                ids = [int(dataset[i]["sample_id"]) for i in range(len(dataset))]
+                for t in self.teachers:
+                    t.check_covers(ids)
+        if f.weighting != "uniform" and not all(hasattr(t.reader, "teacher_ce") for t in self.teachers
+                                                if isinstance(t, OfflineTeacher)):
+            raise ConfigError("fuse.weighting", f"{f.weighting} needs teacher CE in the top-K "
+                              "shards (re-run tools/precompute_teacher_topk.py)")
+        self._norm = None
+
+    def eval_stage(self):
+        return self.sft
+
+    # --- per step -----------------------------------------------------------------------------
+    def prepare_step(self, microbatches, groups) -> None:
+        if not groups.is_last_stage:
+            return
+        seq = self.cfg.model.seq_length
+        k = self.f.k
+        counts = torch.zeros(1 + 2 * len(self.teachers), dtype=torch.float64)
+        for mb in microbatches:
+            resp = mb["loss_mask"] > 0
+            mb["teachers"] = []
+            for j, t in enumerate(self.teachers):
+                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)
+                b = mb["tokens"].shape[0]
+                if values.shape != (b, seq, k) or ids.shape != (b, seq, k) or aligned.shape != (b, seq):
+                    raise TeacherDataError(
+                        f"teacher {t.name}: top-K shapes {tuple(values.shape)}/{tuple(ids.shape)}/"
+                        f"{tuple(aligned.shape)} do not match the batch [b={b}, s={seq}, K={k}]")
+                mask = aligned & resp
+                mb["teachers"].append({"values": values, "ids": ids, "mask": mask, "ce": ce,
+                                       "fingerprint": batch_fingerprint(mb["sample_id"])})
+                counts[1 + 2 * j] += mask.sum()
+                counts[2 + 2 * j] += mask.any(dim=1).sum()
+            counts[0] += resp.sum()
+        dist.all_reduce(counts, group=groups.dp)
+        self._norm = counts
+
+    def _weights(self, batch) -> torch.Tensor:
+        """[N, b] per-sample teacher weights (sum to 1 over teachers)."""
+        n, b = len(self.teachers), batch["tokens"].shape[0]
+        if self.f.weighting == "uniform":
+            return self.static_w.float().unsqueeze(1).expand(n, b)
+        ce = torch.stack([t["ce"].float() for t in batch["teachers"]])           # [N, b]
+        _, w = combine_teachers(torch.zeros(n, b), self.f.weighting, teacher_ce=ce)
+        return w
+
+    def loss_func(self, batch: dict, output: torch.Tensor):
+        f, norm = self.f, self._norm
+        for t in batch["teachers"]:
+            if t["fingerprint"] != batch_fingerprint(batch["sample_id"]):
+                raise TeacherDataError("teacher top-K belongs to another batch (fingerprint mismatch)")
+        ce_sum, ce_count = self.sft.ce_sum(batch, output)
+        n_ce = norm[0].clamp_min(1).float()
+        # One student top-K shared by ULD and GLD (GLD always uses the full-vocab z-score).
+        st_full = standardized_topk(output, f.k, vocab_size=self.vocab_size, tp_group=self.groups.tp)
+        st_uld = st_full if f.zscore == "full" else distributed_topk(
+            output, f.k, vocab_size=self.vocab_size, tp_group=self.groups.tp)
+        w = self._weights(batch).to(output.device)                                # [N, b]
+        uld_total = output.new_zeros((), dtype=torch.float32)
+        gld_total = output.new_zeros((), dtype=torch.float32)
+        report = {REPORT_CE: torch.stack([ce_sum.detach(), ce_count])}
+        for j, (name, t) in enumerate(zip(self.names, batch["teachers"])):
+            mask = t["mask"]
+            u_seq, u_cnt = uld_loss(None, t["values"], mask, k=f.k, temperature=f.temperature,
+                                    zscore=f.zscore, vocab_size=self.vocab_size,
+                                    tp_group=self.groups.tp, student_topk=st_uld, reduction="sequence")
+            g_seq, g_cnt = gld_loss(None, t["values"], t["ids"], mask, k=f.k,
+                                    vocab_size=self.vocab_size, tp_group=self.groups.tp,
+                                    student_topk=st_full, reduction="sequence")
+            n_uld, n_gld = norm[1 + 2 * j].float(), norm[2 + 2 * j].float()
+            if n_uld > 0:
+                uld_total = uld_total + (w[j] * u_seq).sum() / n_uld
+            if n_gld > 0:
+                gld_total = gld_total + (w[j] * g_seq).sum() / n_gld
+            report[f"loss/uld/{name}"] = torch.stack([u_seq.detach().sum(), u_cnt.sum().float()])
+            report[f"loss/gld/{name}"] = torch.stack([g_seq.detach().sum(), g_cnt.sum().float()])
+            resp = batch["loss_mask"].sum()
+            report[f"teacher/{name}/aligned_frac"] = torch.stack([mask.sum().float(), resp.float()])
+            report[f"teacher/{name}/weight"] = torch.stack(
+                [w[j].sum().detach().float(), torch.tensor(float(w.shape[1]))])
+        loss_sum = f.lambda_ce * ce_sum + n_ce * (f.lambda_uld * uld_total + f.lambda_gld * gld_total)
+        report["loss/uld"] = torch.stack([(n_ce * uld_total).detach(), ce_count])
+        report["loss/gld"] = torch.stack([(n_ce * gld_total).detach(), ce_count])
+        report["loss/total"] = torch.stack([loss_sum.detach(), ce_count])
+        return loss_sum, ce_count.to(torch.int), report
