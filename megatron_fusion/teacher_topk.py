@@ -5,7 +5,10 @@ For every pivot sample the teacher encodes the *same text segments* with its own
 of its logits with the student's own ``standardized_topk`` (distributed over the teacher's vocab
 shards when its backend is tensor-parallel), and the rows of the aligned teacher positions are
 placed at the pivot positions (``megatron_fusion.align``). Only pivot positions whose label is a
-response token are kept (``aligned_mask`` = aligned AND response).
+response token are kept (``aligned_mask`` = aligned AND response). The same forward pass gives
+each sample's teacher cross-entropy on the gold response over the teacher's *own* tokens
+(``token_logprobs``, vocab-parallel): position j predicting token j+1 counts when token j+1 is a
+response token of the teacher's encoding; stored per sample for the minCE / avgCE weights.
 
 Backends implement ``TeacherBackend``: ``local_logits(input_ids [b, s]) -> [b, s, v_local]`` (this
 rank's vocab shard, padding columns allowed past ``vocab_size``), ``vocab_size`` (true vocab),
@@ -106,19 +109,24 @@ class SampleTopK:
     aligned_mask: torch.Tensor  # [P] bool: aligned AND labels[t] is a response token
     n_response: int             # response positions (loss_mask = 1) among the P
     teacher_tokens: int
+    teacher_ce: float = float("nan")  # mean NLL (nats/token) over the teacher's response tokens
+    teacher_ce_tokens: int = 0        # teacher tokens (predicted, response) the mean is over
 
 
 def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
-                   max_teacher_len: int | None = None):
+                   max_teacher_len: int | None = None, *, with_response: bool = False):
     """Teacher ids/offsets for a pivot sample, cut where they stop mattering (causal model):
-    after the last pivot position's context end, or at ``max_teacher_len``."""
-    ids, offs, _, _ = encode_segments(teacher_tokenizer, sample.segments)
+    after the last pivot position's context end, or at ``max_teacher_len``.
+    ``with_response``: also return the teacher tokens' response flags (same cut)."""
+    ids, offs, is_resp, _ = encode_segments(teacher_tokenizer, sample.segments)
     c_max = int(sample.offsets[pivot_positions - 1][1]) if pivot_positions else 0
     n = 0
     while n < len(ids) and offs[n][1] <= c_max:
         n += 1
     if max_teacher_len is not None:
         n = min(n, max_teacher_len)
+    if with_response:
+        return ids[:n], offs[:n], is_resp[:n]
     return ids[:n], offs[:n]
 
 
@@ -136,27 +144,37 @@ def align_sample(sample, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, pivo
 def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivot_tokenizer,
                        seq_len: int, *, k: int, eps: float, alignment: str,
                        max_teacher_len: int | None) -> list[SampleTopK]:
-    """Teacher forward on a right-padded batch, standardised top-K, placed at pivot positions."""
-    from megatron_fusion.losses import standardized_topk  # the student's own function (SPEC §2)
+    """Teacher forward on a right-padded batch, standardised top-K placed at pivot positions, and
+    each sample's teacher CE on its own response tokens (``SampleTopK.teacher_ce``)."""
+    # the student's own functions (SPEC §2): top-K and vocab-parallel log-softmax
+    from megatron_fusion.losses import standardized_topk, token_logprobs
 
     prepared = []
     for s in samples:
         P = min(len(s.ids), seq_len)                       # pivot positions (tokens) of the sample
-        t_ids, t_offs = teacher_inputs(s, teacher_tokenizer, P, max_teacher_len)
+        t_ids, t_offs, t_resp = teacher_inputs(s, teacher_tokenizer, P, max_teacher_len,
+                                               with_response=True)
         align = align_sample(s, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, P, alignment)
-        prepared.append((s, P, t_ids, align))
-    T = max(1, max(len(t) for _, _, t, _ in prepared))
+        prepared.append((s, P, t_ids, t_resp, align))
+    b, T = len(prepared), max(1, max(len(p[2]) for p in prepared))
     pad = teacher_tokenizer.pad_id if teacher_tokenizer.pad_id is not None else (
         teacher_tokenizer.eos_id or 0)
-    batch = torch.full((len(prepared), T), pad, dtype=torch.long)   # [b, T], right padding
-    for r, (_, _, t_ids, _) in enumerate(prepared):
+    batch = torch.full((b, T), pad, dtype=torch.long)               # [b, T], right padding
+    ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # position j predicts a response token
+    for r, (_, _, t_ids, t_resp, _) in enumerate(prepared):
         batch[r, :len(t_ids)] = torch.as_tensor(t_ids, dtype=torch.long)
+        ce_mask[r, :max(0, len(t_ids) - 1)] = torch.as_tensor(t_resp[1:], dtype=torch.bool)
+    labels = torch.cat([batch[:, 1:], batch[:, -1:]], dim=1)        # [b, T]: token j+1 (last: unused)
     with torch.no_grad():
         logits = backend.local_logits(batch)                        # [b, T, v/tp]
         values, ids = standardized_topk(logits, k, eps=eps, vocab_size=backend.vocab_size,
                                         tp_group=backend.tp_group)  # [b, T, K] x2
+        logp = token_logprobs(logits, labels.to(logits.device), vocab_size=backend.vocab_size,
+                              tp_group=backend.tp_group)            # [b, T], same on all TP ranks
+    nll_sum = torch.where(ce_mask, -logp.double().cpu(), 0.0).sum(-1)   # [b]
+    n_ce = ce_mask.sum(-1)                                          # [b]
     out = []
-    for r, (s, P, t_ids, align) in enumerate(prepared):
+    for r, (s, P, t_ids, _, align) in enumerate(prepared):
         a = torch.as_tensor(align, dtype=torch.long)               # [P] teacher pos or -1
         resp = torch.zeros(P, dtype=torch.bool)                     # labels[t] is a response token
         nxt = torch.as_tensor(s.is_response[1:P + 1], dtype=torch.bool)
@@ -166,7 +184,9 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
         i = torch.zeros(P, k, dtype=torch.long)
         v[mask] = values[r, a[mask]].float()
         i[mask] = ids[r, a[mask]].long()
-        out.append(SampleTopK(s.sample_id, v, i, mask, int(resp.sum()), len(t_ids)))
+        n = int(n_ce[r])
+        ce = float(nll_sum[r]) / n if n else float("nan")
+        out.append(SampleTopK(s.sample_id, v, i, mask, int(resp.sum()), len(t_ids), ce, n))
     return out
 
 
@@ -220,7 +240,8 @@ def precompute_teacher_topk(dataset: SFTDataset, teacher_tokenizer, backend: Tea
             for r in compute_batch_topk(samples, backend, teacher_tokenizer, dataset.tokenizer,
                                         dataset.seq_len, k=k, eps=eps, alignment=alignment,
                                         max_teacher_len=max_teacher_len):
-                writer.add(r.sample_id, r.values, r.ids, r.aligned_mask)
+                writer.add(r.sample_id, r.values, r.ids, r.aligned_mask, r.teacher_ce,
+                           r.teacher_ce_tokens)
                 sh_aligned += int(r.aligned_mask.sum())
                 sh_resp += r.n_response
                 tokens += r.teacher_tokens

@@ -7,17 +7,22 @@ logits ``a_t`` of SPEC §2), ``ids [s, K]`` (teacher vocab), ``aligned_mask [s]`
         w.add(sample_id, values, ids, aligned_mask)         # rows where the mask is 0 are dropped
     reader = TopKReader(dir_or_paths, expected={"k": 10, "dataset_hash": ds.dataset_hash, ...})
     values, ids, aligned_mask = reader.get(sample_id, seq_len=s)   # [s,K] f32, [s,K] i64, [s] bool
+    ce = reader.teacher_ce(sample_ids)                             # [b] f32 (minCE / avgCE)
 
 File layout (little-endian)::
 
     magic (8 B) | version u32 | header_len u32 | header (JSON, utf-8)
-    | index: n x (sample_id i64, offset i64, n_positions i32, n_rows i32)      offsets into the data
+    | index: n x (sample_id i64, offset i64, n_positions i32, n_rows i32,
+    |             teacher_ce f32, teacher_ce_tokens i32)                   offsets into the data
     | data: per sample  ids i32 [n_rows, K] | values fp16/bf16 [n_rows, K] | aligned bits [ceil(n/8)]
     |       (each sample padded to 8 bytes)
     | sha256 of everything before it (32 B)
 
 Only aligned rows are stored: K ids (4 B) + K values (2 B) = 60 B per aligned position at K = 10,
-plus one bit per pivot position. The header carries the teacher name, both tokenizer hashes, K,
+plus one bit per pivot position. Per sample the index also holds the teacher's mean cross-entropy
+on the gold response over its *own* tokens (``teacher_ce``, nats/token; NaN when the teacher saw
+no response token, ``teacher_ce_tokens`` = 0), which the minCE / avgCE teacher weights of SPEC §2
+use. The header carries the teacher name, both tokenizer hashes, K,
 dataset hash, the sample-id range, dtype and a free ``meta`` dict; the trailer checksum covers
 header and payload. ``TopKReader`` validates every file when opened (before step 1): a wrong
 magic/version, a truncated file, a bad checksum or a header field that differs from ``expected``
@@ -40,12 +45,14 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
-VERSION = 1
+VERSION = 2                             # top-K shard format (2: per-sample teacher_ce in the index)
+LOGPROB_VERSION = 1                     # source log-prob files
 TOPK_MAGIC = b"MFTOPK\r\n"
 LOGPROB_MAGIC = b"MFSLPB\r\n"
+_VERSIONS = {TOPK_MAGIC: VERSION, LOGPROB_MAGIC: LOGPROB_VERSION}
 _PRE = struct.Struct("<8sII")           # magic, version, header_len
 _INDEX = np.dtype([("sample_id", "<i8"), ("offset", "<i8"), ("n_positions", "<i4"),
-                   ("n_rows", "<i4")])
+                   ("n_rows", "<i4"), ("teacher_ce", "<f4"), ("teacher_ce_tokens", "<i4")])
 _LOGPROB = np.dtype([("sample_id", "<i8"), ("chosen_logprob", "<f8"), ("chosen_tokens", "<i8"),
                      ("rejected_logprob", "<f8"), ("rejected_tokens", "<i8")])
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -84,7 +91,7 @@ def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None
 def _write_container(path, magic: bytes, header: dict, payload: Sequence[bytes]) -> None:
     header = dict(header, payload_bytes=sum(len(p) for p in payload))
     hb = json.dumps(header, sort_keys=True).encode()
-    pre = _PRE.pack(magic, VERSION, len(hb))
+    pre = _PRE.pack(magic, _VERSIONS[magic], len(hb))
     h = hashlib.sha256(pre)
     h.update(hb)
     for p in payload:
@@ -105,8 +112,10 @@ def _read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.n
     got_magic, version, hlen = _PRE.unpack(raw[:_PRE.size].tobytes())
     if got_magic != magic:
         raise TopKStoreError(f"{path}: not a {magic[:6].decode()} file (magic {got_magic!r})")
-    if version != VERSION:
-        raise TopKStoreError(f"{path}: format version {version}, this reader reads {VERSION}")
+    if version != _VERSIONS[magic]:
+        hint = " (re-run the tool that wrote it)" if version < _VERSIONS[magic] else ""
+        raise TopKStoreError(f"{path}: format version {version}, this reader reads "
+                             f"{_VERSIONS[magic]}{hint}")
     if _PRE.size + hlen + 32 > size:
         raise TopKStoreError(f"{path}: truncated inside the header")
     try:
@@ -167,12 +176,18 @@ class TopKWriter:
 
     def __init__(self, path: str | os.PathLike, header: TopKHeader):
         self.path, self.header = Path(path), header
-        self._samples: list[tuple[int, int, bytes, int]] = []  # (sample_id, n_positions, data, rows)
+        # (sample_id, n_positions, data, rows, teacher_ce, teacher_ce_tokens)
+        self._samples: list[tuple[int, int, bytes, int, float, int]] = []
         self._closed = False
 
     def add(self, sample_id: int, values: torch.Tensor, ids: torch.Tensor,
-            aligned_mask: torch.Tensor) -> None:
-        """values [s, K] float, ids [s, K] int, aligned_mask [s] bool; rows with mask 0 dropped."""
+            aligned_mask: torch.Tensor, teacher_ce: float = float("nan"),
+            teacher_ce_tokens: int = 0) -> None:
+        """values [s, K] float, ids [s, K] int, aligned_mask [s] bool; rows with mask 0 dropped.
+
+        ``teacher_ce``: the teacher's mean NLL (nats/token) over its ``teacher_ce_tokens``
+        response tokens (stored as float32; NaN = not computed / no response token).
+        """
         k, s = self.header.k, aligned_mask.shape[0]
         if values.shape != (s, k) or ids.shape != (s, k):
             raise ValueError(f"{self.path}: sample {sample_id}: values {tuple(values.shape)} / ids "
@@ -188,7 +203,11 @@ class TopKWriter:
         data = (i.to(torch.int32).numpy().tobytes() + v.view(torch.int16).numpy().tobytes()
                 + np.packbits(mask.numpy(), bitorder="little").tobytes())
         data += b"\0" * (-len(data) % 8)
-        self._samples.append((int(sample_id), int(s), data, int(mask.sum())))
+        if teacher_ce_tokens < 0 or teacher_ce_tokens > np.iinfo(np.int32).max:
+            raise ValueError(f"{self.path}: sample {sample_id}: teacher_ce_tokens "
+                             f"{teacher_ce_tokens} out of int32 range")
+        self._samples.append((int(sample_id), int(s), data, int(mask.sum()), float(teacher_ce),
+                              int(teacher_ce_tokens)))
 
     def close(self) -> None:
         if self._closed:
@@ -197,15 +216,15 @@ class TopKWriter:
         n = len(self._samples)
         index = np.zeros(n, dtype=_INDEX)
         off = n * _INDEX.itemsize
-        for r, (sid, s, data, rows) in enumerate(self._samples):
-            index[r] = (sid, off, s, rows)
+        for r, (sid, s, data, rows, ce, ce_tokens) in enumerate(self._samples):
+            index[r] = (sid, off, s, rows, ce, ce_tokens)
             off += len(data)
         h = self.header
         h.n_samples = n
         h.sample_id_start = self._samples[0][0] if n else -1
         h.sample_id_end = self._samples[-1][0] + 1 if n else -1
         _write_container(self.path, TOPK_MAGIC, asdict(h),
-                         [index.tobytes()] + [d for _, _, d, _ in self._samples])
+                         [index.tobytes()] + [smp[2] for smp in self._samples])
 
     def abort(self) -> None:
         """Drop what was added; nothing is written."""
@@ -250,6 +269,7 @@ class TopKReader:
         self.headers: list[dict] = []
         self._payloads: list[np.ndarray] = []
         self._where: dict[int, tuple[int, int]] = {}
+        self._index: list[np.ndarray] = []
         common = ("teacher", "teacher_tokenizer_hash", "pivot_tokenizer_hash", "k", "dataset_hash",
                   "dtype")
         for si, p in enumerate(self.paths):
@@ -266,6 +286,7 @@ class TopKReader:
                 self._where[sid] = (si, r)
             self.headers.append(header)
             self._payloads.append(payload)
+            self._index.append(index)
         if not self.headers:
             raise TopKStoreError("TopKReader: no shard files given")
         self.header = {k: self.headers[0][k] for k in common}
@@ -291,7 +312,7 @@ class TopKReader:
             raise KeyError(f"sample id {sample_id} is in none of the shards "
                            f"({self.paths[0].parent})") from None
         payload, k = self._payloads[si], self.k
-        entry = np.frombuffer(payload, dtype=_INDEX, count=1, offset=r * _INDEX.itemsize)[0]
+        entry = self._index[si][r]
         off, s, rows = int(entry["offset"]), int(entry["n_positions"]), int(entry["n_rows"])
         ids_rows = np.frombuffer(payload, dtype="<i4", count=rows * k, offset=off)
         off += rows * k * 4
@@ -317,6 +338,30 @@ class TopKReader:
         """-> values [b, s, K], ids [b, s, K], aligned_mask [b, s] for a micro-batch."""
         out = [self.get(int(i), seq_len) for i in sample_ids]
         return tuple(torch.stack(t) for t in zip(*out))
+
+    def _index_field(self, sample_ids: Sequence[int] | torch.Tensor, name: str) -> np.ndarray:
+        if torch.is_tensor(sample_ids):
+            sample_ids = sample_ids.reshape(-1).tolist()
+        out = []
+        for sid in sample_ids:
+            try:
+                si, r = self._where[int(sid)]
+            except KeyError:
+                raise KeyError(f"sample id {int(sid)} is in none of the shards "
+                               f"({self.paths[0].parent})") from None
+            out.append(self._index[si][r][name])
+        return np.array(out, dtype=_INDEX[name])
+
+    def teacher_ce(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """-> [b] float32: the teacher's mean NLL (nats/token) on each sample's gold response,
+        over its own response tokens (SPEC §2 minCE / avgCE). NaN where ``teacher_ce_tokens`` is
+        0 (no response token inside the teacher's window): mask on ``teacher_ce_tokens > 0``
+        before weighting teachers with it."""
+        return torch.from_numpy(self._index_field(sample_ids, "teacher_ce"))
+
+    def teacher_ce_tokens(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """-> [b] int64: how many teacher tokens each ``teacher_ce`` averages over."""
+        return torch.from_numpy(self._index_field(sample_ids, "teacher_ce_tokens").astype(np.int64))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Offline teacher top-K and source log-probs with a tiny random HF Llama teacher (built locally).
 
 Checks: stored top-K == standardized_topk of the teacher's full logits at the aligned positions;
-kill-and-resume gives byte-identical shards; teacher TP2 (vocab split over 2 gloo ranks) == TP1;
+stored per-sample teacher CE == a direct log-softmax over the teacher's response tokens; kill-and-resume gives byte-identical shards; teacher TP2 (vocab split over 2 gloo ranks) == TP1;
 source log-probs == a direct log-softmax sum, at TP1 and TP2.
 """
 
@@ -65,9 +65,16 @@ def test_stored_topk_equals_full_logits(setup):
     for i in range(len(ds)):
         smp = ds.sample(i)
         P = min(len(smp.ids), SEQ)
-        t_ids, t_offs = teacher_inputs(smp, s["teacher_tok"], P)
+        t_ids, t_offs, t_resp = teacher_inputs(smp, s["teacher_tok"], P, with_response=True)
         with torch.no_grad():
             z = model(torch.tensor([t_ids])).logits.float()           # [1, T, v]
+        # teacher CE: position j predicts token j+1, counted where token j+1 is a response token
+        lsm = torch.log_softmax(z[0].double(), -1)                    # [T, v]
+        js = [j for j in range(len(t_ids) - 1) if t_resp[j + 1]]
+        ref_ce = -sum(lsm[j, t_ids[j + 1]].item() for j in js) / len(js)
+        assert reader.teacher_ce_tokens([smp.sample_id]).tolist() == [len(js)]
+        assert len(js) == sum(t_resp[1:]) > 0
+        assert abs(reader.teacher_ce([smp.sample_id]).item() - ref_ce) <= 1e-5 * abs(ref_ce)
         ref_v, ref_i = standardized_topk(z, 10, vocab_size=z.shape[-1])
         # plain formula as well: population z-score over the full vocab, then top-K
         zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, unbiased=False, keepdim=True) + 1e-6)
@@ -173,6 +180,10 @@ def test_tp2_equals_tp1_and_source_logprobs(setup):
         n_vals += v1.numel()
         n_exact += int((v1 == v2).sum())
     assert n_exact >= 0.95 * n_vals
+    ids_ = r1.sample_ids
+    assert torch.equal(r1.teacher_ce_tokens(ids_), r2.teacher_ce_tokens(ids_))
+    assert (r1.teacher_ce_tokens(ids_) > 0).all()
+    assert torch.allclose(r1.teacher_ce(ids_), r2.teacher_ce(ids_), rtol=1e-5, atol=0)
 
     # source log-probs: TP1 == TP2 == a direct log-softmax over the tiny model's logits
     st1, st2 = SourceLogprobStore(lp1), SourceLogprobStore(lp2)

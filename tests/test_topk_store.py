@@ -17,7 +17,7 @@ def _header(**kw):
     return TopKHeader(**base)
 
 
-def _samples(n=6, k=10, seed=0):
+def _samples(n=6, k=10, seed=0, with_ce=False):
     g = torch.Generator().manual_seed(seed)
     out = []
     for sid in range(0, 3 * n, 3):                      # sparse, increasing sample ids
@@ -26,13 +26,14 @@ def _samples(n=6, k=10, seed=0):
         values = torch.randn(s, k, generator=g) * 3
         ids = torch.randint(0, 150_000, (s, k), generator=g)
         values[~mask], ids[~mask] = 0, 0
-        out.append((sid, values, ids, mask))
+        ce = (float(torch.rand(1, generator=g)) * 5, int(torch.randint(1, 50, (1,), generator=g)))
+        out.append((sid, values, ids, mask) + (ce if with_ce else ()))
     return out
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_roundtrip_exact(tmp_path, dtype):
-    samples = _samples()
+    samples = _samples(with_ce=True)
     with TopKWriter(tmp_path / "s0.topk", _header(dtype=dtype)) as w:
         for s in samples[:3]:
             w.add(*s)
@@ -42,7 +43,7 @@ def test_roundtrip_exact(tmp_path, dtype):
     r = TopKReader(tmp_path, expected={"k": 10, "teacher": "t0", "dtype": dtype})
     assert r.sample_ids == [s[0] for s in samples]
     tdt = getattr(torch, dtype)
-    for sid, values, ids, mask in samples:
+    for sid, values, ids, mask, ce, ce_tokens in samples:
         v, i, m = r.get(sid)
         assert torch.equal(m, mask)
         assert torch.equal(i, ids)
@@ -54,10 +55,34 @@ def test_roundtrip_exact(tmp_path, dtype):
         assert torch.equal(v3, v[:4]) and torch.equal(m3, mask[:4])
     bv, bi, bm = r.batch([0, 6], seq_len=40)
     assert bv.shape == (2, 40, 10) and bi.shape == (2, 40, 10) and bm.shape == (2, 40)
+    # per-sample teacher CE: exact after float32, in the order asked (across shards)
+    order = [15, 0, 9, 3]
+    want = {s[0]: s[4:] for s in samples}
+    ce = r.teacher_ce(order)
+    assert ce.dtype == torch.float32 and ce.shape == (4,)
+    assert torch.equal(ce, torch.tensor([want[i][0] for i in order], dtype=torch.float32))
+    assert torch.equal(r.teacher_ce(torch.tensor(order)), ce)
+    assert r.teacher_ce_tokens(order).tolist() == [want[i][1] for i in order]
+    with pytest.raises(KeyError, match="sample id 1 is in none"):
+        r.teacher_ce([0, 1])
     h = read_topk_header(tmp_path / "s1.topk")
     assert (h["sample_id_start"], h["sample_id_end"], h["n_samples"]) == (9, 16, 3)
     with pytest.raises(KeyError, match="sample id 1 is in none"):
         r.get(1)
+
+
+def test_teacher_ce_default_and_old_format(tmp_path):
+    p = tmp_path / "s.topk"
+    with TopKWriter(p, _header()) as w:
+        w.add(*_samples(1)[0])                     # no CE given: NaN over 0 tokens
+    r = TopKReader(p)
+    assert r.teacher_ce([0]).isnan().all() and r.teacher_ce_tokens([0]).tolist() == [0]
+    # a version-1 shard (no CE in the index) is refused by name, not misread
+    raw = bytearray(p.read_bytes())
+    raw[8:12] = (1).to_bytes(4, "little")
+    p.write_bytes(bytes(raw))
+    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 1, this reader reads 2"):
+        TopKReader(p)
 
 
 def test_bytes_per_token(tmp_path):
