@@ -58,9 +58,12 @@ class _VocabParallelLogProb(torch.autograd.Function):
         logits_local, col, owned, lse = ctx.saved_tensors
         lay = ctx.lay
         nv = lay.n_valid
-        grad = torch.zeros_like(logits_local)
         if nv == 0:
-            return grad, None, None, None, None
+            return torch.zeros(logits_local.shape, dtype=logits_local.dtype,
+                               device=logits_local.device), None, None, None, None
+        # contiguous (the input may be a strided view); real columns are all written below
+        grad = torch.empty(logits_local.shape, dtype=logits_local.dtype, device=logits_local.device)
+        grad[..., nv:] = 0
         cdt = compute_dtype(logits_local.dtype)
         x = logits_local.reshape(-1, lay.v_local)
         grad2 = grad.view(-1, lay.v_local)

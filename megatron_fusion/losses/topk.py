@@ -19,7 +19,7 @@ communication. Each rank scatters the entries whose ids it owns and, for the z-s
 dense term through mu and sigma, which needs only per-token ``sum(g)`` and ``sum(g * a)``.
 
 fp32 path (bf16/fp16/fp32 inputs): the local top-K is ``torch.topk`` on the chunk in its own dtype
-(rows whose k-th value ties with a left-out column are redone exactly, one host sync per call). A candidate travels packed into one int64 *sort
+(rows whose k-th value ties with a left-out column get the lowest tied ids; one host sync per call). A candidate travels packed into one int64 *sort
 key* ``(order-preserving int32 of the fp32 value) << 32 | (2^32 - 1 - id)``: the all-gather moves
 8 bytes per candidate (4 value + 4 id) in one tensor, and one ``topk`` on the ``k*tp`` keys gives
 "value descending, then id ascending" exactly. fp64 inputs (gradcheck) take an equivalent path with a
@@ -63,8 +63,9 @@ def _topk_with_margin(xc: torch.Tensor, kk: int):
 
     ``torch.topk`` returns the right *values*, but when the kk-th value ties with a column it left
     out, which tied columns it kept is implementation-defined. One extra entry tells: the row is
-    ambiguous iff the (kk+1)-th value equals the kk-th. Ambiguous rows (rare with real logits,
-    common with integer test logits) are redone exactly afterwards (``_exact_rows``).
+    ambiguous iff the (kk+1)-th value equals the kk-th. Ambiguous rows (frequent in bf16, whose
+    coarse grid makes equal logits common; all over integer test logits) are fixed afterwards
+    (``_lowest_tied_columns``).
     """
     take = min(kk + 1, xc.shape[1])
     vals, idx = xc.topk(take, dim=-1, sorted=True)
@@ -76,10 +77,24 @@ def _topk_with_margin(xc: torch.Tensor, kk: int):
     return vals.float(), idx, ambiguous
 
 
-def _exact_rows(xf: torch.Tensor, kk: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-kk of fp32 rows: value descending, then column ascending, via int64 sort keys."""
-    cols = torch.arange(xf.shape[1], device=xf.device)
-    return decode_keys(encode_keys(xf, cols).topk(kk, dim=-1, sorted=True).values)
+def _lowest_tied_columns(xr: torch.Tensor, vals: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Fix ambiguous rows: the kk-th value ``tau`` ties with left-out columns.
+
+    xr ``[m, c]`` the rows (own dtype), vals ``[m, kk]`` their top values (fp32, descending, exact),
+    cols ``[m, kk]`` the columns topk picked. The entries above ``tau`` are right; the last ``r``
+    slots (value ``tau``) must hold the ``r`` LOWEST columns equal to ``tau``. Found with one
+    comparison and an int32 topk of ``(c - column)`` over the tied columns: no int64 temporaries.
+    """
+    m, kk = vals.shape
+    n_cols = xr.shape[1]
+    tau = vals[:, -1:]
+    tied = xr == tau.to(xr.dtype)                       # exact: tau is one of the row's values
+    rank_key = torch.arange(n_cols, 0, -1, dtype=torch.int32, device=xr.device)   # c - column
+    lowest = n_cols - torch.where(tied, rank_key, 0).topk(kk, dim=-1, sorted=True).values.long()
+    first_tied = kk - (vals == tau).sum(-1, keepdim=True)          # slots [first_tied, kk) hold tau
+    j = torch.arange(kk, device=xr.device)
+    from_lowest = lowest.gather(1, (j - first_tied).clamp_min(0))
+    return torch.where(j >= first_tied, from_lowest, cols)
 
 
 def _merge_keys(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +161,8 @@ class _VocabParallelTopK(torch.autograd.Function):
                 # sum (z - c)^2 does not cancel the way sum z^2 - V mu^2 would in fp32
                 c = xc[:, :1].to(cdt)
                 d = torch.sub(xc, c)                          # fp32 (promotion), one pass
-                s1, s2 = d.sum(-1).double(), torch.linalg.vecdot(d, d).double()
+                s1 = d.sum(-1).double()
+                s2 = d.square_().sum(-1).double()             # in place: no second temporary
                 c = c[:, 0].double()
                 moments[sl, 0] = nv * c + s1
                 moments[sl, 1] = s2 + 2 * c * s1 + nv * c * c
@@ -159,8 +175,9 @@ class _VocabParallelTopK(torch.autograd.Function):
             cands = torch.cat(pairs)
         else:
             rows = ambiguous.nonzero()[:, 0]                   # one host sync per forward
-            if rows.numel():
-                cand_vals[rows], cand_cols[rows] = _exact_rows(x[rows, :nv].float(), kk)
+            for rs in token_chunks(rows.numel(), lay.v_local, chunk_tokens, dev):
+                r = rows[rs]
+                cand_cols[r] = _lowest_tied_columns(x[r, :nv], cand_vals[r], cand_cols[r])
             cands = torch.full((n_tok, k), _SENTINEL_KEY, dtype=torch.int64, device=dev)
             if kk > 0:
                 cands[:, :kk] = encode_keys(cand_vals, cand_cols + lay.start)
@@ -181,7 +198,11 @@ class _VocabParallelTopK(torch.autograd.Function):
     def backward(ctx, grad_values, _grad_ids):
         lay: ShardLayout = ctx.lay
         nv = lay.n_valid
-        grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        if grad_values is None or nv == 0 or not ctx.standardize:
+            grad = torch.zeros(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+        else:   # every real column is written below: only the padding needs zeroing
+            grad = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device)
+            grad[..., nv:] = 0
         if grad_values is None or nv == 0:                     # a padding-only shard: all zero
             return grad, None, None, None, None, None, None
         grad2 = grad.view(-1, lay.v_local)

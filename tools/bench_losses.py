@@ -1,0 +1,259 @@
+"""Benchmark the fusion losses: time and peak memory of forward+backward, as ratios taken in one run.
+
+Compared on the same logits ``[batch, seq, vocab]`` (TP = 1, one process):
+  mcore_ce        megatron-core ``tensor_parallel.vocab_parallel_cross_entropy`` (the baseline)
+  ce              ``-token_logprobs`` (ours; the trainer's CE)
+  std_topk        ``standardized_topk`` alone (the shared student top-K)
+  uld, gld        each loss on its own (each computes its own top-K)
+  uld+gld         both losses on one shared top-K (how the trainer calls them)
+  fusion          ce + uld + gld on one shared top-K  (vs mcore_ce: PERF target 1, loss part only)
+  naive_uld+gld   a gather-the-full-vocab implementation: fp32 copy of all logits, full z-score
+                  tensor, torch.topk, autograd keeps the full-vocab intermediates
+  naive_fusion    naive CE (fp32 log_softmax) + naive ULD/GLD
+
+Time: best of ``--repeats`` runs after a warm-up (noise from other work on a shared machine only
+adds time), methods interleaved so drift hits all alike.
+Peak memory, CPU: each method runs in a fresh subprocess; the kernel's peak-RSS counter (VmHWM) is
+reset after the inputs exist (``/proc/self/clear_refs``) and read after forward+backward; glibc is
+told to mmap large blocks so freed memory leaves RSS at once. (tracemalloc does not see torch's
+allocations.) GPU: ``torch.cuda.max_memory_allocated`` above the inputs, plus the fraction of HBM
+bandwidth for the bytes a loss must move (read logits in forward and backward, write the gradient).
+Extra memory is also given in fp32 copies of the logits (``N * V * 4`` bytes): PERF target 2.
+
+    .venv/bin/python tools/bench_losses.py                       # CPU defaults, ~1 min
+    python tools/bench_losses.py --vocab 152064 --seq 4096 --dtype bf16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ["mcore_ce", "ce", "std_topk", "uld", "gld", "uld+gld", "fusion", "naive_uld+gld",
+           "naive_fusion"]
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--vocab", type=int, default=32768)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=list(DTYPES), default="bf16")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--chunk-tokens", type=int, default=None)
+    p.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM GB/s (H100 SXM)")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--_memory-of", dest="memory_of", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def setup_megatron():
+    """A world of one with Megatron's TP group, so that vocab_parallel_cross_entropy runs."""
+    from megatron_fusion.parallel import init_distributed, init_student_groups
+
+    init_distributed()
+    init_student_groups(tp=1)
+
+
+def make_inputs(args, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, s, v, k = args.batch, args.seq, args.vocab, args.k
+    logits = (torch.randn(b, s, v, generator=g, dtype=DTYPES[args.dtype]) * 2).to(device)
+    t_vals = torch.sort(torch.randn(b, s, k, generator=g) + 1, -1, descending=True).values
+    t_ids = torch.randint(0, v, (b, s, k), generator=g)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    mask = torch.ones(b, s)
+    mask[:, : s // 4] = 0                       # a prompt: no distillation there
+    return dict(logits=logits, t_vals=t_vals.to(device), t_ids=t_ids.to(device),
+                labels=labels.to(device), mask=mask.to(device))
+
+
+def naive_topk(logits, k, eps=1e-6):
+    """Gather-the-full-vocab reference (at TP=1 the gather is a no-op): full fp32 tensors."""
+    z = logits.float()                                             # fp32 copy of all logits
+    zhat = (z - z.mean(-1, keepdim=True)) / (z.std(-1, unbiased=False, keepdim=True) + eps)
+    return torch.topk(zhat, k, dim=-1)
+
+
+def build(method, inp, args):
+    """Returns a closure that runs forward+backward once on a fresh leaf."""
+    from megatron.core import tensor_parallel
+
+    from megatron_fusion.losses import (gld_from_topk, gld_loss, standardized_topk,
+                                        token_logprobs, uld_from_topk, uld_loss)
+    k, ct = args.k, args.chunk_tokens
+    t_vals, t_ids, labels, mask = inp["t_vals"], inp["t_ids"], inp["labels"], inp["mask"]
+
+    def ours_uld_gld(x, topk):
+        u, _ = uld_loss(None, t_vals, mask, k=k, student_topk=topk)
+        g, _ = gld_loss(None, t_vals, t_ids, mask, k=k, student_topk=topk)
+        return u + g
+
+    def naive_uld_gld(x):
+        vals, ids = naive_topk(x, k)
+        u = (uld_from_topk(vals, t_vals) * mask).sum()
+        return u + gld_from_topk(vals, ids, t_vals, t_ids, mask).sum()
+
+    fns = {
+        "mcore_ce": lambda x: tensor_parallel.vocab_parallel_cross_entropy(
+            x.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()).sum(),
+        "ce": lambda x: -token_logprobs(x, labels, chunk_tokens=ct).sum(),
+        "std_topk": lambda x: standardized_topk(x, k, chunk_tokens=ct)[0].sum(),
+        "uld": lambda x: uld_loss(x, t_vals, mask, k=k, chunk_tokens=ct)[0],
+        "gld": lambda x: gld_loss(x, t_vals, t_ids, mask, k=k, chunk_tokens=ct)[0],
+        "uld+gld": lambda x: ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct)),
+        "fusion": lambda x: (-token_logprobs(x, labels, chunk_tokens=ct).sum()
+                             + ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct))),
+        "naive_uld+gld": naive_uld_gld,
+        "naive_fusion": lambda x: (torch.nn.functional.cross_entropy(
+            x.float().flatten(0, 1), labels.flatten(), reduction="sum") + naive_uld_gld(x)),
+    }
+    fn = fns[method]
+
+    def run():
+        x = inp["logits"].detach().requires_grad_()
+        fn(x).backward()
+        return x.grad
+    return run
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_methods(methods, inp, args, device):
+    runs = {m: build(m, inp, args) for m in methods}
+    for m in methods:                       # warm-up (allocator, lazy init)
+        runs[m]()
+    times = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
+            _sync(device)
+            t0 = time.perf_counter()
+            runs[m]()
+            _sync(device)
+            times[m].append(time.perf_counter() - t0)
+    # best of the repeats: on a shared machine the noise is one-sided (other work only adds time)
+    return {m: min(v) for m, v in times.items()}
+
+
+def _hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def memory_cpu_child(args):
+    """Subprocess body: peak RSS above the inputs for one forward+backward of one method."""
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    setup_megatron()
+    inp = make_inputs(args, torch.device("cpu"))
+    run = build(args.memory_of, inp, args)
+    run()                                    # warm-up: lazy init and code pages are not the loss's
+    base = _rss_mib()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                         # reset the peak-RSS counter to the current RSS
+    grad = run()
+    peak = _hwm_mib()
+    del grad
+    print(json.dumps({"extra_mib": peak - base}))
+
+
+def memory_cpu(methods, args):
+    out = {}
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):   # the child is its own world
+        env.pop(var, None)
+    for m in methods:
+        cmd = [sys.executable, os.path.abspath(__file__), "--vocab", str(args.vocab),
+               "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
+               "--k", str(args.k), "--_memory-of", m]
+        if args.chunk_tokens:
+            cmd += ["--chunk-tokens", str(args.chunk_tokens)]
+        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if res.returncode != 0:
+            raise RuntimeError(f"memory run of {m} failed:\n{res.stderr[-3000:]}")
+        out[m] = json.loads(res.stdout.strip().splitlines()[-1])["extra_mib"]
+    return out
+
+
+def memory_gpu(methods, inp, args, device):
+    out = {}
+    for m in methods:
+        run = build(m, inp, args)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        grad = run()
+        torch.cuda.synchronize()
+        out[m] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del grad
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.memory_of:
+        return memory_cpu_child(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup_megatron()
+    methods = [m for m in args.methods.split(",") if m]
+    inp = make_inputs(args, device)
+    n_tok = args.batch * args.seq
+    shard_fp32_mib = n_tok * args.vocab * 4 / 2**20
+    times = time_methods(methods, inp, args, device)
+    mem = memory_gpu(methods, inp, args, device) if device.type == "cuda" else memory_cpu(methods, args)
+    elt = inp["logits"].element_size()
+    essential_bytes = 3 * n_tok * args.vocab * elt          # read fwd, read bwd, write grad
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# bench_losses: batch={args.batch} seq={args.seq} vocab={args.vocab} dtype={args.dtype} "
+          f"k={args.k} on {where}; torch {torch.__version__}")
+    print(f"# logits {n_tok * args.vocab * elt / 2**20:.1f} MiB; one fp32 copy = {shard_fp32_mib:.1f} MiB")
+    ce_t = times.get("mcore_ce")
+    naive_mem = {"uld+gld": mem.get("naive_uld+gld"), "fusion": mem.get("naive_fusion")}
+    head = "| method | fwd+bwd ms | time / mcore_ce | peak extra MiB | fp32 copies | naive mem / ours |"
+    if device.type == "cuda":
+        head += " HBM fraction |"
+    print(head)
+    print("|" + "---|" * (head.count("|") - 1))
+    rows = {}
+    for m in methods:
+        t, x = times[m], mem[m]
+        ratio_t = f"{t / ce_t:.2f}" if ce_t else "-"
+        nm = naive_mem.get(m)
+        ratio_m = f"{nm / x:.1f}" if nm and x > 0 else "-"
+        line = (f"| {m} | {t * 1e3:.1f} | {ratio_t} | {x:.1f} | {x / shard_fp32_mib:.2f} | "
+                f"{ratio_m} |")
+        if device.type == "cuda":
+            line += f" {essential_bytes / t / (args.hbm_gbps * 1e9):.2f} |"
+        print(line)
+        rows[m] = dict(ms=t * 1e3, time_vs_mcore_ce=t / ce_t if ce_t else None, extra_mib=x,
+                       fp32_copies=x / shard_fp32_mib)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), device=where, rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
