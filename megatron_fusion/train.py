@@ -65,12 +65,12 @@ def collate(items: list[dict]) -> dict:
 
 
 def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, dp: int,
-                      dp_rank: int) -> list[dict]:
+                      dp_rank: int, collate_fn=collate) -> list[dict]:
     """This DP rank's micro-batches of the optimizer step that starts at ``consumed``."""
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch
     per_rank = gb // dp
     idx = order.indices(consumed + dp_rank * per_rank, per_rank)
-    return [collate([dataset[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
+    return [collate_fn([dataset[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
 
 
 def build_tokenizer(cfg: Config):
@@ -292,6 +292,13 @@ def train(cfg: Config, hooks=None) -> dict:
         ckpt.load_checkpoint(cfg.checkpoint.load, model, optimizer, scheduler, layout=layout,
                              load_optimizer=False)
 
+    # A stage whose samples are several sequences (FPO: chosen + rejected) says so; the p2p
+    # shapes of the pipeline schedule are per sequence.
+    seqs_per_micro = cfg.train.micro_batch * getattr(stage, "sequences_per_sample", 1)
+    if hasattr(stage, "setup"):  # e.g. FPO's reference log-prob pass over the data, once
+        stage.setup(model=model, groups=groups, dp=dp, resumed=latest is not None,
+                    forward_step=forward_step)
+
     sink = MetricsSink(run_dir, total_steps=cfg.train.steps, start_step=state.step,
                        wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
                        wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name,
@@ -315,7 +322,8 @@ def train(cfg: Config, hooks=None) -> dict:
     stopped_early = False
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
-        micro = rank_microbatches(train_ds, order, state.consumed, cfg, dp, groups.dp_rank)
+        micro = rank_microbatches(train_ds, order, state.consumed, cfg, dp, groups.dp_rank,
+                                  getattr(stage, "collate", collate))
         stage.prepare_step(micro, groups)
         optimizer.zero_grad()
         for m in model:
@@ -324,7 +332,7 @@ def train(cfg: Config, hooks=None) -> dict:
                      data_iterator=[iter(micro) for _ in model] if len(model) > 1 else iter(micro),
                      model=model if len(model) > 1 else model[0],
                      num_microbatches=len(micro), seq_length=cfg.model.seq_length,
-                     micro_batch_size=cfg.train.micro_batch, forward_only=False)
+                     micro_batch_size=seqs_per_micro, forward_only=False)
         red, stop = _reduce_reports(reports or [], stage.report_keys, groups, _Stop.requested)
         bad = [k for k in stage.report_keys if not math.isfinite(red[k])]
         if bad:
