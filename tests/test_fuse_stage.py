@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from pathlib import Path
+
 from megatron_fusion.testing import run_on_ranks
 from tests import trainer_ranks as tr
 
@@ -59,3 +61,44 @@ def test_fusion_trajectory_matches_tp1(traj, name):
 
 def test_gradient_accumulation_4x1_equals_1x4(traj):
     _close("accum4x1", traj["accum4x1"], traj["accum1x4"])
+
+
+def test_fuse_resume_is_bit_identical(demo_data, fuse_data, tmp_path_factory):
+    import json
+    from pathlib import Path
+
+    import torch
+
+    root = str(tmp_path_factory.mktemp("fuse_resume"))
+    res = run_on_ranks(tr.resume_runs, 2, (demo_data, root, ["parallel.tp=2"],
+                                           tr.fuse_overrides(fuse_data)), timeout_s=600)[0]
+    assert res["resumed_from"] == 3
+
+    def series(path):
+        return {r["step"]: (r["loss/total"], r["loss/uld"], r["loss/gld"])
+                for r in map(json.loads, Path(path).read_text().splitlines()) if "loss/total" in r}
+
+    full, split = series(f"{root}/full/metrics.jsonl"), series(f"{root}/split/metrics.jsonl")
+    assert [full[s] for s in (4, 5, 6)] == [split[s] for s in (4, 5, 6)]
+    assert all(torch.equal(res["full_w"][k], res["split_w"][k]) for k in res["full_w"])
+
+
+def test_topk_from_another_run_fails_before_step_1(demo_data, fuse_data, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fuse_err"))
+    t0, t1 = fuse_data["teachers"]
+    msgs = run_on_ranks(tr.fuse_errors, 1, (demo_data, fuse_data, root, [
+        ("wrong_k", ["fuse.k=5"]),
+        ("wrong_tokenizer", [f"fuse.teachers.0.tokenizer={t1['tokenizer']}"]),
+        ("wrong_dataset", [f"data.train={demo_data['valid_arith']}"]),
+        ("missing_dir", [f"fuse.teachers.1.topk_dir={root}/nowhere"]),
+        ("ok_avgce", ["fuse.weighting=avgCE"]),
+        ("ok_mince", ["fuse.weighting=minCE"]),
+    ]))[0]
+    assert "TeacherDataError" in msgs["wrong_k"] and "k" in msgs["wrong_k"] and ".topk" in msgs["wrong_k"]
+    assert "teacher_tokenizer_hash" in msgs["wrong_tokenizer"] and "teacher tA" in msgs["wrong_tokenizer"]
+    assert "dataset_hash" in msgs["wrong_dataset"]
+    assert "not found" in msgs["missing_dir"] and "teacher tB" in msgs["missing_dir"]
+    for name in ("wrong_k", "wrong_tokenizer", "wrong_dataset", "missing_dir"):
+        assert "\n" not in msgs[name], msgs[name]
+        assert not (Path(root) / name / "checkpoints").exists()  # nothing trained or saved
+    assert msgs["ok_avgce"] is None and msgs["ok_mince"] is None  # CE-weighted fusion trains

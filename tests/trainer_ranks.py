@@ -90,14 +90,14 @@ def make_init(rank, world, data, root, variants):
     return True
 
 
-def resume_runs(rank, world, data, root, layout):
+def resume_runs(rank, world, data, root, layout, extra_overrides=()):
     """Uninterrupted 6 steps vs 3 steps + resume to 6 (same process, same run.dir re-used)."""
     from megatron_fusion.parallel import destroy_student_groups
     from megatron_fusion.train import train
 
     def run(run_dir, steps, extra=()):
         cfg = load_config(None, tiny_overrides(data, run_dir) + layout + [f"train.steps={steps}"]
-                          + list(extra))
+                          + list(extra_overrides) + list(extra))
         s = train(cfg)
         destroy_student_groups()
         return s
@@ -148,3 +148,21 @@ def fuse_layouts(rank, world, data, fuse, root, layouts, steps=5):
             with open(f"{run_dir}/metrics.jsonl") as fh:
                 out[name] = [json.loads(line) for line in fh]
     return out
+
+
+def fuse_errors(rank, world, data, fuse, root, cases):
+    """Each case must fail before step 1; return the one-line messages."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    msgs = {}
+    for name, extra in cases:
+        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + fuse_overrides(fuse)
+                          + ["train.steps=2"] + extra)
+        try:
+            train(cfg)
+            msgs[name] = None
+        except Exception as e:  # the test checks type and text
+            msgs[name] = f"{type(e).__name__}: {e}"
+        destroy_student_groups()
+    return msgs
