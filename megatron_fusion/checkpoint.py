@@ -175,3 +175,34 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, lay
         _set_rng_state(torch.load(rng_file, weights_only=False))
     meta["rng_restored"] = bool(same_layout and rng_file.exists())
     return meta
+
+
+def load_model_weights(path: str | Path, model_chunks) -> dict:
+    """Load only the model weights of a checkpoint (no optimizer, scheduler or RNG) into
+    ``model_chunks`` (plain GPTModel chunks or DDP-wrapped ones); return the checkpoint's meta.
+
+    ``path``: a checkpoint, a ``checkpoints`` root or a run dir (its latest). dist_checkpointing
+    reshards: the chunks may be built under another TP/PP than the run was saved with, as long as
+    the virtual-pipeline chunking (the state-dict keys) and the padded vocab agree. Used for
+    frozen teachers that are megatron-fusion runs.
+    """
+    from megatron.core import dist_checkpointing
+
+    path = resolve_checkpoint(path)
+    meta = json.loads((path / "meta.json").read_text())
+    saved_vpp = meta.get("layout", {}).get("vpp") or 1
+    if saved_vpp != len(model_chunks):
+        raise CheckpointError(f"{path}: saved with {saved_vpp} model chunk(s) (vpp), loading into "
+                              f"{len(model_chunks)}: model chunk keys differ")
+    modules = [getattr(m, "module", m) for m in model_chunks]   # unwrap DDP when wrapped
+    if len(modules) == 1:
+        state = {"model": modules[0].sharded_state_dict()}
+    else:
+        state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
+    try:
+        loaded = dist_checkpointing.load(state, str(path))
+    except Exception as e:  # dist_checkpointing raises many types; name the checkpoint
+        raise CheckpointError(f"{path}: cannot load model weights ({type(e).__name__}: {e})") from e
+    for k, module in zip(list(state), modules):   # insertion order = chunk order
+        module.load_state_dict(loaded[k], strict=True)
+    return meta

@@ -14,13 +14,16 @@ Backends implement ``TeacherBackend``: ``local_logits(input_ids [b, s]) -> [b, s
 rank's vocab shard, padding columns allowed past ``vocab_size``), ``vocab_size`` (true vocab),
 ``tp_group`` (None for a single shard). ``HFTeacherBackend`` (transformers, local dir or GGUF) is
 here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP group (tests,
-and teachers whose logits are small enough to compute whole on each rank).
+and teachers whose logits are small enough to compute whole on each rank);
+``MegatronTeacherBackend`` is a frozen megatron-fusion run (its config.yaml + dist checkpoint),
+rebuilt at the current TP (vocab-sharded logits, resharded weights).
 
 Shards: ``{out_dir}/{teacher}-{index:05d}.topk`` each covering ``samples_per_shard`` consecutive
 dataset items. A finished shard (valid file with the expected header) is skipped on restart, so a
 killed run continues where it stopped and produces byte-identical files (nothing time- or
 order-dependent goes into a shard). In a TP group every rank computes, TP rank 0 writes.
-CLI: ``tools/precompute_teacher_topk.py``.
+CLI: ``tools/precompute_teacher_topk.py`` (``--backend megatron --checkpoint RUN_DIR`` under
+``torchrun --nproc-per-node TP`` for a megatron-fusion teacher).
 """
 
 from __future__ import annotations
@@ -99,6 +102,94 @@ class VocabShardedBackend:
         return out
 
 
+class MegatronTeacherBackend:
+    """A frozen teacher that is a megatron-fusion run: GPTModel from its ``config.yaml``, weights
+    from its dist checkpoint (resharded to this TP), eval mode, no grad.
+
+    ``run_dir_or_checkpoint``: a run dir (its latest checkpoint), its ``checkpoints`` root or one
+    ``iter_*`` checkpoint (the config is looked up in the run dir above it). Megatron's model-parallel
+    state must be initialised (``init_student_groups(tp=...)``) with pipeline size 1; the model is
+    built at that TP, and ``tp_group`` (default: that TP group) must be it. The embedding keeps the
+    padded vocab the run was saved with, so any TP that divides it loads.
+    """
+
+    def __init__(self, run_dir_or_checkpoint: str | Path, tp_group=None):
+        import dataclasses
+        import json
+
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        from megatron_fusion.checkpoint import load_model_weights, resolve_checkpoint
+        from megatron_fusion.config import load_config
+        from megatron_fusion.model import build_model
+
+        src = Path(run_dir_or_checkpoint)
+        ckpt = resolve_checkpoint(src)
+        cfg_path = next((c for c in (src / "config.yaml", ckpt.parent.parent / "config.yaml")
+                         if c.is_file()), None)
+        if cfg_path is None:
+            raise FileNotFoundError(f"{src}: no config.yaml of the run (looked in {src} and "
+                                    f"{ckpt.parent.parent})")
+        if not ps.model_parallel_is_initialized():
+            raise RuntimeError("MegatronTeacherBackend: Megatron's parallel state is not initialised; "
+                               "call megatron_fusion.parallel.init_student_groups(tp=...) first")
+        if ps.get_pipeline_model_parallel_world_size() != 1:
+            raise ValueError(f"MegatronTeacherBackend: a teacher runs with pipeline size 1, the "
+                             f"parallel state has pp={ps.get_pipeline_model_parallel_world_size()}; "
+                             f"init_student_groups(tp=..., pp=1) for the teacher")
+        group = ps.get_tensor_model_parallel_group()
+        if tp_group is not None and (dist.get_process_group_ranks(tp_group)
+                                     != dist.get_process_group_ranks(group)):
+            raise ValueError("MegatronTeacherBackend: tp_group must be Megatron's tensor-parallel "
+                             "group (the model's layers communicate over it)")
+        tp = ps.get_tensor_model_parallel_world_size()
+        cfg = load_config(cfg_path)
+        if cfg.model.vocab_size <= 0:
+            raise ValueError(f"{cfg_path}: model.vocab_size is {cfg.model.vocab_size}; a run's "
+                             "config.yaml (written by the trainer) has the true vocab size")
+        meta = json.loads((ckpt / "meta.json").read_text())
+        saved_tp = int(meta.get("layout", {}).get("tp", cfg.parallel.tp))
+        padded = cfg.model.padded_vocab_size(saved_tp)    # the embedding's global rows on disk
+        if padded % tp:
+            raise ValueError(f"{ckpt}: padded vocab {padded} (saved at tp={saved_tp}) is not "
+                             f"divisible by the teacher's tp={tp}")
+        # inference layout: this TP, one stage, no SP / recompute
+        cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=1, vpp=None,
+                                           sequence_parallel=False)
+        cfg.train.recompute = None
+        cuda = torch.cuda.is_available()
+        # The init is overwritten by the checkpoint; keep the caller's RNG streams untouched.
+        # Megatron's TP RNG tracker must hold its streams (forward forks them even without
+        # dropout): seeded here when the caller has not, restored when it has.
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+            tracker = tensor_parallel.get_cuda_rng_tracker()
+            saved_states = tracker.get_states() if tracker.is_initialized() else None
+            tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+            chunks = build_model(cfg, vocab_size=padded, pp_rank=0, pp_size=1)
+            if saved_states is not None:
+                tracker.set_states(saved_states)
+        self.meta = load_model_weights(ckpt, chunks)
+        self.model = chunks[0].eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.cfg, self.checkpoint, self.config_path = cfg, ckpt, cfg_path
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.vocab_size = int(cfg.model.vocab_size)
+        self.padded_vocab_size = padded
+        self.v_local = padded // tp
+        self.tp_group = group                                       # size 1 at TP1: no collectives
+
+    @torch.no_grad()
+    def local_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [b, T] -> [b, T, v_local] float32 (causal; positions 0..T-1)."""
+        ids = input_ids.to(self.device)
+        b, T = ids.shape
+        pos = torch.arange(T, device=self.device).unsqueeze(0).expand(b, T)
+        return self.model(ids, pos, None).float()                 # [b, T, v/tp]
+
+
 @dataclass
 class SampleTopK:
     """One sample's teacher top-K at pivot positions."""
@@ -114,10 +205,15 @@ class SampleTopK:
 
 
 def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
-                   max_teacher_len: int | None = None, *, with_response: bool = False):
+                   max_teacher_len: int | None = None, *, with_labels: bool = False):
     """Teacher ids/offsets for a pivot sample, cut where they stop mattering (causal model):
     after the last pivot position's context end, or at ``max_teacher_len``.
-    ``with_response``: also return the teacher tokens' response flags (same cut)."""
+
+    ``with_labels``: also return the teacher's next-token labels and their response flags,
+    ``labels[j] = ids[j + 1]`` for the n inputs (n - 1 of them, or n when the teacher token after
+    the cut still ends inside the text the pivot's labels cover). The teacher CE is taken over
+    the labels flagged as response: the gold response as far as the pivot's window reaches.
+    """
     ids, offs, is_resp, _ = encode_segments(teacher_tokenizer, sample.segments)
     c_max = int(sample.offsets[pivot_positions - 1][1]) if pivot_positions else 0
     n = 0
@@ -125,9 +221,13 @@ def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
         n += 1
     if max_teacher_len is not None:
         n = min(n, max_teacher_len)
-    if with_response:
-        return ids[:n], offs[:n], is_resp[:n]
-    return ids[:n], offs[:n]
+    if not with_labels:
+        return ids[:n], offs[:n]
+    # the pivot's last label is token P (when the sample goes on past its P positions)
+    l_max = (int(sample.offsets[pivot_positions][1]) if pivot_positions < len(sample.ids)
+             else c_max)
+    m = n + 1 if 0 < n < len(ids) and offs[n][1] <= l_max else n
+    return ids[:n], offs[:n], ids[1:m], is_resp[1:m]
 
 
 def align_sample(sample, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, pivot_positions: int,
@@ -152,19 +252,20 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
     prepared = []
     for s in samples:
         P = min(len(s.ids), seq_len)                       # pivot positions (tokens) of the sample
-        t_ids, t_offs, t_resp = teacher_inputs(s, teacher_tokenizer, P, max_teacher_len,
-                                               with_response=True)
+        t_ids, t_offs, t_labels, t_resp = teacher_inputs(s, teacher_tokenizer, P, max_teacher_len,
+                                                         with_labels=True)
         align = align_sample(s, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, P, alignment)
-        prepared.append((s, P, t_ids, t_resp, align))
+        prepared.append((s, P, t_ids, (t_labels, t_resp), align))
     b, T = len(prepared), max(1, max(len(p[2]) for p in prepared))
     pad = teacher_tokenizer.pad_id if teacher_tokenizer.pad_id is not None else (
         teacher_tokenizer.eos_id or 0)
     batch = torch.full((b, T), pad, dtype=torch.long)               # [b, T], right padding
+    labels = torch.full((b, T), pad, dtype=torch.long)              # [b, T]: teacher token j+1
     ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # position j predicts a response token
-    for r, (_, _, t_ids, t_resp, _) in enumerate(prepared):
+    for r, (_, _, t_ids, (t_labels, t_resp), _) in enumerate(prepared):
         batch[r, :len(t_ids)] = torch.as_tensor(t_ids, dtype=torch.long)
-        ce_mask[r, :max(0, len(t_ids) - 1)] = torch.as_tensor(t_resp[1:], dtype=torch.bool)
-    labels = torch.cat([batch[:, 1:], batch[:, -1:]], dim=1)        # [b, T]: token j+1 (last: unused)
+        labels[r, :len(t_labels)] = torch.as_tensor(t_labels, dtype=torch.long)
+        ce_mask[r, :len(t_resp)] = torch.as_tensor(t_resp, dtype=torch.bool)
     with torch.no_grad():
         logits = backend.local_logits(batch)                        # [b, T, v/tp]
         values, ids = standardized_topk(logits, k, eps=eps, vocab_size=backend.vocab_size,
@@ -296,12 +397,17 @@ def expected_header(dataset: SFTDataset, teacher: str, teacher_tokenizer, k: int
             "dataset_hash": dataset.dataset_hash, "dtype": dtype}
 
 
-__all__ = ["TeacherBackend", "HFTeacherBackend", "VocabShardedBackend", "precompute_teacher_topk",
+__all__ = ["TeacherBackend", "HFTeacherBackend", "VocabShardedBackend", "MegatronTeacherBackend",
+           "precompute_teacher_topk",
            "compute_batch_topk", "expected_header", "shard_path", "aligned_fraction"]
 
 
 def cli_main(argv=None) -> dict:
-    """``tools/precompute_teacher_topk.py``: one teacher over one SFT file (see --help)."""
+    """``tools/precompute_teacher_topk.py``: one teacher over one SFT file (see --help).
+
+    ``--backend megatron``: run under ``torchrun --nproc-per-node TP`` (or plain python for TP1);
+    all ranks form one teacher TP group, rank 0 writes and prints the summary.
+    """
     import argparse
     import json
 
@@ -311,10 +417,16 @@ def cli_main(argv=None) -> dict:
                                  "pivot's response positions (SPEC §6 shards).")
     ap.add_argument("--data", required=True, help="SFT JSONL (prompt/response or messages)")
     ap.add_argument("--pivot-tokenizer", required=True, help="pivot tokenizer (.model, dir, .gguf)")
-    ap.add_argument("--teacher-model", required=True, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
+                    help="hf: a transformers model (--teacher-model); megatron: a megatron-fusion "
+                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
+    ap.add_argument("--teacher-model", default=None, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
     ap.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher-model")
     ap.add_argument("--teacher-tokenizer", default=None,
-                    help="teacher tokenizer (default: the model directory / its GGUF)")
+                    help="teacher tokenizer (default: the model directory / its GGUF; for "
+                    "--backend megatron the run's data.tokenizer)")
     ap.add_argument("--teacher-name", required=True, help="teacher name as in the fusion config")
     ap.add_argument("--out", required=True, help="output directory for the shards")
     ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
@@ -334,18 +446,46 @@ def cli_main(argv=None) -> dict:
 
     from pathlib import Path as _P
 
-    model_dir = _P(args.teacher_model)
-    tok_spec = args.teacher_tokenizer or (model_dir / args.gguf_file if args.gguf_file else model_dir)
-    teacher_tok = load_tokenizer(tok_spec, name=args.teacher_name)
-    ds = SFTDataset(args.data, load_tokenizer(args.pivot_tokenizer), args.seq_len,
-                    cache_dir=args.cache_dir, overflow=args.overflow, empty=args.empty)
-    backend = HFTeacherBackend(model_dir, gguf_file=args.gguf_file)
-    summary = precompute_teacher_topk(
-        ds, teacher_tok, backend, args.out, teacher=args.teacher_name, k=args.k,
-        alignment=args.alignment, eps=args.eps, dtype=args.dtype,
-        samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
-        max_teacher_len=args.max_teacher_len, threshold=args.threshold,
-        progress=not args.no_progress)
-    summary["dataset_stats"] = ds.stats.as_dict()
-    print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    write, own_dist = True, False
+    if args.backend == "hf":
+        if not args.teacher_model:
+            ap.error("--backend hf needs --teacher-model")
+        model_dir = _P(args.teacher_model)
+        tok_spec = args.teacher_tokenizer or (model_dir / args.gguf_file if args.gguf_file
+                                              else model_dir)
+        backend = HFTeacherBackend(model_dir, gguf_file=args.gguf_file)
+    else:
+        if not args.checkpoint:
+            ap.error("--backend megatron needs --checkpoint RUN_DIR")
+        import torch.distributed as dist
+
+        from megatron_fusion.parallel import init_distributed, init_student_groups
+
+        own_dist = not dist.is_initialized()
+        init_distributed()
+        init_student_groups(tp=dist.get_world_size())       # every rank: one teacher TP group
+        write = dist.get_rank() == 0
+        backend = MegatronTeacherBackend(args.checkpoint)
+        tok_spec = args.teacher_tokenizer or backend.cfg.data.tokenizer
+    try:
+        teacher_tok = load_tokenizer(tok_spec, name=args.teacher_name)
+        ds = SFTDataset(args.data, load_tokenizer(args.pivot_tokenizer), args.seq_len,
+                        cache_dir=args.cache_dir, overflow=args.overflow, empty=args.empty)
+        summary = precompute_teacher_topk(
+            ds, teacher_tok, backend, args.out, teacher=args.teacher_name, k=args.k,
+            alignment=args.alignment, eps=args.eps, dtype=args.dtype,
+            samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+            max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
+            progress=not args.no_progress)
+        summary["dataset_stats"] = ds.stats.as_dict()
+        if write:
+            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    finally:
+        if own_dist:
+            import torch.distributed as dist
+
+            from megatron_fusion.parallel import destroy_student_groups
+
+            destroy_student_groups()
+            dist.destroy_process_group()
     return summary

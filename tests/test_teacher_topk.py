@@ -65,15 +65,17 @@ def test_stored_topk_equals_full_logits(setup):
     for i in range(len(ds)):
         smp = ds.sample(i)
         P = min(len(smp.ids), SEQ)
-        t_ids, t_offs, t_resp = teacher_inputs(smp, s["teacher_tok"], P, with_response=True)
+        t_ids, t_offs, t_labels, t_resp = teacher_inputs(smp, s["teacher_tok"], P,
+                                                         with_labels=True)
         with torch.no_grad():
             z = model(torch.tensor([t_ids])).logits.float()           # [1, T, v]
         # teacher CE: position j predicts token j+1, counted where token j+1 is a response token
         lsm = torch.log_softmax(z[0].double(), -1)                    # [T, v]
-        js = [j for j in range(len(t_ids) - 1) if t_resp[j + 1]]
-        ref_ce = -sum(lsm[j, t_ids[j + 1]].item() for j in js) / len(js)
-        assert reader.teacher_ce_tokens([smp.sample_id]).tolist() == [len(js)]
-        assert len(js) == sum(t_resp[1:]) > 0
+        assert t_labels == t_ids[1:len(t_labels) + 1] and len(t_labels) in (len(t_ids) - 1,
+                                                                            len(t_ids))
+        js = [j for j in range(len(t_labels)) if t_resp[j]]
+        ref_ce = -sum(lsm[j, t_labels[j]].item() for j in js) / len(js)
+        assert reader.teacher_ce_tokens([smp.sample_id]).tolist() == [len(js)] and js
         assert abs(reader.teacher_ce([smp.sample_id]).item() - ref_ce) <= 1e-5 * abs(ref_ce)
         ref_v, ref_i = standardized_topk(z, 10, vocab_size=z.shape[-1])
         # plain formula as well: population z-score over the full vocab, then top-K

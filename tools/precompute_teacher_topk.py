@@ -3,6 +3,12 @@
     python tools/precompute_teacher_topk.py --data sft.jsonl --pivot-tokenizer pivot/ \
         --teacher-model teacher/ --teacher-name t0 --out runs/topk/t0 --seq-len 2048
 
+A teacher that is a megatron-fusion run (config.yaml + checkpoint), tensor-parallel over the ranks:
+
+    torchrun --nproc-per-node 2 tools/precompute_teacher_topk.py --backend megatron \
+        --checkpoint runs/teacher_run --data sft.jsonl --pivot-tokenizer pivot/ \
+        --teacher-name t1 --out runs/topk/t1 --seq-len 2048
+
 Resumable: re-run the same command after a kill; finished shards are skipped. Logic and the
 backend interface live in megatron_fusion/teacher_topk.py.
 """
