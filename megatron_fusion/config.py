@@ -311,8 +311,17 @@ class FPOConfig:
     """How source log-probs are fused."""
     sources_logprobs: list[str] = field(default_factory=list)
     """Offline source log-prob files (tools/precompute_source_logprobs.py), one per source."""
+    source_tokenizers: list[str] = field(default_factory=list)
+    """The sources' own tokenizers, in the order of sources_logprobs; each file's
+    source_tokenizer_hash is checked against it before step 1. Empty = take each source's
+    tokenizer from fuse.teachers by the name in the file's header (unchecked when none)."""
     ref_logprobs: Optional[str] = None
-    """Pivot reference log-probs (computed before training when missing)."""
+    """Pivot reference log-prob file. None = <run.dir>/ref_logprobs/pivot_ref.logp, computed by a
+    forward-only pass over the training pairs before step 1 and read back on resume; a given
+    path is read when it exists, else computed and written there."""
+    valid_preference: Optional[str] = None
+    """Held-out preference JSONL: eval/pref_accuracy (fraction of pairs with
+    ℓ_θ(chosen) > ℓ_θ(rejected)) before and after training, and every train.eval_interval."""
 
     def __post_init__(self):
         _check(self.beta > 0, "fpo.beta", "must be > 0")

@@ -22,4 +22,7 @@ def user_facing(e: BaseException) -> bool:
     from megatron_fusion.stages.fuse import TeacherDataError
 
     kinds.append(TeacherDataError)
+    from megatron_fusion.stages.fpo import SourceLogprobError
+
+    kinds.append(SourceLogprobError)
     return isinstance(e, tuple(kinds))

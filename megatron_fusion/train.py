@@ -221,6 +221,8 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
         red, _ = _reduce_reports(reports or [], ["loss/ce"], groups, False)
         out[f"eval/{name}/ce"] = red["loss/ce"]
         out[f"eval/{name}/ppl"] = math.exp(min(red["loss/ce"], 50.0))
+    if hasattr(stage, "evaluate"):  # a stage's own held-out metrics (FPO: preference accuracy)
+        out.update(stage.evaluate(chunks))
     return out
 
 
@@ -312,11 +314,12 @@ def train(cfg: Config, hooks=None) -> dict:
     extra = lambda: {"consumed": state.consumed, "layout": layout,  # noqa: E731
                      "global_batch": cfg.train.global_batch}
     summary: dict = {"start_step": state.step}
-    eval_before = evaluate(cfg, model, stage, valid, groups, dp) if valid else {}
+    has_eval = bool(valid) or hasattr(stage, "evaluate")
+    eval_before = evaluate(cfg, model, stage, valid, groups, dp) if has_eval else {}
     if eval_before:
         sink.log(state.step, eval_before)
     summary["eval_before"] = eval_before
-    tokens_per_step = cfg.train.global_batch * cfg.model.seq_length
+    tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * getattr(stage, "sequences_per_sample", 1)
     t_start = time.perf_counter()
     steps_run = 0
     stopped_early = False
@@ -353,7 +356,7 @@ def train(cfg: Config, hooks=None) -> dict:
         metrics.update({"lr": optimizer.param_groups[0]["lr"], "perf/step_s": dt,
                         "perf/tokens_per_s": tokens_per_step / dt})
         metrics.update(getattr(stage, "step_metrics", lambda: {})())
-        if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0 and valid:
+        if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0 and has_eval:
             metrics.update(evaluate(cfg, model, stage, valid, groups, dp))
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps:
             sink.log(state.step, metrics)
@@ -371,7 +374,7 @@ def train(cfg: Config, hooks=None) -> dict:
     if final is None or not final.name.endswith(f"{state.step:07d}"):
         final = ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler,
                                      extra=extra(), keep=cfg.checkpoint.keep)
-    eval_after = evaluate(cfg, model, stage, valid, groups, dp) if valid else {}
+    eval_after = evaluate(cfg, model, stage, valid, groups, dp) if has_eval else {}
     if eval_after:
         sink.log(state.step, eval_after)
     summary.update(step=state.step, steps_run=steps_run, elapsed_s=elapsed,

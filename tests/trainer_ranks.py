@@ -166,3 +166,58 @@ def fuse_errors(rank, world, data, fuse, root, cases):
             msgs[name] = f"{type(e).__name__}: {e}"
         destroy_student_groups()
     return msgs
+
+
+def fpo_overrides(fpo: dict) -> list[str]:
+    import json
+
+    return ["stage=fpo", f"data.train={fpo['train']}",
+            "fpo.sources_logprobs=" + json.dumps(fpo["sources"]),
+            "fpo.source_tokenizers=" + json.dumps(fpo["source_tokenizers"]),
+            "fpo.fusion=max_margin", "fpo.beta=2.5", "fpo.ref_offset=1.0"]
+
+
+def fpo_layouts(rank, world, data, fpo, root, layouts, steps=5, init=False):
+    """(Optionally write the shared init first, then) train ``steps`` FPO steps from it under
+    each layout; return each run's metrics.jsonl records (rank 0). A layout whose extra
+    overrides contain ``"resume:N"`` first runs N steps, then resumes to ``steps``."""
+    import json
+
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    if init:
+        make_init(rank, world, data, root, [("init", [])])
+    out = {}
+    for name, extra in layouts:
+        run_dir = f"{root}/{name}"
+        split = [int(e[7:]) for e in extra if e.startswith("resume:")]
+        extra = [e for e in extra if not e.startswith("resume:")]
+        for n in split + [steps]:
+            cfg = load_config(None, tiny_overrides(data, run_dir) + fpo_overrides(fpo)
+                              + [f"train.steps={n}", f"checkpoint.load={root}/init"] + extra)
+            summary = train(cfg)
+            destroy_student_groups()
+        dist.barrier()
+        if rank == 0:
+            with open(f"{run_dir}/metrics.jsonl") as fh:
+                out[name] = {"metrics": [json.loads(line) for line in fh], "summary": summary}
+    return out
+
+
+def fpo_errors(rank, world, data, fpo, root, cases):
+    """Each case must fail before step 1; return the messages (None = it trained)."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    msgs = {}
+    for name, extra in cases:
+        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + fpo_overrides(fpo)
+                          + ["train.steps=1"] + extra)
+        try:
+            train(cfg)
+            msgs[name] = None
+        except Exception as e:  # the test checks type and text
+            msgs[name] = f"{type(e).__name__}: {e}"
+        destroy_student_groups()
+    return msgs
