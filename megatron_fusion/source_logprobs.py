@@ -111,7 +111,12 @@ def cli_main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
                                  "source model and its own tokenizer (FPO, SPEC §5).")
     ap.add_argument("--data", required=True, help="preference JSONL (prompt/chosen/rejected)")
-    ap.add_argument("--source-model", required=True, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
+                    help="hf: a transformers model (--source-model); megatron: a megatron-fusion "
+                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
+    ap.add_argument("--source-model", default=None, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--source-tokenizer", default=None, help="default: the model dir / its GGUF")
     ap.add_argument("--source-name", required=True)
@@ -125,14 +130,44 @@ def cli_main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    model_dir = Path(args.source_model)
-    tok_spec = args.source_tokenizer or (model_dir / args.gguf_file if args.gguf_file else model_dir)
-    ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
-                           args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
-                           empty=args.empty)
-    summary = precompute_source_logprobs(
-        ds, HFTeacherBackend(model_dir, gguf_file=args.gguf_file), args.out,
-        source=args.source_name, samples_per_shard=args.samples_per_shard,
-        batch_size=args.batch_size, progress=not args.no_progress)
-    print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    write, own_dist = True, False
+    if args.backend == "hf":
+        if not args.source_model:
+            ap.error("--backend hf needs --source-model")
+        model_dir = Path(args.source_model)
+        tok_spec = args.source_tokenizer or (model_dir / args.gguf_file if args.gguf_file
+                                             else model_dir)
+        backend = HFTeacherBackend(model_dir, gguf_file=args.gguf_file)
+    else:
+        if not args.checkpoint:
+            ap.error("--backend megatron needs --checkpoint RUN_DIR")
+        import torch.distributed as dist
+
+        from megatron_fusion.parallel import init_distributed, init_student_groups
+        from megatron_fusion.teacher_topk import MegatronTeacherBackend
+
+        own_dist = not dist.is_initialized()
+        init_distributed()
+        init_student_groups(tp=dist.get_world_size())       # every rank: one source TP group
+        write = dist.get_rank() == 0
+        backend = MegatronTeacherBackend(args.checkpoint)
+        tok_spec = args.source_tokenizer or backend.cfg.data.tokenizer
+    try:
+        ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
+                               args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
+                               empty=args.empty)
+        summary = precompute_source_logprobs(
+            ds, backend, args.out, source=args.source_name,
+            samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
+            progress=write and not args.no_progress)
+        if write:
+            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    finally:
+        if own_dist:
+            import torch.distributed as dist
+
+            from megatron_fusion.parallel import destroy_student_groups
+
+            destroy_student_groups()
+            dist.destroy_process_group()
     return summary
