@@ -13,9 +13,9 @@ Compared on the same logits ``[batch, seq, vocab]`` (TP = 1, one process):
 
 Time: best of ``--repeats`` runs after a warm-up (noise from other work on a shared machine only
 adds time), methods interleaved so drift hits all alike.
-Peak memory, CPU: each method runs in a fresh subprocess; the kernel's peak-RSS counter (VmHWM) is
-reset after the inputs exist (``/proc/self/clear_refs``) and read after forward+backward; glibc is
-told to mmap large blocks so freed memory leaves RSS at once. (tracemalloc does not see torch's
+Peak memory, CPU: a fresh subprocess warms every method up, then for each one resets the kernel's
+peak-RSS counter (VmHWM, via ``/proc/self/clear_refs``), runs forward+backward and reads the peak
+above the RSS before it; glibc is told to mmap large blocks so freed memory leaves RSS at once. (tracemalloc does not see torch's
 allocations.) GPU: ``torch.cuda.max_memory_allocated`` above the inputs, plus the fraction of HBM
 bandwidth for the bytes a loss must move (read logits in forward and backward, write the gradient).
 Extra memory is also given in fp32 copies of the logits (``N * V * 4`` bytes): PERF target 2.
@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk-tokens", type=int, default=None)
     p.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM GB/s (H100 SXM)")
     p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads (1: steadier ratios on a shared machine)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--_memory-of", dest="memory_of", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -85,13 +87,15 @@ def naive_topk(logits, k, eps=1e-6):
 
 
 def build(method, inp, args):
-    """Returns a closure that runs forward+backward once on a fresh leaf."""
+    """Returns ``(prepare, run)``: ``run`` does forward+backward once on a fresh leaf; ``prepare``
+    (untimed) restores what a method may have overwritten."""
     from megatron.core import tensor_parallel
 
     from megatron_fusion.losses import (gld_from_topk, gld_loss, standardized_topk,
                                         token_logprobs, uld_from_topk, uld_loss)
     k, ct = args.k, args.chunk_tokens
     t_vals, t_ids, labels, mask = inp["t_vals"], inp["t_ids"], inp["labels"], inp["mask"]
+    labels_sb = labels.transpose(0, 1).contiguous()
 
     def ours_uld_gld(x, topk):
         u, _ = uld_loss(None, t_vals, mask, k=k, student_topk=topk)
@@ -104,8 +108,12 @@ def build(method, inp, args):
         return u + gld_from_topk(vals, ids, t_vals, t_ids, mask).sum()
 
     fns = {
+        # Megatron's CE takes [s, b, v] and works IN PLACE on its input (for fp32 logits the
+        # input's storage becomes the softmax and then the gradient): it gets its own copy,
+        # refreshed outside the timed region, so it neither clobbers the shared logits nor pays
+        # for a copy it would not make in training
         "mcore_ce": lambda x: tensor_parallel.vocab_parallel_cross_entropy(
-            x.transpose(0, 1).contiguous(), labels.transpose(0, 1).contiguous()).sum(),
+            x, labels_sb).sum(),
         "ce": lambda x: -token_logprobs(x, labels, chunk_tokens=ct).sum(),
         "std_topk": lambda x: standardized_topk(x, k, chunk_tokens=ct)[0].sum(),
         "uld": lambda x: uld_loss(x, t_vals, mask, k=k, chunk_tokens=ct)[0],
@@ -118,12 +126,23 @@ def build(method, inp, args):
             x.float().flatten(0, 1), labels.flatten(), reduction="sum") + naive_uld_gld(x)),
     }
     fn = fns[method]
+    if method == "mcore_ce":
+        own = inp["logits"].transpose(0, 1).contiguous().clone()          # [s, b, v]
+
+        def prepare():
+            own.copy_(inp["logits"].transpose(0, 1))
+
+        def run():
+            x = own.detach().requires_grad_()
+            fn(x).backward()
+            return x.grad
+        return prepare, run
 
     def run():
         x = inp["logits"].detach().requires_grad_()
         fn(x).backward()
         return x.grad
-    return run
+    return (lambda: None), run
 
 
 def _sync(device):
@@ -134,13 +153,16 @@ def _sync(device):
 def time_methods(methods, inp, args, device):
     runs = {m: build(m, inp, args) for m in methods}
     for m in methods:                       # warm-up (allocator, lazy init)
-        runs[m]()
+        runs[m][0]()
+        runs[m][1]()
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
         for m in methods:
+            prepare, run = runs[m]
+            prepare()
             _sync(device)
             t0 = time.perf_counter()
-            runs[m]()
+            run()
             _sync(device)
             times[m].append(time.perf_counter() - t0)
     # best of the repeats: on a shared machine the noise is one-sided (other work only adds time)
@@ -164,43 +186,48 @@ def _rss_mib() -> float:
 
 
 def memory_cpu_child(args):
-    """Subprocess body: peak RSS above the inputs for one forward+backward of one method."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    """Subprocess body: peak RSS above the inputs for one forward+backward of each method."""
     setup_megatron()
     inp = make_inputs(args, torch.device("cpu"))
-    run = build(args.memory_of, inp, args)
-    run()                                    # warm-up: lazy init and code pages are not the loss's
-    base = _rss_mib()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")                         # reset the peak-RSS counter to the current RSS
-    grad = run()
-    peak = _hwm_mib()
-    del grad
-    print(json.dumps({"extra_mib": peak - base}))
+    methods = args.memory_of.split(",")
+    runs = {m: build(m, inp, args) for m in methods}
+    for m in methods:                        # warm-up: lazy init and code pages are not the loss's
+        runs[m][0]()
+        runs[m][1]()
+    out = {}
+    for m in methods:
+        runs[m][0]()
+        base = _rss_mib()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                     # reset the peak-RSS counter to the current RSS
+        grad = runs[m][1]()
+        out[m] = _hwm_mib() - base
+        del grad
+    print(json.dumps(out))
 
 
 def memory_cpu(methods, args):
-    out = {}
+    """One fresh process measures every method in turn. glibc is told to mmap blocks above 64 KiB
+    and to trim at once, so memory freed by one method leaves RSS before the next is measured."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):   # the child is its own world
         env.pop(var, None)
-    for m in methods:
-        cmd = [sys.executable, os.path.abspath(__file__), "--vocab", str(args.vocab),
-               "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
-               "--k", str(args.k), "--_memory-of", m]
-        if args.chunk_tokens:
-            cmd += ["--chunk-tokens", str(args.chunk_tokens)]
-        res = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if res.returncode != 0:
-            raise RuntimeError(f"memory run of {m} failed:\n{res.stderr[-3000:]}")
-        out[m] = json.loads(res.stdout.strip().splitlines()[-1])["extra_mib"]
-    return out
+    cmd = [sys.executable, os.path.abspath(__file__), "--vocab", str(args.vocab),
+           "--seq", str(args.seq), "--batch", str(args.batch), "--dtype", args.dtype,
+           "--k", str(args.k), "--_memory-of", ",".join(methods)]
+    if args.chunk_tokens:
+        cmd += ["--chunk-tokens", str(args.chunk_tokens)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"memory run failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def memory_gpu(methods, inp, args, device):
     out = {}
     for m in methods:
-        run = build(m, inp, args)
+        prepare, run = build(m, inp, args)
+        prepare()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         base = torch.cuda.memory_allocated()
@@ -217,6 +244,8 @@ def main(argv=None):
     if args.memory_of:
         return memory_cpu_child(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
     setup_megatron()
     methods = [m for m in args.methods.split(",") if m]
     inp = make_inputs(args, device)

@@ -1,8 +1,22 @@
 """Fusion losses over the student's vocab-parallel logits (SPEC §2-§5).
 
 Every function takes this TP rank's logits shard ``[b, s, v_local]`` (Megatron's VocabUtility
-layout, padded vocab) plus ``vocab_size`` (true size) and an explicit ``tp_group``; with
-``tp_group=None`` it is the single-process reference. Losses return ``(sum, count)``.
+layout: rank r holds global ids ``[r * v_local, (r + 1) * v_local)``, the vocabulary padded to a
+multiple of ``tp * 128``) plus ``vocab_size`` (the TRUE tokenizer size: padded columns never enter a
+top-K, a mean or a softmax and get zero gradient) and an explicit ``tp_group``; with
+``tp_group=None`` the shard is the whole vocabulary and nothing is communicated (the serial
+reference). Losses return ``(sum, count)``: normalise once, across micro-batches and DP ranks.
+
+Typical fusion-stage use on the last pipeline stage (GPTModel returns ``[b, s, v_local]``)::
+
+    topk = standardized_topk(logits, k, vocab_size=V, tp_group=groups.tp)   # shared, one all-gather
+    ce = -token_logprobs(logits, labels, vocab_size=V, tp_group=groups.tp)  # == Megatron's CE
+    uld_sum, n_pos = uld_loss(None, t_vals, aligned_mask, k=k, student_topk=topk)
+    gld_sum, n_seq = gld_loss(None, t_vals, t_ids, aligned_mask, k=k, student_topk=topk)
+
+Replicated outputs: values, ids and losses are identical on every TP rank, and each rank's
+backward fills only its own columns, so no extra TP reduction of the loss is needed (as with
+Megatron's vocab-parallel cross entropy).
 """
 
 from megatron_fusion.losses.fpo import clip_to_reference, fpo_loss
