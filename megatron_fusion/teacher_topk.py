@@ -8,7 +8,8 @@ placed at the pivot positions (``megatron_fusion.align``). Only pivot positions 
 response token are kept (``aligned_mask`` = aligned AND response). The same forward pass gives
 each sample's teacher cross-entropy on the gold response over the teacher's *own* tokens
 (``token_logprobs``, vocab-parallel): position j predicting token j+1 counts when token j+1 is a
-response token of the teacher's encoding; stored per sample for the minCE / avgCE weights.
+response token of the teacher's encoding and ends inside the text the pivot's labels cover (a
+truncated pivot sample limits it); stored per sample for the minCE / avgCE weights.
 
 Backends implement ``TeacherBackend``: ``local_logits(input_ids [b, s]) -> [b, s, v_local]`` (this
 rank's vocab shard, padding columns allowed past ``vocab_size``), ``vocab_size`` (true vocab),
@@ -107,10 +108,10 @@ class MegatronTeacherBackend:
     from its dist checkpoint (resharded to this TP), eval mode, no grad.
 
     ``run_dir_or_checkpoint``: a run dir (its latest checkpoint), its ``checkpoints`` root or one
-    ``iter_*`` checkpoint (the config is looked up in the run dir above it). Megatron's model-parallel
-    state must be initialised (``init_student_groups(tp=...)``) with pipeline size 1; the model is
-    built at that TP, and ``tp_group`` (default: that TP group) must be it. The embedding keeps the
-    padded vocab the run was saved with, so any TP that divides it loads.
+    ``iter_*`` checkpoint (the config is looked up in the run dir above it). Megatron's
+    model-parallel state must be initialised (``init_student_groups(tp=...)``) with pipeline
+    size 1; the model is built at that TP, and ``tp_group`` (default: that TP group) must be it.
+    The embedding keeps the padded vocab the run was saved with, so any TP that divides it loads.
     """
 
     def __init__(self, run_dir_or_checkpoint: str | Path, tp_group=None):
@@ -133,12 +134,14 @@ class MegatronTeacherBackend:
             raise FileNotFoundError(f"{src}: no config.yaml of the run (looked in {src} and "
                                     f"{ckpt.parent.parent})")
         if not ps.model_parallel_is_initialized():
-            raise RuntimeError("MegatronTeacherBackend: Megatron's parallel state is not initialised; "
-                               "call megatron_fusion.parallel.init_student_groups(tp=...) first")
+            raise RuntimeError("MegatronTeacherBackend: Megatron's parallel state is not "
+                               "initialised; call "
+                               "megatron_fusion.parallel.init_student_groups(tp=...) first")
         if ps.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError(f"MegatronTeacherBackend: a teacher runs with pipeline size 1, the "
-                             f"parallel state has pp={ps.get_pipeline_model_parallel_world_size()}; "
-                             f"init_student_groups(tp=..., pp=1) for the teacher")
+            raise ValueError("MegatronTeacherBackend: a teacher runs with pipeline size 1, the "
+                             "parallel state has "
+                             f"pp={ps.get_pipeline_model_parallel_world_size()}; "
+                             "init_student_groups(tp=..., pp=1) for the teacher")
         group = ps.get_tensor_model_parallel_group()
         if tp_group is not None and (dist.get_process_group_ranks(tp_group)
                                      != dist.get_process_group_ranks(group)):
@@ -175,7 +178,8 @@ class MegatronTeacherBackend:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.cfg, self.checkpoint, self.config_path = cfg, ckpt, cfg_path
-        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        self.device = (torch.device("cuda", torch.cuda.current_device()) if cuda
+                       else torch.device("cpu"))
         self.vocab_size = int(cfg.model.vocab_size)
         self.padded_vocab_size = padded
         self.v_local = padded // tp
@@ -261,7 +265,7 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
         teacher_tokenizer.eos_id or 0)
     batch = torch.full((b, T), pad, dtype=torch.long)               # [b, T], right padding
     labels = torch.full((b, T), pad, dtype=torch.long)              # [b, T]: teacher token j+1
-    ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # position j predicts a response token
+    ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # j predicts a response token
     for r, (_, _, t_ids, (t_labels, t_resp), _) in enumerate(prepared):
         batch[r, :len(t_ids)] = torch.as_tensor(t_ids, dtype=torch.long)
         labels[r, :len(t_labels)] = torch.as_tensor(t_labels, dtype=torch.long)
