@@ -463,3 +463,30 @@ def test_strided_sbv_logits():
         for a, b in zip(res_strided[name][0], res_plain[name][0]):
             assert torch.equal(a, b), name
         torch.testing.assert_close(res_strided[name][1], res_plain[name][1])
+
+
+def test_bf16_forward_never_makes_a_shard_sized_fp32_copy():
+    """Chunking: every allocation is at most one fp32 chunk, in forward; in backward the only
+    shard-sized allocation is the bf16 gradient itself (measured with the profiler's allocator
+    hooks, per op)."""
+    b, s, v, chunk = 2, 64, 4096, 8
+    x = torch.randn(b, s, v).to(torch.bfloat16).requires_grad_()
+    t_vals = torch.randn(b, s, 10)
+    t_ids = torch.stack([torch.randperm(50)[:10] for _ in range(b * s)]).view(b, s, 10)
+    mask = torch.ones(b, s)
+    labels = torch.randint(0, v, (b, s))
+    chunk_fp32 = chunk * v * 4
+    with torch.profiler.profile(profile_memory=True) as fwd:
+        topk = standardized_topk(x, 10, chunk_tokens=chunk)
+        u, _ = uld_loss(None, t_vals, mask, student_topk=topk)
+        g, _ = gld_loss(None, t_vals, t_ids, mask, student_topk=topk)
+        lp = token_logprobs(x, labels, chunk_tokens=chunk)
+    biggest = max(e.self_cpu_memory_usage for e in fwd.events())
+    assert 0 < biggest <= chunk_fp32 < x.numel() * 4 // 8, biggest
+    with torch.profiler.profile(profile_memory=True) as bwd:
+        (u + g + lp.sum()).backward()
+    sizes = sorted((e.self_cpu_memory_usage for e in bwd.events()), reverse=True)
+    grad_bytes = x.numel() * 2
+    assert sizes[0] <= grad_bytes, sizes[:3]
+    # besides the gradients (one per autograd Function, summed by autograd), only chunk-sized
+    assert all(sz <= max(chunk_fp32, 64 * 1024) for sz in sizes if sz != grad_bytes), sizes[:6]
