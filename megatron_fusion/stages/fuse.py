@@ -149,6 +149,11 @@ class FuseStage:
         if self.f.weighting == "uniform":
             return self.static_w.float().unsqueeze(1).expand(n, b)
         ce = torch.stack([t["ce"].float() for t in batch["teachers"]])           # [N, b]
+        # A teacher with no response token in a sample's window has CE = NaN: it gets no weight
+        # there; a sample no teacher scored falls back to equal weights.
+        ce = torch.where(torch.isnan(ce), torch.full_like(ce, float("inf")), ce)
+        none = torch.isinf(ce).all(dim=0, keepdim=True)
+        ce = torch.where(none, torch.zeros_like(ce), ce)
         _, w = combine_teachers(torch.zeros(n, b), self.f.weighting, teacher_ce=ce)
         return w
 
