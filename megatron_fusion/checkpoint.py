@@ -151,10 +151,6 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, lay
     meta = json.loads(meta_file.read_text())
     saved_layout = meta.get("layout", {})
     same_layout = saved_layout == layout
-    if saved_layout.get("vpp") != layout.get("vpp") and (saved_layout.get("vpp") or layout.get("vpp")):
-        raise CheckpointError(
-            f"{path}: saved with virtual pipeline stages vpp={saved_layout.get('vpp')}, loading with "
-            f"vpp={layout.get('vpp')}: model chunk keys differ; convert the checkpoint first")
     state = _model_sharded_state_dict(model_chunks)
     model_sd = dict(state)
     if load_optimizer:

@@ -66,7 +66,7 @@ class MetricsSink:
     def advance(self, step: int) -> None:
         if self._bar is not None:
             self._bar.n = step
-            self._bar.refresh()
+            self._bar.update(0)  # redraws only after mininterval (quiet in CI logs)
 
     def summary(self, values: dict) -> None:
         if not self.enabled:

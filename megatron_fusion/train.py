@@ -239,13 +239,16 @@ def train(cfg: Config, hooks=None) -> dict:
     from megatron_fusion import checkpoint as ckpt
     from megatron_fusion.metrics import MetricsSink
     from megatron_fusion.model import build_model, build_transformer_config
-    from megatron_fusion.parallel import init_student_groups
+    from megatron_fusion.parallel import init_student_groups, launch_world_size
 
-    world = dist.get_world_size()
+    world = launch_world_size()  # student + online teacher ranks (validate_layout subtracts them)
     dp = cfg.validate_layout(world)
     if cfg.optim.clip_grad > 0 and not torch.cuda.is_available():
         raise ConfigError("optim.clip_grad", "gradient clipping needs CUDA in megatron-core 0.16; "
                                              "set optim.clip_grad=0 on CPU")
+    if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
+        raise ConfigError("parallel.distributed_optimizer", "megatron-core 0.16's distributed "
+                          "optimizer asserts CUDA tensor types; set it false on CPU")
     groups = init_student_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     run_dir = Path(cfg.run.dir)
     is_rank0 = dist.get_rank() == 0
@@ -423,11 +426,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from megatron_fusion.parallel import init_distributed
 
-    init_distributed()
+    init_distributed(online_teachers=_online_teachers(cfg))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     code = 0
     try:
-        train(cfg)
+        _run_role(cfg)
     except (ConfigError, TrainError) as e:
         _report(e)
         code = 2 if isinstance(e, ConfigError) else 1
@@ -447,6 +450,25 @@ def main(argv: list[str] | None = None) -> int:
             except Exception:
                 pass
     return code
+
+
+# --- online teachers: the launch's teacher ranks run the teacher loop (megatron_fusion.online) --
+
+def _online_teachers(cfg: Config) -> list[tuple[str, int, int]]:
+    return [(t.name, t.ranks, t.tp) for t in cfg.fuse.teachers
+            if t.source == "online"] if cfg.stage == "fuse" else []
+
+
+def _run_role(cfg: Config) -> None:
+    from megatron_fusion.parallel import world_split
+
+    split = world_split()
+    if split is not None and split.teacher is not None:
+        from megatron_fusion.online import run_teacher
+
+        run_teacher(cfg, split)
+    else:
+        train(cfg)
 
 
 def _report(e: Exception) -> None:

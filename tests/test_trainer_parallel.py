@@ -48,7 +48,8 @@ def results(demo_data, tmp_path_factory):
         ("tp2_sp", ["parallel.tp=2", "parallel.sequence_parallel=true"] + _fmt(UNTIED, root)),
         ("dp2", _fmt(UNTIED, root)),
         ("pp2_tied", ["parallel.pp=2"] + _fmt(TIED, root)),
-    ]), timeout_s=600)[0]
+        ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2"] + _fmt(UNTIED, root)),
+    ]), timeout_s=900)[0]
     four = run_on_ranks(tr.run_layouts, 4, (demo_data, root, [
         ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"] + _fmt(UNTIED, root)),
         ("tp2pp2_tied", ["parallel.tp=2", "parallel.pp=2"] + _fmt(TIED, root)),
@@ -56,7 +57,7 @@ def results(demo_data, tmp_path_factory):
     return {**ref, **two, **four}
 
 
-@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_sp", "dp2", "tp2pp2"])
+@pytest.mark.parametrize("name", ["tp2", "pp2", "tp2_sp", "dp2", "tp2pp2", "pp2_vpp2"])
 def test_layout_matches_tp1(results, name):
     _assert_close(name, results[name], results["tp1"])
 
