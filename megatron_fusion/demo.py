@@ -9,7 +9,10 @@
 3. their standardised top-K precomputed over the pivot's training set
    (tools/precompute_teacher_topk.py, Megatron backend), aligned to pivot positions;
 4. the pivot trained with CE + ULD + GLD at TP=2 over gloo (configs/demo_cpu.yaml);
-5. a before/after table of held-out CE per domain, and where the metrics and W&B files are.
+5. InfiFPO from the fused pivot on preference pairs (correct vs wrong answer), the two teachers
+   scoring them as sources with their own tokenizers (configs/demo_cpu_fpo.yaml);
+6. a before/after table: held-out CE per domain, held-out preference accuracy, and where the
+   metrics and W&B files are.
 Re-running reuses finished pieces (data, teachers, top-K shards) and resumes the fused run.
 """
 
@@ -80,6 +83,32 @@ def prepare(out: Path, teacher_steps: int) -> dict:
     return data
 
 
+def run_fpo(out: Path, data: dict, fused: Path, steps: int) -> dict:
+    """Second part: InfiFPO from the fused pivot against the two teachers as sources."""
+    from megatron_fusion.data.synthetic import preference_pairs
+
+    valid_pref = out / "data" / "valid_preference.jsonl"
+    if not valid_pref.exists():
+        write_jsonl(valid_pref, preference_pairs(64, seed=424242))
+    toks = {"arith": out / "teachers" / "arith_tok", "string": out / "teachers" / "string.model"}
+    for name, tok in toks.items():
+        _run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "megatron",
+              "--checkpoint", str(out / "teachers" / name), "--source-tokenizer", str(tok),
+              "--source-name", name, "--data", data["preference"], "--seq-len", "128",
+              "--out", str(out / "logprobs" / name), "--batch-size", "16", "--no-progress"],
+             f"source '{name}': sequence log-probs of chosen and rejected answers", quiet=True)
+    fpo_dir = out / "fpo"
+    _train("configs/demo_cpu_fpo.yaml", 2, [
+        f"run.dir={fpo_dir}", f"train.steps={steps}", f"checkpoint.load={fused}",
+        f"data.train={data['preference']}", f"data.tokenizer={data['pivot_tokenizer']}",
+        f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
+        f"fpo.sources_logprobs=[{out}/logprobs/arith,{out}/logprobs/string]",
+        f"fpo.source_tokenizers=[{toks['arith']},{toks['string']}]",
+        f"fpo.valid_preference={valid_pref}", f"train.eval_interval={max(steps // 3, 1)}"],
+        "InfiFPO on preference pairs (fused-source reference, max-margin) at TP=2")
+    return _eval_table(fpo_dir / "metrics.jsonl")
+
+
 def _eval_table(metrics_file: Path) -> dict:
     recs = [json.loads(x) for x in metrics_file.read_text().splitlines()]
     evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
@@ -91,10 +120,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/demo")
     ap.add_argument("--teacher-steps", type=int, default=300)
     ap.add_argument("--fuse-steps", type=int, default=120)
-    ap.add_argument("--tiny", action="store_true", help="a 2-minute version (CI-sized)")
+    ap.add_argument("--fpo-steps", type=int, default=60)
+    ap.add_argument("--tiny", action="store_true", help="a 3-minute version (CI-sized)")
     args = ap.parse_args(argv)
     if args.tiny:
-        args.teacher_steps, args.fuse_steps = 60, 30
+        args.teacher_steps, args.fuse_steps, args.fpo_steps = 60, 30, 15
     out = Path(args.out)
     t0 = time.time()
     data = prepare(out, args.teacher_steps)
@@ -109,6 +139,7 @@ def main(argv=None) -> int:
                  f"train.eval_interval={max(args.fuse_steps // 3, 1)}"]
     _train("configs/demo_cpu.yaml", 2, overrides, "fusing the pivot at TP=2 (CE + ULD + GLD)")
     table = _eval_table(fused / "metrics.jsonl")
+    fpo_table = run_fpo(out, data, fused, args.fpo_steps)
     print("\n" + "=" * 64)
     print(f"megatron-fusion demo finished in {time.time() - t0:.0f}s")
     print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
@@ -117,7 +148,11 @@ def main(argv=None) -> int:
         a = table.get("after", {}).get(f"eval/{dom}/ce", float("nan"))
         p = table.get("after", {}).get(f"eval/{dom}/ppl", float("nan"))
         print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
-    print(f"metrics:     {fused / 'metrics.jsonl'}")
+    b = fpo_table.get("before", {}).get("eval/pref_accuracy", float("nan"))
+    a = fpo_table.get("after", {}).get("eval/pref_accuracy", float("nan"))
+    print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")
+    print(f"{'valid_preference':20s} {b:10.3f} {a:10.3f}")
+    print(f"metrics:     {fused / 'metrics.jsonl'}  and  {out / 'fpo' / 'metrics.jsonl'}")
     print(f"checkpoints: {fused / 'checkpoints'}")
     print(f"W&B (offline): {fused / 'wandb'}  (wandb sync {fused / 'wandb'}/offline-run-* to upload)")
     return 0
