@@ -87,3 +87,24 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, demo_data):
     latest = (ck / "latest").read_text().strip()
     meta = json.loads((ck / latest / "meta.json").read_text())
     assert meta["step"] >= 1 and f"{latest}" in err[-1]
+
+
+@pytest.mark.slow
+def test_cli_train_starts_torchrun_and_writes_metrics_and_wandb(tmp_path, demo_data):
+    """`megatron-fusion train --nproc 2` end to end: metrics.jsonl per step, W&B offline run,
+    a final checkpoint, and the summary on stdout."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    run = tmp_path / "cli_run"
+    args = _small(tmp_path, demo_data, **{"data.train": demo_data["train"], "train.steps": 3,
+                                          "run.dir": str(run), "logging.wandb_mode": "offline",
+                                          "parallel.tp": 2})
+    p = subprocess.run([sys.executable, "-m", "megatron_fusion.cli", "train", "--nproc", "2", *args],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in recs if "loss/ce" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    assert all({"lr", "perf/tokens_per_s", "loss/total"} <= set(r) for r in steps)
+    assert list((run / "wandb").glob("offline-run-*")), "no offline W&B run written"
+    assert (run / "checkpoints" / "latest").read_text().strip() == "iter_0000003"
+    assert "checkpoint" in p.stdout and "metrics" in p.stdout
