@@ -1,0 +1,14 @@
+"""Compare an HF model with its Megatron conversion: same random tokens, max |logit diff|.
+
+    python tools/check_conversion.py --hf HF_DIR --megatron MEG_DIR [--tp 2 --pp 2] [--tol 1e-4]
+
+The last line is ``max_abs_logit_diff <value>``; exit code 1 above the tolerance. Megatron runs
+on tp*pp local gloo ranks (CPU). Logic: megatron_fusion/convert.py.
+"""
+
+import sys
+
+from megatron_fusion.convert import check_conversion_cli
+
+if __name__ == "__main__":
+    sys.exit(check_conversion_cli())

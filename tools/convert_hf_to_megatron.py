@@ -1,0 +1,13 @@
+"""Convert a Hugging Face Llama / Mistral / Qwen2 / Phi-3 model into a Megatron run dir.
+
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2]
+
+then train from it with ``checkpoint.load=MEG_DIR`` at that TP. Logic: megatron_fusion/convert.py.
+"""
+
+import sys
+
+from megatron_fusion.convert import hf_to_megatron_cli
+
+if __name__ == "__main__":
+    sys.exit(hf_to_megatron_cli())
