@@ -1,9 +1,23 @@
-"""Process groups: built once here and passed down (student TP/PP/DP; teacher groups later).
+"""Process groups: built once here and passed down (student TP/PP/DP, online teacher groups).
 
 ``init_distributed()`` starts torch.distributed from torchrun's environment (gloo without CUDA,
 NCCL with it) and turns on CPU mode when there is no GPU. ``init_student_groups()`` builds
 Megatron's model-parallel state for the student and returns a ``StudentGroups`` record whose
 fields the losses and the trainer take explicitly.
+
+Online teachers (``init_distributed(online_teachers=[(name, ranks, tp), ...])``): one torchrun
+world is split as ``[student ranks..., teacher 0 ranks..., teacher 1 ranks..., ...]``. Each part
+gets its *own default process group* on the launch's store (a ``PrefixStore`` per part), so
+Megatron's global parallel state, dist_checkpointing and every world-wide collective of the
+trainer see only the student on student ranks, and only its own group on a teacher's ranks
+(where ``init_student_groups(tp=teacher.tp)`` then builds the teacher's TP group, so the Megatron
+teacher backend runs unchanged). Why not one default group over everything: megatron-core 0.16
+derives its groups from the default world size, and ``dist_checkpointing`` saves with world-wide
+collectives, so teacher ranks in the student's default group would have to join every student
+checkpoint. A third group, the ``bridge`` (gloo, all launch ranks), carries only the
+point-to-point top-K messages between teachers and the student's last pipeline stage
+(``megatron_fusion.online``); top-K is a few hundred bytes per position, so it travels on the CPU
+even when the models run on GPUs.
 """
 
 from __future__ import annotations
@@ -45,8 +59,58 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """Initialise torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_*)."""
+@dataclass(frozen=True)
+class TeacherGroupSpec:
+    """One online teacher's ranks in the launch world: ``first .. first + ranks - 1``."""
+
+    name: str
+    first: int
+    ranks: int
+    tp: int
+
+    @property
+    def replicas(self) -> int:
+        """Data-parallel copies of the teacher (Megatron order: TP groups are consecutive)."""
+        return self.ranks // self.tp
+
+
+@dataclass(frozen=True)
+class WorldSplit:
+    """The launch world split into the student and online teacher groups (see module doc)."""
+
+    world: int                              # all launch ranks
+    rank: int                               # this process's launch rank
+    student: int                            # launch ranks 0 .. student-1 are the student
+    teachers: tuple[TeacherGroupSpec, ...]
+    bridge: dist.ProcessGroup               # gloo over all launch ranks, p2p only
+
+    @property
+    def teacher(self) -> TeacherGroupSpec | None:
+        """The teacher group this rank belongs to (None on student ranks)."""
+        return next((t for t in self.teachers if t.first <= self.rank < t.first + t.ranks), None)
+
+
+_SPLIT: WorldSplit | None = None
+
+
+def world_split() -> WorldSplit | None:
+    """The split made by ``init_distributed(online_teachers=...)``; None without online teachers."""
+    return _SPLIT
+
+
+def launch_world_size() -> int:
+    """Ranks of the whole launch (student + online teachers); the default world without them."""
+    return _SPLIT.world if _SPLIT is not None else dist.get_world_size()
+
+
+def init_distributed(timeout_s: float = 600.0,
+                     online_teachers: list[tuple[str, int, int]] | tuple = ()) -> None:
+    """Initialise torch.distributed from torchrun's env (RANK, WORLD_SIZE, MASTER_*).
+
+    ``online_teachers``: ``(name, ranks, tp)`` per online teacher, in config order; the last
+    ``sum(ranks)`` launch ranks become the teacher groups and the default process group of each
+    part covers only that part (module docstring).
+    """
     cpu_mode.enable()
     if dist.is_initialized():
         return
@@ -56,7 +120,38 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    dist.init_process_group(backend(), timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not online_teachers:
+        dist.init_process_group(backend(), timeout=timeout)
+        return
+    _init_split(list(online_teachers), timeout)
+
+
+def _init_split(online_teachers: list[tuple[str, int, int]], timeout) -> None:
+    global _SPLIT
+    from torch.distributed.rendezvous import rendezvous
+
+    # torchrun's store (or a new one on rank 0 outside torchrun), shared by all parts
+    store, rank, world = next(rendezvous("env://", timeout=timeout))
+    student = world - sum(r for _, r, _ in online_teachers)
+    if student < 1:
+        raise ValueError(f"parallel: online teachers need {world - student} ranks, the launch "
+                         f"has {world}")
+    specs, first = [], student
+    for name, ranks, tp in online_teachers:
+        if ranks < tp or ranks % tp:
+            raise ValueError(f"parallel: teacher {name}: ranks={ranks} is not a multiple of tp={tp}")
+        specs.append(TeacherGroupSpec(name, first, ranks, tp))
+        first += ranks
+    mine = next((t for t in specs if t.first <= rank < t.first + t.ranks), None)
+    if mine is None:
+        dist.init_process_group(backend(), store=dist.PrefixStore("student/", store), rank=rank,
+                                world_size=student, timeout=timeout)
+    else:
+        dist.init_process_group(backend(), store=dist.PrefixStore(f"teacher/{mine.name}/", store),
+                                rank=rank - mine.first, world_size=mine.ranks, timeout=timeout)
+    bridge = dist.ProcessGroupGloo(dist.PrefixStore("bridge/", store), rank, world, timeout)
+    _SPLIT = WorldSplit(world, rank, student, tuple(specs), bridge)
 
 
 def init_student_groups(tp: int = 1, pp: int = 1, vpp: int | None = None) -> StudentGroups:

@@ -2,8 +2,9 @@
 
 Teacher top-K arrives per micro-batch on the *last pipeline stage only* (never through the
 activation p2p): ``prepare_step`` fetches it by sample id from each teacher's source (offline
-shards, or the online teacher group), checks K, shape and the batch's sample ids, and stores it
-in the micro-batch dict; other stages drop nothing because they never load it.
+shards, or the online teacher group: ``megatron_fusion.online.OnlineTeacher``), checks K, shape
+and the batch's sample ids, and stores it in the micro-batch dict; other stages drop nothing
+because they never load it.
 
 Normalisation (SPEC §4): with global counts known before the forward — N_ce response tokens,
 N_uld_j aligned response positions and N_gld_j sequences with any, for teacher j, summed over the
@@ -90,10 +91,15 @@ class FuseStage:
             self.teachers = teachers
         else:
             self.teachers = []
+            online = {}
+            if any(t.source == "online" for t in f.teachers):
+                from megatron_fusion.online import online_sources
+
+                online = online_sources(cfg, groups)
             for t in f.teachers:
-                if t.source != "offline":
-                    raise ConfigError(f"teacher {t.name}.source", "online teachers are started by "
-                                      "the teacher group (megatron_fusion.online)")
+                if t.source == "online":  # top-K streamed by the teacher group
+                    self.teachers.append(online[t.name])
+                    continue
                 from megatron_fusion.tokenizers import load_tokenizer
 
                 t_tok = load_tokenizer(t.tokenizer) if t.tokenizer else None
@@ -107,7 +113,8 @@ class FuseStage:
             if dataset is not None:  # every training sample must have top-K: fail before step 1
                 ids = [int(dataset[i]["sample_id"]) for i in range(len(dataset))]
                 for t in self.teachers:
-                    t.check_covers(ids)
+                    if isinstance(t, OfflineTeacher):
+                        t.check_covers(ids)
         if f.weighting != "uniform" and not all(hasattr(t.reader, "teacher_ce") for t in self.teachers
                                                 if isinstance(t, OfflineTeacher)):
             raise ConfigError("fuse.weighting", f"{f.weighting} needs teacher CE in the top-K "
@@ -116,6 +123,19 @@ class FuseStage:
 
     def eval_stage(self):
         return self.sft
+
+    def step_metrics(self) -> dict:
+        """Online teachers: ``teacher/wait_s`` (this step's time blocked on them) and
+        ``teacher/{name}/tokens_per_s`` (teacher tokens over its compute time)."""
+        out, wait = {}, 0.0
+        for t in self.teachers:
+            if hasattr(t, "pop_metrics"):
+                m = t.pop_metrics()
+                wait += m["wait_s"]
+                out[f"teacher/{t.name}/tokens_per_s"] = m["tokens_per_s"]
+        if out:
+            out["teacher/wait_s"] = wait
+        return out
 
     # --- per step -----------------------------------------------------------------------------
     def prepare_step(self, microbatches, groups) -> None:

@@ -1,0 +1,223 @@
+"""Online teachers on CPU: student TP2 + one teacher group of 2 ranks (a Megatron teacher at TP2).
+
+Runs through the real entry (``torchrun -m megatron_fusion.train`` semantics): this file is also
+the torchrun script, so it can record what each teacher source hands to ``FuseStage`` (``--dump``)
+and kill a teacher rank mid-run (``--kill-after``) without any test hook in the library.
+
+- online and offline (shards precomputed at TP2 by tools/precompute_teacher_topk.py from the same
+  teacher) give identical top-K tensors and identical loss trajectories for 5 steps; the online
+  run is 3 steps + a resume to 5, so the teachers restart at the checkpoint's sample;
+- ``os._exit`` of a teacher rank ends the run with the teacher's name in the error, within
+  ``fuse.timeout_s``, and the last checkpoint stays complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.dist, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[1]
+SEQ = 64
+TIMEOUT_S = 20
+
+
+def _env():
+    return dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+                OMP_NUM_THREADS="1")
+
+
+def _torchrun(nproc: int, args: list[str], timeout: int = 300):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={nproc}", *args]
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _student_yaml(path: Path, data: dict, run_dir: Path, teacher: dict, steps: int) -> Path:
+    import yaml
+
+    cfg = {
+        "stage": "fuse", "run": {"dir": str(run_dir)},
+        "model": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
+                  "num_query_groups": 2, "ffn_hidden_size": 176, "seq_length": SEQ},
+        "parallel": {"tp": 2},
+        "train": {"steps": steps, "micro_batch": 2, "global_batch": 4},
+        "optim": {"lr": 1e-3, "min_lr": 1e-3, "warmup_steps": 0, "decay": "constant"},
+        "data": {"train": data["train"], "tokenizer": data["pivot_tokenizer"], "valid": []},
+        "checkpoint": {"interval": 1},
+        "logging": {"wandb_mode": "disabled", "progress": False},
+        "fuse": {"k": 10, "prefetch": 2, "timeout_s": TIMEOUT_S, "teachers": [teacher]},
+    }
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _make_teacher(rank, world, data, root, tok_dir):
+    """A tiny megatron-fusion run (step 0) with its own byte-level BPE tokenizer."""
+    from megatron_fusion.config import load_config
+    from megatron_fusion.train import train
+    from tests.trainer_ranks import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(data, f"{root}/teacher") + [
+        "train.steps=0", f"data.tokenizer={tok_dir}", "model.num_layers=2"])
+    train(cfg)
+    return True
+
+
+@pytest.fixture(scope="module")
+def online(demo_data, tmp_path_factory):
+    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.tokenizers import train_byte_bpe
+
+    root = tmp_path_factory.mktemp("online")
+    lines = Path(demo_data["train"]).read_text().splitlines()
+    texts = [json.loads(line)["prompt"] + "\n" + json.loads(line)["response"] for line in lines]
+    # 40 records: the 5 steps (20 samples) of the runs, and a short precompute
+    data = dict(demo_data, train=str(root / "train.jsonl"))
+    Path(data["train"]).write_text("\n".join(lines[:40]) + "\n")
+    demo_data = data
+    tok_dir = root / "teacher_tok"
+    train_byte_bpe(texts, 400, tok_dir)
+    t0 = time.perf_counter()
+    run_on_ranks(_make_teacher, 1, (demo_data, str(root), str(tok_dir)))
+    p = _torchrun(2, ["tools/precompute_teacher_topk.py", "--backend", "megatron",
+                      "--checkpoint", str(root / "teacher"), "--data", demo_data["train"],
+                      "--pivot-tokenizer", demo_data["pivot_tokenizer"],
+                      "--teacher-tokenizer", str(tok_dir), "--teacher-name", "tm",
+                      "--out", str(root / "topk"), "--seq-len", str(SEQ), "--no-progress"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    offline_t = {"name": "tm", "tokenizer": str(tok_dir), "topk_dir": str(root / "topk")}
+    online_t = {"name": "tm", "tokenizer": str(tok_dir), "source": "online", "backend": "megatron",
+                "checkpoint": str(root / "teacher"), "ranks": 2, "tp": 2}
+    runs, times = {}, {"setup_s": time.perf_counter() - t0}
+    for name, teacher, nproc, steps in [("offline", offline_t, 2, [5]),
+                                        ("online", online_t, 4, [3, 5])]:
+        for n in steps:  # the online run stops at 3 and resumes: teachers restart at sample 12
+            cfg = _student_yaml(root / f"{name}.yaml", demo_data, root / name, teacher, n)
+            t0 = time.perf_counter()
+            p = _torchrun(nproc, [__file__, "--dump", str(root / f"dump_{name}"),
+                                  "--config", str(cfg)])
+            times[f"{name}_{n}_s"] = time.perf_counter() - t0
+            assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        runs[name] = [json.loads(line) for line in (root / name / "metrics.jsonl").open()]
+    return {"root": root, "runs": runs, "times": times, "online_t": online_t, "data": demo_data}
+
+
+def _dumps(d: Path) -> dict:
+    import torch
+
+    return {p.name: torch.load(p) for p in sorted(d.iterdir())}
+
+
+def test_online_topk_equals_offline(online):
+    import torch
+
+    off, on = _dumps(online["root"] / "dump_offline"), _dumps(online["root"] / "dump_online")
+    # both student ranks (TP2, last stage), 5 steps x 2 micro-batches each
+    assert sorted(off) == sorted(on) and len(on) == 2 * 5 * 2, (sorted(off), sorted(on))
+    aligned = 0
+    for key in on:
+        assert torch.equal(on[key]["sample_id"], off[key]["sample_id"]), key
+        for name in ("values", "ids", "aligned", "ce"):
+            a, b = on[key][name], off[key][name]
+            assert a.dtype == b.dtype and a.shape == b.shape, (key, name, a.dtype, b.dtype)
+            assert torch.equal(a, b) or (name == "ce" and torch.allclose(a, b, equal_nan=True,
+                                                                         rtol=0, atol=0)), (key, name)
+        aligned += int(on[key]["aligned"].sum())
+    assert aligned > 100                                     # the comparison is not vacuous
+
+
+def test_online_loss_trajectory_equals_offline(online):
+    print("launch times", online["times"])
+    keys = ("loss/total", "loss/ce", "loss/uld", "loss/gld")
+
+    def series(recs):
+        return {r["step"]: [r[k] for k in keys] for r in recs if "loss/total" in r}
+
+    off, on = series(online["runs"]["offline"]), series(online["runs"]["online"])
+    assert sorted(off) == sorted(on) == [1, 2, 3, 4, 5]
+    assert all(v > 0 for v in off[1])
+    assert on == off
+    waits = [r["teacher/wait_s"] for r in online["runs"]["online"] if "teacher/wait_s" in r]
+    tps = [r["teacher/tm/tokens_per_s"] for r in online["runs"]["online"] if "loss/total" in r]
+    assert len(waits) == 5 and all(w >= 0 for w in waits) and all(t > 0 for t in tps)
+
+
+def test_killed_teacher_rank_fails_fast_with_its_name(online):
+    root = online["root"]
+    cfg = _student_yaml(root / "kill.yaml", online["data"], root / "kill", online["online_t"], 50)
+    stamp = root / "killed_at"
+    p = _torchrun(4, [__file__, "--kill-after", "3", str(stamp), "--config", str(cfg)])
+    end = time.time()
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and stamp.exists(), out[-3000:]
+    assert "teacher tm" in out, out[-3000:]
+    assert end - float(stamp.read_text()) < TIMEOUT_S, (end - float(stamp.read_text()), out[-2000:])
+    latest = (root / "kill" / "checkpoints" / "latest").read_text().strip()
+    assert (root / "kill" / "checkpoints" / latest / "meta.json").exists()
+
+
+# --- the torchrun script ---------------------------------------------------------------------
+
+def _instrument(argv: list[str]) -> list[str]:
+    """--dump DIR: save what every teacher source returns; --kill-after N STAMP: teacher launch
+    rank 3 writes the time to STAMP and calls os._exit(1) after N micro-batches."""
+    import torch
+
+    if "--dump" in argv:
+        i = argv.index("--dump")
+        out = Path(argv[i + 1])
+        del argv[i:i + 2]
+        from megatron_fusion.online import OnlineTeacher
+        from megatron_fusion.stages.fuse import OfflineTeacher
+
+        calls = [0]
+
+        def wrap(fetch):
+            def fetch_and_dump(self, sample_ids, seq_len):
+                values, ids, aligned, ce = fetch(self, sample_ids, seq_len)
+                out.mkdir(parents=True, exist_ok=True)
+                calls[0] += 1
+                torch.save({"sample_id": sample_ids.clone(), "values": values, "ids": ids,
+                            "aligned": aligned, "ce": ce},
+                           out / f"rank{os.environ['RANK']}_{calls[0]:03d}.pt")
+                return values, ids, aligned, ce
+            return fetch_and_dump
+
+        # the online run resumes in a second launch: continue the numbering
+        calls[0] = len(list(out.glob(f"rank{os.environ['RANK']}_*.pt"))) if out.exists() else 0
+        OnlineTeacher.fetch = wrap(OnlineTeacher.fetch)
+        OfflineTeacher.fetch = wrap(OfflineTeacher.fetch)
+    if "--kill-after" in argv:
+        i = argv.index("--kill-after")
+        n, stamp = int(argv[i + 1]), Path(argv[i + 2])
+        del argv[i:i + 3]
+        if os.environ["RANK"] == "3":
+            import megatron_fusion.teacher_topk as tt   # run_teacher imports it at call time
+
+            compute, count = tt.compute_batch_topk, [0]
+
+            def compute_then_die(*a, **kw):
+                count[0] += 1
+                if count[0] > n:
+                    stamp.write_text(str(time.time()))
+                    os._exit(1)
+                return compute(*a, **kw)
+
+            tt.compute_batch_topk = compute_then_die
+    return argv
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO))
+    from megatron_fusion.train import main
+
+    sys.exit(main(_instrument(sys.argv[1:])))
