@@ -381,7 +381,8 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
         tmp.rename(final)
         (root / "latest").write_text(final.name)
         (out / "hf_config.json").write_text(json.dumps(hf, indent=1))
-        if copy_tokenizer(hf_dir, out):
+        copied = copy_tokenizer(hf_dir, out)
+        if {"tokenizer.json", "tokenizer.model"} & set(copied):   # the trainer's pivot tokenizer
             cfg.data.tokenizer = str(out)
         save_config(cfg, out / "config.yaml")
     dist.barrier()
