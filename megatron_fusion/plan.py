@@ -192,7 +192,6 @@ def student_memory(cfg: Config, lay: Layout, dp: int) -> list[StudentMemory]:
     layers = m.num_layers // lay.pp
     seq_div = lay.tp if lay.sp else 1
     vp = m.padded_vocab_size(lay.tp)
-    online = any(tc.source == "online" for tc in cfg.fuse.teachers)
     out = []
     stages = [("first", first_params, True, False), ("last", last_params, False, True)]
     if lay.pp == 1:
@@ -598,7 +597,7 @@ def _render_balance(plan: Plan, tokens: int) -> list[str]:
     for tp in online:
         ratio = forward_flops_per_token(tp.model, s) * tokens / tp.ranks / student_time
         parts.append(f"{tp.name} {ratio:.2f}")
-    out = [f"teacher/student compute time per step (equal FLOP/s per GPU; > 1: student waits): "
+    out = ["teacher/student compute time per step (equal FLOP/s per GPU; > 1: student waits): "
            + ", ".join(parts)]
     return out
 

@@ -105,7 +105,6 @@ def cli_main(argv=None) -> dict:
     import argparse
     import json
 
-    from megatron_fusion.teacher_topk import HFTeacherBackend
     from megatron_fusion.tokenizers import load_tokenizer
 
     ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
@@ -130,28 +129,15 @@ def cli_main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    write, own_dist = True, False
-    if args.backend == "hf":
-        if not args.source_model:
-            ap.error("--backend hf needs --source-model")
-        model_dir = Path(args.source_model)
-        tok_spec = args.source_tokenizer or (model_dir / args.gguf_file if args.gguf_file
-                                             else model_dir)
-        backend = HFTeacherBackend(model_dir, gguf_file=args.gguf_file)
-    else:
-        if not args.checkpoint:
-            ap.error("--backend megatron needs --checkpoint RUN_DIR")
-        import torch.distributed as dist
+    from megatron_fusion.teacher_topk import open_backend
 
-        from megatron_fusion.parallel import init_distributed, init_student_groups
-        from megatron_fusion.teacher_topk import MegatronTeacherBackend
-
-        own_dist = not dist.is_initialized()
-        init_distributed()
-        init_student_groups(tp=dist.get_world_size())       # every rank: one source TP group
-        write = dist.get_rank() == 0
-        backend = MegatronTeacherBackend(args.checkpoint)
-        tok_spec = args.source_tokenizer or backend.cfg.data.tokenizer
+    try:
+        opened = open_backend(args.backend, model_dir=args.source_model, gguf_file=args.gguf_file,
+                              checkpoint=args.checkpoint, tokenizer=args.source_tokenizer,
+                              what="source")
+        backend, tok_spec, write = opened.__enter__()
+    except ValueError as e:
+        ap.error(str(e))
     try:
         ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
                                args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
@@ -163,11 +149,5 @@ def cli_main(argv=None) -> dict:
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:
-        if own_dist:
-            import torch.distributed as dist
-
-            from megatron_fusion.parallel import destroy_student_groups
-
-            destroy_student_groups()
-            dist.destroy_process_group()
+        opened.__exit__(None, None, None)
     return summary

@@ -29,12 +29,14 @@ CLI: ``tools/precompute_teacher_topk.py`` (``--backend megatron --checkpoint RUN
 
 from __future__ import annotations
 
+import contextlib
+
 import logging
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -406,6 +408,45 @@ __all__ = ["TeacherBackend", "HFTeacherBackend", "VocabShardedBackend", "Megatro
            "compute_batch_topk", "expected_header", "shard_path", "aligned_fraction"]
 
 
+
+@contextlib.contextmanager
+def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, tokenizer=None,
+                 what: str = "teacher"):
+    """A frozen model for the precompute tools: yields ``(backend, tokenizer_spec, is_writer)``.
+
+    ``kind="hf"``: a transformers model directory (or GGUF), one process. ``kind="megatron"``: a
+    megatron-fusion run, TP over all ranks of the current (torchrun) world; only rank 0 writes.
+    Process groups this opened are torn down on exit.
+    """
+    own_dist = False
+    try:
+        if kind == "hf":
+            if not model_dir:
+                raise ValueError(f"--backend hf needs the {what} model directory")
+            model_dir = Path(model_dir)
+            spec = tokenizer or (model_dir / gguf_file if gguf_file else model_dir)
+            yield HFTeacherBackend(model_dir, gguf_file=gguf_file), spec, True
+            return
+        if not checkpoint:
+            raise ValueError("--backend megatron needs --checkpoint RUN_DIR")
+        import torch.distributed as dist
+
+        from megatron_fusion.parallel import init_distributed, init_student_groups
+
+        own_dist = not dist.is_initialized()
+        init_distributed()
+        init_student_groups(tp=dist.get_world_size())       # every rank: one TP group
+        backend = MegatronTeacherBackend(checkpoint)
+        yield backend, tokenizer or backend.cfg.data.tokenizer, dist.get_rank() == 0
+    finally:
+        if own_dist:
+            import torch.distributed as dist
+
+            from megatron_fusion.parallel import destroy_student_groups
+
+            destroy_student_groups()
+            dist.destroy_process_group()
+
 def cli_main(argv=None) -> dict:
     """``tools/precompute_teacher_topk.py``: one teacher over one SFT file (see --help).
 
@@ -448,29 +489,12 @@ def cli_main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from pathlib import Path as _P
-
-    write, own_dist = True, False
-    if args.backend == "hf":
-        if not args.teacher_model:
-            ap.error("--backend hf needs --teacher-model")
-        model_dir = _P(args.teacher_model)
-        tok_spec = args.teacher_tokenizer or (model_dir / args.gguf_file if args.gguf_file
-                                              else model_dir)
-        backend = HFTeacherBackend(model_dir, gguf_file=args.gguf_file)
-    else:
-        if not args.checkpoint:
-            ap.error("--backend megatron needs --checkpoint RUN_DIR")
-        import torch.distributed as dist
-
-        from megatron_fusion.parallel import init_distributed, init_student_groups
-
-        own_dist = not dist.is_initialized()
-        init_distributed()
-        init_student_groups(tp=dist.get_world_size())       # every rank: one teacher TP group
-        write = dist.get_rank() == 0
-        backend = MegatronTeacherBackend(args.checkpoint)
-        tok_spec = args.teacher_tokenizer or backend.cfg.data.tokenizer
+    try:
+        opened = open_backend(args.backend, model_dir=args.teacher_model, gguf_file=args.gguf_file,
+                              checkpoint=args.checkpoint, tokenizer=args.teacher_tokenizer)
+        backend, tok_spec, write = opened.__enter__()
+    except ValueError as e:
+        ap.error(str(e))
     try:
         teacher_tok = load_tokenizer(tok_spec, name=args.teacher_name)
         ds = SFTDataset(args.data, load_tokenizer(args.pivot_tokenizer), args.seq_len,
@@ -485,11 +509,5 @@ def cli_main(argv=None) -> dict:
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:
-        if own_dist:
-            import torch.distributed as dist
-
-            from megatron_fusion.parallel import destroy_student_groups
-
-            destroy_student_groups()
-            dist.destroy_process_group()
+        opened.__exit__(None, None, None)
     return summary

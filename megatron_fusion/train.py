@@ -238,7 +238,7 @@ def train(cfg: Config, hooks=None) -> dict:
 
     from megatron_fusion import checkpoint as ckpt
     from megatron_fusion.metrics import MetricsSink
-    from megatron_fusion.model import build_model, build_transformer_config
+    from megatron_fusion.model import build_model
     from megatron_fusion.parallel import init_student_groups, launch_world_size
 
     world = launch_world_size()  # student + online teacher ranks (validate_layout subtracts them)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 DEFAULT = ["model.num_layers=24", "model.hidden_size=2048", "model.num_attention_heads=16",
@@ -46,8 +45,8 @@ def main(argv=None) -> int:
               args.steps, args.warmup)
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     print(f"device: {dev}")
-    print(f"| variant | step (s) | TFLOP/s | MFU | peak GiB |")
-    print(f"|---|---|---|---|---|")
+    print("| variant | step (s) | TFLOP/s | MFU | peak GiB |")
+    print("|---|---|---|---|---|")
     for name, key in (("CE only", "ce"), ("CE + ULD + GLD (2 teachers)", "fusion")):
         t = r[f"tflops_{key}"]
         print(f"| {name} | {r[key]['step_s']:.4f} | {t:.1f} | {t / args.peak_tflops:.1%} | "
