@@ -59,6 +59,12 @@ def resolve_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{p}: no checkpoint there (expected meta.json, latest, or checkpoints/latest)")
 
 
+def saved_padded_vocab(path: str | Path, model_cfg) -> int:
+    """Rows of the embedding stored in a checkpoint: the vocab padded for the TP it was saved at."""
+    meta = json.loads((resolve_checkpoint(path) / "meta.json").read_text())
+    return model_cfg.padded_vocab_size(int(meta.get("layout", {}).get("tp", 1)))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:

@@ -271,7 +271,20 @@ def train(cfg: Config, hooks=None) -> dict:
     # model
     torch.manual_seed(cfg.train.seed)
     tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    chunks = build_model(cfg)
+    # The embedding keeps the padded vocab of the checkpoint we start from (a run converted or
+    # saved at another TP); any TP that divides it loads, padded columns never count.
+    ckpt_root = run_dir / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
+    init_from = latest or cfg.checkpoint.load
+    padded = cfg.model.padded_vocab_size(cfg.parallel.tp)
+    if init_from:
+        saved = ckpt.saved_padded_vocab(init_from, cfg.model)
+        if saved != padded:
+            if saved % cfg.parallel.tp:
+                raise ConfigError("parallel.tp", f"{cfg.parallel.tp} does not divide the padded "
+                                  f"vocab {saved} of {init_from}")
+            padded = saved
+    chunks = build_model(cfg, vocab_size=padded)
     tcfg = chunks[0].config
     model = wrap_ddp(cfg, chunks, tcfg)
     optimizer, scheduler = build_optimizer(cfg, model)
@@ -285,8 +298,6 @@ def train(cfg: Config, hooks=None) -> dict:
 
     layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "dp": dp}
     state = TrainState()
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is not None:
         meta = ckpt.load_checkpoint(latest, model, optimizer, scheduler, layout=layout)
         state = TrainState(step=meta["step"], consumed=meta["consumed"])

@@ -12,12 +12,15 @@ from megatron_fusion.testing import run_on_ranks
 from tests import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
+PAD = "model.make_vocab_size_divisible_by=200"
 
 
 @pytest.fixture(scope="module")
 def tp2_resume(demo_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("resume"))
-    res = run_on_ranks(tr.resume_runs, 2, (demo_data, root, ["parallel.tp=2"]), timeout_s=600)[0]
+    # vocab 512 padded to a multiple of 200*tp: 800 at TP2 but 600 at TP1, so resuming under TP1
+    # must keep the checkpoint's 800 rows (padding never counts in the losses)
+    res = run_on_ranks(tr.resume_runs, 2, (demo_data, root, ["parallel.tp=2", PAD]), timeout_s=600)[0]
     return root, res
 
 
@@ -41,7 +44,8 @@ def test_resume_is_bit_identical(tp2_resume):
 
 
 def test_tp2_checkpoint_resumes_under_tp1(tp2_resume, demo_data):
-    """A TP2 run directory continues under TP1: weights+Adam resharded, same next loss."""
+    """A TP2 run directory continues under TP1: weights+Adam resharded, the padded vocab of the
+    checkpoint kept, same next loss."""
     root, _ = tp2_resume
     import shutil
 
@@ -52,7 +56,7 @@ def test_tp2_checkpoint_resumes_under_tp1(tp2_resume, demo_data):
     assert (dst / "checkpoints" / "iter_0000003" / "meta.json").exists()  # keep=2: steps 3 and 6
     (dst / "checkpoints" / "latest").write_text("iter_0000003")
     latest = (dst / "checkpoints" / "latest").read_text().strip()
-    out = run_on_ranks(tr.continue_run, 1, (demo_data, str(dst), [], int(latest[-7:]) + 1))[0]
+    out = run_on_ranks(tr.continue_run, 1, (demo_data, str(dst), [PAD], int(latest[-7:]) + 1))[0]
     full = {m["step"]: m["loss/ce"] for m in _metrics(f"{root}/full/metrics.jsonl") if "loss/ce" in m}
     assert out["start"] == int(latest[-7:])
     assert abs(out["loss"] - full[out["start"] + 1]) <= 1e-5 * abs(full[out["start"] + 1])
