@@ -6,9 +6,9 @@ One torchrun world, split by ``megatron_fusion.parallel.init_distributed(online_
 into ``[student ranks..., teacher 0 ranks..., ...]``; each part has its own default process
 group, so the student's Megatron state and checkpoints see only the student, and a teacher's
 ranks see only their group: ``init_student_groups(tp=teacher.tp)`` there builds the teacher's
-TP group and ``MegatronTeacherBackend`` (or the HF backend, vocab-sharded over that TP group)
-runs unchanged. Why the split rather than one Megatron state over all ranks is in
-``parallel.py``.
+TP group and ``MegatronTeacherBackend`` runs unchanged (online teachers use the Megatron
+backend; HF teachers are precomputed offline). Why the split rather than one Megatron state over
+all ranks: ``parallel.py``.
 
 Teacher loop (``run_teacher``): from the student's data position (its latest checkpoint's
 ``consumed`` on resume, else 0) it walks the same ``SampleOrder`` (seed, global batch, DP split,
@@ -23,10 +23,10 @@ Message per micro-batch (bridge group, point-to-point, tag = teacher index): a h
 ``[status, b, s, K, msg_len, fingerprint, teacher_tokens, compute_us]``, then values [b, s, K] as
 bf16 bits (int16; the offline shards' dtype, so both paths give the same tensors), ids [b, s, K]
 int32, aligned [b, s] uint8, teacher CE [b] float32. Never a full-vocabulary tensor. A teacher
-that raises sends ``status = ERROR`` and its message instead; a teacher that dies closes its
-connections; one that hangs trips ``fuse.timeout_s``: each ends the student's run with an error
-naming the teacher. A fingerprint that does not match the student's micro-batch is a
-``TeacherDataError``.
+that raises posts its message in the launch's store (read by a student whose receive fails) and
+sends ``status = ERROR`` with the message; a teacher that dies closes its connections; one that
+hangs trips ``fuse.timeout_s``: each ends the student's run with an error naming the teacher.
+A fingerprint that does not match the student's micro-batch is a ``TeacherDataError``.
 """
 
 from __future__ import annotations
@@ -43,12 +43,20 @@ import torch.distributed as dist
 from megatron_fusion.config import Config, TeacherConfig
 from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
 from megatron_fusion.stages.fuse import TeacherDataError, batch_fingerprint
-from megatron_fusion.train import TrainError
+
+
+class TeacherFailedError(TeacherDataError):
+    """An online teacher raised, died or timed out (one line naming it; user-facing)."""
 
 OK, ERROR = 1, 2
 HEADER = 8
 EPS = 1e-6               # SPEC §2 default, as tools/precompute_teacher_topk.py
 ALIGNMENT = "offset"     # SPEC §1 default, as tools/precompute_teacher_topk.py
+
+
+def error_key(teacher: str) -> str:
+    """Store key where a failing teacher rank posts its one-line error."""
+    return f"error/{teacher}"
 
 
 def _fp_to_int(fp: str) -> int:
@@ -91,23 +99,33 @@ class OnlineTeacher:
 
     def __init__(self, name: str, index: int, split: WorldSplit, spec: TeacherGroupSpec,
                  dp_rank: int, timeout_s: float):
-        self.name, self.tag, self.bridge = name, index, split.bridge
+        self.name, self.tag, self.bridge, self.store = name, index, split.bridge, split.store
         self.src = spec.first + (dp_rank % spec.replicas) * spec.tp   # TP rank 0 of the replica
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
         self.wait_s = self.tokens = self.compute_s = 0.0
 
+    def _posted_error(self) -> str | None:
+        try:
+            key = error_key(self.name)
+            return self.store.get(key).decode(errors="replace") if self.store.check([key]) else None
+        except Exception:  # the store went away with the launch: no message to add
+            return None
+
     def _recv(self, t: torch.Tensor) -> torch.Tensor:
         try:
             self.bridge.recv([t], self.src, self.tag).wait(self.timeout)
         except RuntimeError as e:
+            kept = "the last checkpoint is kept"
+            posted = self._posted_error()
+            if posted is not None:
+                raise TeacherFailedError(f"teacher {self.name} failed: {posted}; {kept}") from None
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-                raise TrainError(f"teacher {self.name}: no top-K from its launch rank {self.src} "
-                                 f"within fuse.timeout_s={self.timeout_s:g}s (teacher hung or "
-                                 "dead); the last checkpoint is kept") from None
-            raise TrainError(f"teacher {self.name}: lost its launch rank {self.src} "
-                             f"({str(e).splitlines()[0][:200]}); the last checkpoint is "
-                             "kept") from None
+                raise TeacherFailedError(
+                    f"teacher {self.name}: no top-K from its launch rank {self.src} within "
+                    f"fuse.timeout_s={self.timeout_s:g}s (teacher hung or dead); {kept}") from None
+            raise TeacherFailedError(f"teacher {self.name}: lost its launch rank {self.src} "
+                                     f"({str(e).splitlines()[0][:200]}); {kept}") from None
         return t
 
     def fetch(self, sample_ids: torch.Tensor, seq_len: int):
@@ -117,9 +135,10 @@ class OnlineTeacher:
         if h[0] == ERROR:
             msg = bytes(self._recv(torch.zeros(h[4], dtype=torch.uint8)).tolist()).decode(
                 errors="replace")
-            raise TrainError(f"teacher {self.name} failed: {msg}; the last checkpoint is kept")
+            raise TeacherFailedError(f"teacher {self.name} failed: {msg}; the last checkpoint "
+                                     "is kept")
         if h[0] != OK:
-            raise TrainError(f"teacher {self.name}: malformed message header {h}")
+            raise TeacherFailedError(f"teacher {self.name}: malformed message header {h}")
         b, s, k = h[1:4]
         values = self._recv(torch.empty(b, s, k, dtype=torch.int16))
         ids = self._recv(torch.empty(b, s, k, dtype=torch.int32))
@@ -150,9 +169,9 @@ def online_sources(cfg: Config, groups) -> dict[str, OnlineTeacher]:
     split = world_split()
     online = [t for t in cfg.fuse.teachers if t.source == "online"]
     if online and split is None:
-        raise TrainError(f"teacher {online[0].name}: online teachers need the launch split into "
-                         "student and teacher ranks (megatron_fusion.train / megatron-fusion "
-                         "train start it)")
+        raise TeacherFailedError(f"teacher {online[0].name}: online teachers need the launch "
+                                 "split into student and teacher ranks (megatron_fusion.train / "
+                                 "megatron-fusion train start it)")
     out = {}
     for t in online:
         i = [s.name for s in split.teachers].index(t.name)
@@ -165,21 +184,18 @@ def online_sources(cfg: Config, groups) -> dict[str, OnlineTeacher]:
 
 def _build_backend(tcfg: TeacherConfig, groups):
     """The frozen teacher under this group's TP; returns (backend, tokenizer spec)."""
+    from megatron_fusion.config import ConfigError
+
     if not tcfg.checkpoint:
-        from megatron_fusion.config import ConfigError
-
         raise ConfigError(f"teacher {tcfg.name}.checkpoint", "must be set for an online teacher")
-    if tcfg.backend == "megatron":
-        from megatron_fusion.teacher_topk import MegatronTeacherBackend
+    if tcfg.backend != "megatron":  # the HF backend is offline-only for now (not tested online)
+        raise ConfigError(f"teacher {tcfg.name}.backend", "online teachers use the megatron "
+                          "backend; precompute HF teachers offline "
+                          "(tools/precompute_teacher_topk.py)")
+    from megatron_fusion.teacher_topk import MegatronTeacherBackend
 
-        backend = MegatronTeacherBackend(tcfg.checkpoint, tp_group=groups.tp)
-        return backend, tcfg.tokenizer or backend.cfg.data.tokenizer
-    from megatron_fusion.teacher_topk import HFTeacherBackend, VocabShardedBackend
-
-    backend = HFTeacherBackend(tcfg.checkpoint)
-    if groups.tp_size > 1:  # vocab-sharded: the distributed top-K runs over the teacher's TP
-        backend = VocabShardedBackend(backend, groups.tp)
-    return backend, tcfg.tokenizer or tcfg.checkpoint
+    backend = MegatronTeacherBackend(tcfg.checkpoint, tp_group=groups.tp)
+    return backend, tcfg.tokenizer or backend.cfg.data.tokenizer
 
 
 class _Sender:
@@ -253,7 +269,8 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
         ds = build_sft_dataset(cfg, cfg.data.train, pivot_tok)
         order = SampleOrder(len(ds), cfg.train.seed)
         step, consumed = start_position(cfg)
-        gb, mb, seq, k = cfg.train.global_batch, cfg.train.micro_batch, cfg.model.seq_length, cfg.fuse.k
+        gb, mb = cfg.train.global_batch, cfg.train.micro_batch
+        seq, k = cfg.model.seq_length, cfg.fuse.k
         per_rank = gb // dp
         stop = torch.zeros(1)
         sent = 0
@@ -279,9 +296,12 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
             sender.drain()
         return {"teacher": spec.name, "sent": sent, "step": step}
     except Exception as e:
-        if sender is not None:  # tell the student why, then fail
+        text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        # any rank of the group: the store outlives this process (a student whose receive fails
+        # reads it), then the sender also sends it in line with the batches already sent
+        split.store.set(error_key(spec.name), f"(launch rank {split.rank}) {text}"[:4000])
+        if sender is not None:
             sender.pending.clear()
-            text = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             for d in served:
                 sender.send(dsts[d], _error_message(text))
             sender.drain(datetime.timedelta(seconds=cfg.fuse.timeout_s))

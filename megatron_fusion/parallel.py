@@ -83,6 +83,7 @@ class WorldSplit:
     student: int                            # launch ranks 0 .. student-1 are the student
     teachers: tuple[TeacherGroupSpec, ...]
     bridge: dist.ProcessGroup               # gloo over all launch ranks, p2p only
+    store: dist.Store                       # the launch's store: teachers post their errors here
 
     @property
     def teacher(self) -> TeacherGroupSpec | None:
@@ -140,7 +141,8 @@ def _init_split(online_teachers: list[tuple[str, int, int]], timeout) -> None:
     specs, first = [], student
     for name, ranks, tp in online_teachers:
         if ranks < tp or ranks % tp:
-            raise ValueError(f"parallel: teacher {name}: ranks={ranks} is not a multiple of tp={tp}")
+            raise ValueError(f"parallel: teacher {name}: ranks={ranks} is not a multiple of "
+                             f"tp={tp}")
         specs.append(TeacherGroupSpec(name, first, ranks, tp))
         first += ranks
     mine = next((t for t in specs if t.first <= rank < t.first + t.ranks), None)
@@ -151,7 +153,8 @@ def _init_split(online_teachers: list[tuple[str, int, int]], timeout) -> None:
         dist.init_process_group(backend(), store=dist.PrefixStore(f"teacher/{mine.name}/", store),
                                 rank=rank - mine.first, world_size=mine.ranks, timeout=timeout)
     bridge = dist.ProcessGroupGloo(dist.PrefixStore("bridge/", store), rank, world, timeout)
-    _SPLIT = WorldSplit(world, rank, student, tuple(specs), bridge)
+    _SPLIT = WorldSplit(world, rank, student, tuple(specs), bridge,
+                        dist.PrefixStore("online/", store))
 
 
 def init_student_groups(tp: int = 1, pp: int = 1, vpp: int | None = None) -> StudentGroups:
