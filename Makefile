@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo-setup demo demo-tiny test test-fast bench clean
+.PHONY: setup demo-setup demo demo-tiny test test-fast clean
 
 setup: $(STAMP)
 
