@@ -75,7 +75,8 @@ mf_slurm_main() {  # the body of an sbatch script; "$@" = trainer overrides
   export LOG_DIR
   mf_run mkdir -p "${LOG_DIR}"
 
-  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)}"
+  # sed -n 1p reads to the end: `head -n 1` can SIGPIPE scontrol, which pipefail turns into an exit
+  MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | sed -n 1p)}"
   MASTER_PORT="${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}"
   export MASTER_ADDR MASTER_PORT
   mf_network_defaults

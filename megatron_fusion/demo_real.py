@@ -182,10 +182,10 @@ def plan(args) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo_real")
-    ap.add_argument("--fuse-steps", type=int, default=24)
-    ap.add_argument("--fpo-steps", type=int, default=16)
-    ap.add_argument("--n-train", type=int, default=96, help="SFT samples (fuse)")
-    ap.add_argument("--n-pref", type=int, default=64, help="preference pairs (FPO)")
+    ap.add_argument("--fuse-steps", type=int, default=16)
+    ap.add_argument("--fpo-steps", type=int, default=12)
+    ap.add_argument("--n-train", type=int, default=64, help="SFT samples (fuse)")
+    ap.add_argument("--n-pref", type=int, default=32, help="preference pairs (FPO)")
     ap.add_argument("--n-valid", type=int, default=16, help="held-out samples per domain / pairs")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--tp", type=int, default=TP, choices=[1, 3],
@@ -215,13 +215,13 @@ def main(argv=None) -> int:
     _run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "hf",
           "--teacher-model", str(gemma), "--teacher-name", "gemma3", "--data", data["train"],
           "--pivot-tokenizer", str(pivot), "--seq-len", str(args.seq_len),
-          "--out", str(out / "topk" / "gemma3"), "--batch-size", "4", "--no-progress"],
+          "--out", str(out / "topk" / "gemma3"), "--batch-size", "4"],
          "teacher 'gemma3' (Gemma-3-270M, SentencePiece 262k): top-K over the pivot's SFT set",
          quiet=True, env=hf_env)
     _run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "hf",
           "--source-model", str(gemma), "--source-name", "gemma3", "--data", data["preference"],
           "--seq-len", str(args.seq_len), "--out", str(out / "logprobs" / "gemma3"),
-          "--batch-size", "4", "--no-progress"],
+          "--batch-size", "4"],
          "source 'gemma3': sequence log-probs of chosen and rejected answers", quiet=True, env=hf_env)
     t_teacher = time.time()
 
