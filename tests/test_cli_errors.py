@@ -77,7 +77,8 @@ def test_cli_malformed_jsonl_names_file_and_line(tmp_path, demo_data):
 def test_nonfinite_loss_stops_and_keeps_last_checkpoint(tmp_path, demo_data):
     """An exploding LR makes the loss non-finite; the run stops naming it, the step-1 checkpoint
     stays the latest and loads."""
-    args = _small(tmp_path, demo_data, **{"optim.lr": "1e30", "optim.min_lr": "1e30",
+    args = _small(tmp_path, demo_data, **{"data.train": demo_data["train"],
+                                          "optim.lr": "1e30", "optim.min_lr": "1e30",
                                           "optim.warmup_steps": 0, "train.steps": 6,
                                           "checkpoint.interval": 1, "optim.decay": "constant"})
     code, err = _train(args)
