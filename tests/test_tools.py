@@ -22,3 +22,17 @@ def test_bench_gpu_cpu_smoke():
     assert "fusion / CE step-time ratio" in p.stdout
     ratio = float(p.stdout.split("ratio:")[1].split()[0])
     assert ratio > 0.5
+
+
+def test_demo_drivers_parse_and_plan():
+    """The two demo drivers' arguments and plan (the demos themselves run minutes: make demo)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    p = subprocess.run([sys.executable, "-m", "megatron_fusion.demo_real", "--dry-run",
+                        "--fuse-steps", "3", "--out", "/nonexistent/demo"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "fuse: 3 steps" in p.stdout and "/nonexistent/demo" in p.stdout
+    assert not Path("/nonexistent/demo").exists()
+    h = subprocess.run([sys.executable, "-m", "megatron_fusion.demo", "--help"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert h.returncode == 0 and "--tiny" in h.stdout
