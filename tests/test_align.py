@@ -163,3 +163,17 @@ def test_fraction_and_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report_alignment("t0", 0.95)
+
+
+@pytest.mark.parametrize("kind", ["prose", "code"])
+def test_byte_level_pivot_covers_90_percent(pair, kind):
+    """With the byte-level BPE (SmolLM2; Phi-4 and Qwen are byte-level too) as the pivot and the
+    SentencePiece as the teacher, offset alignment covers >= 90% of pivot positions on prose and on
+    code (measured 0.98-0.99 on stdlib code); the reverse direction is the 0.85 case above."""
+    sp, bb = pair
+    text = _cut(bb, _prose() if kind == "prose" else _code(), 4000)
+    _, p_off = bb.encode_with_offsets(text)
+    _, t_off = sp.encode_with_offsets(text)
+    oa = offset_alignment(p_off, t_off)
+    assert aligned_fraction(oa) >= 0.90
+    assert all(p_off[i][1] == t_off[j][1] for i, j in enumerate(oa) if j >= 0)
