@@ -83,16 +83,22 @@ def build_tokenizer(cfg: Config):
     return load_tokenizer(cfg.data.tokenizer)
 
 
-def build_sft_dataset(cfg: Config, path: str, tokenizer):
-    from megatron_fusion.data.sft import SFTDataset
+def build_dataset(cfg: Config, path: str, tokenizer, dataset_cls=None):
+    """A JSONL file encoded with the pivot tokenizer, cached under the run (SFT by default)."""
+    if dataset_cls is None:
+        from megatron_fusion.data.sft import SFTDataset as dataset_cls
 
     if not path:
         raise ConfigError("data.train", "must be set")
     if not Path(path).is_file():
         raise TrainError(f"data: file not found: {path}")
     cache = cfg.data.cache_dir or str(Path(cfg.run.dir) / "cache")
-    return SFTDataset(path, tokenizer, cfg.model.seq_length, cache_dir=cache,
-                      overflow=cfg.data.overflow)
+    return dataset_cls(path, tokenizer, cfg.model.seq_length, cache_dir=cache,
+                       overflow=cfg.data.overflow)
+
+
+def build_sft_dataset(cfg: Config, path: str, tokenizer):
+    return build_dataset(cfg, path, tokenizer)
 
 
 # --- model, optimizer, schedule ----------------------------------------------------------------

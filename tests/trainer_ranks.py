@@ -150,15 +150,15 @@ def fuse_layouts(rank, world, data, fuse, root, layouts, steps=5):
     return out
 
 
-def fuse_errors(rank, world, data, fuse, root, cases):
-    """Each case must fail before step 1; return the one-line messages."""
+def stage_errors(rank, world, data, stage_overrides, root, cases, steps=2):
+    """Each case must fail before step 1; return the one-line messages (None = it trained)."""
     from megatron_fusion.parallel import destroy_student_groups
     from megatron_fusion.train import train
 
     msgs = {}
     for name, extra in cases:
-        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + fuse_overrides(fuse)
-                          + ["train.steps=2"] + extra)
+        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + stage_overrides
+                          + [f"train.steps={steps}"] + extra)
         try:
             train(cfg)
             msgs[name] = None
@@ -166,6 +166,10 @@ def fuse_errors(rank, world, data, fuse, root, cases):
             msgs[name] = f"{type(e).__name__}: {e}"
         destroy_student_groups()
     return msgs
+
+
+def fuse_errors(rank, world, data, fuse, root, cases):
+    return stage_errors(rank, world, data, fuse_overrides(fuse), root, cases, steps=2)
 
 
 def fpo_overrides(fpo: dict) -> list[str]:
@@ -206,18 +210,4 @@ def fpo_layouts(rank, world, data, fpo, root, layouts, steps=5, init=False):
 
 
 def fpo_errors(rank, world, data, fpo, root, cases):
-    """Each case must fail before step 1; return the messages (None = it trained)."""
-    from megatron_fusion.parallel import destroy_student_groups
-    from megatron_fusion.train import train
-
-    msgs = {}
-    for name, extra in cases:
-        cfg = load_config(None, tiny_overrides(data, f"{root}/{name}") + fpo_overrides(fpo)
-                          + ["train.steps=1"] + extra)
-        try:
-            train(cfg)
-            msgs[name] = None
-        except Exception as e:  # the test checks type and text
-            msgs[name] = f"{type(e).__name__}: {e}"
-        destroy_student_groups()
-    return msgs
+    return stage_errors(rank, world, data, fpo_overrides(fpo), root, cases, steps=1)

@@ -48,16 +48,9 @@ class SourceLogprobError(RuntimeError):
 def build_preference_dataset(cfg: Config, tokenizer, path: str | None = None):
     """The training (or a held-out) preference file, encoded with the pivot tokenizer."""
     from megatron_fusion.data.preference import PreferenceDataset
-    from megatron_fusion.train import TrainError
+    from megatron_fusion.train import build_dataset
 
-    path = path or cfg.data.train
-    if not path:
-        raise ConfigError("data.train", "must be set (preference JSONL for stage fpo)")
-    if not Path(path).is_file():
-        raise TrainError(f"data: file not found: {path}")
-    cache = cfg.data.cache_dir or str(Path(cfg.run.dir) / "cache")
-    return PreferenceDataset(path, tokenizer, cfg.model.seq_length, cache_dir=cache,
-                             overflow=cfg.data.overflow)
+    return build_dataset(cfg, path or cfg.data.train, tokenizer, PreferenceDataset)
 
 
 def collate_pairs(items: list[dict]) -> dict:
