@@ -9,16 +9,22 @@ reference). Losses return ``(sum, count)``: normalise once, across micro-batches
 
 Typical fusion-stage use on the last pipeline stage (GPTModel returns ``[b, s, v_local]``)::
 
-    topk = standardized_topk(logits, k, vocab_size=V, tp_group=groups.tp)   # shared, one all-gather
-    ce = -token_logprobs(logits, labels, vocab_size=V, tp_group=groups.tp)  # == Megatron's CE
-    uld_sum, n_pos = uld_loss(None, t_vals, aligned_mask, k=k, student_topk=topk)
-    gld_sum, n_seq = gld_loss(None, t_vals, t_ids, aligned_mask, k=k, student_topk=topk)
+    # CE (== Megatron's CE == -token_logprobs) and the shared top-K in ONE autograd.Function:
+    # one all-gather + one all-reduce per token, one shard-sized gradient in backward
+    out = cross_entropy_and_topk(logits, labels, k, vocab_size=V, tp_group=groups.tp)
+    ce_sum = (out.ce * loss_mask).sum()
+    uld_sum, n_pos = uld_loss(None, t_vals, aligned_mask, k=k, student_topk=out.std_topk)
+    gld_sum, n_seq = gld_loss(None, t_vals, t_ids, aligned_mask, k=k, student_topk=out.std_topk)
+
+Separately, ``standardized_topk`` / ``distributed_topk`` and ``token_logprobs`` compute the same
+values (each with its own shard-sized gradient).
 
 Replicated outputs: values, ids and losses are identical on every TP rank, and each rank's
 backward fills only its own columns, so no extra TP reduction of the loss is needed (as with
 Megatron's vocab-parallel cross entropy).
 """
 
+from megatron_fusion.losses.ce_topk import CETopK, cross_entropy_and_topk
 from megatron_fusion.losses.fpo import clip_to_reference, fpo_loss
 from megatron_fusion.losses.gld import eccentricity, gld_from_topk, gld_loss, wasserstein_1d
 from megatron_fusion.losses.logprobs import sequence_logprobs, token_logprobs
@@ -27,6 +33,7 @@ from megatron_fusion.losses.uld import uld_from_topk, uld_loss, zscore_within_to
 from megatron_fusion.losses.weighting import combine_teachers
 
 __all__ = [
+    "cross_entropy_and_topk", "CETopK",
     "distributed_topk", "standardized_topk", "uld_loss", "uld_from_topk", "zscore_within_topk",
     "gld_loss", "gld_from_topk", "eccentricity", "wasserstein_1d", "token_logprobs",
     "sequence_logprobs", "fpo_loss", "clip_to_reference", "combine_teachers",

@@ -54,6 +54,14 @@ def shard_layout(logits_local: torch.Tensor, vocab_size: int | None, tp_group) -
                        tp_group if tp_size > 1 else None)
 
 
+def owned_columns(ids: torch.Tensor, lay: ShardLayout):
+    """Global ids -> (local column, owned): entries other ranks own point at column 0 (their
+    scatter source is zeroed, which keeps the scatter dense)."""
+    local = ids - lay.start
+    owned = (local >= 0) & (local < lay.n_valid)
+    return torch.where(owned, local, torch.zeros_like(local)), owned
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """Math dtype: fp32 for bf16/fp16/fp32 inputs, fp64 kept (gradcheck and tight references)."""
     return torch.float64 if dtype == torch.float64 else torch.float32

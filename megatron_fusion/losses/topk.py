@@ -31,7 +31,8 @@ from __future__ import annotations
 import torch
 
 from megatron_fusion.losses._shard import (
-    ShardLayout, all_gather_rows, all_reduce_, compute_dtype, shard_layout, token_chunks,
+    ShardLayout, all_gather_rows, all_reduce_, compute_dtype, owned_columns, shard_layout,
+    token_chunks,
 )
 
 _LOW32 = (1 << 32) - 1
@@ -127,6 +128,95 @@ def _merge_pairs_f64(gathered: torch.Tensor, k: int) -> tuple[torch.Tensor, torc
     return vals.gather(1, by_val), ids.gather(1, by_val).long()
 
 
+# ---------------------------------------------------------------- shared sweep helpers
+# Used by _VocabParallelTopK below and by the fused CE + top-K Function (ce_topk.py): the local
+# candidates, the shifted moments and the backward coefficients are the same math in both.
+class LocalCandidates:
+    """This rank's top-K candidates for every token, filled one chunk at a time during the sweep,
+    then merged into the global top-K with ONE all-gather (:meth:`merge`)."""
+
+    def __init__(self, n_tok: int, k: int, lay: ShardLayout, cdt: torch.dtype, device):
+        self.k, self.lay = k, lay
+        self.kk = min(k, lay.n_valid)                        # k may exceed the shard
+        self.f64 = cdt == torch.float64
+        if self.f64:
+            self.pairs = torch.empty((n_tok, k, 2), dtype=torch.float64, device=device)
+        else:
+            self.vals = torch.empty((n_tok, self.kk), dtype=torch.float32, device=device)
+            self.cols = torch.empty((n_tok, self.kk), dtype=torch.int64, device=device)
+            self.ambiguous = torch.zeros(n_tok, dtype=torch.bool, device=device)
+
+    def add(self, sl: slice, xc: torch.Tensor) -> torch.Tensor:
+        """xc = ``x[sl, :n_valid]``, the chunk's real columns in the logits' own dtype.
+        Returns the chunk's row maxima ``[n]`` in the compute dtype (exact; -inf without columns),
+        which the fused CE reuses instead of a separate max pass."""
+        if self.f64:
+            self.pairs[sl] = _local_pairs_f64(xc, self.k, self.lay)
+            return self.pairs[sl, 0, 0]
+        if self.kk > 0:
+            self.vals[sl], self.cols[sl], self.ambiguous[sl] = _topk_with_margin(xc, self.kk)
+            return self.vals[sl, 0]
+        return torch.full((xc.shape[0],), -torch.inf, device=xc.device)
+
+    def merge(self, x: torch.Tensor, chunk_tokens: int | None):
+        """x: ``[N, v_local]`` the shard (to fix boundary ties) -> global (values [N, k] in the
+        compute dtype, raw logits, descending; ids [N, k] int64). The one all-gather of k*tp."""
+        lay, k = self.lay, self.k
+        if self.f64:
+            cands = self.pairs
+        else:
+            rows = self.ambiguous.nonzero()[:, 0]                 # one host sync per forward
+            nv = lay.n_valid
+            for rs in token_chunks(rows.numel(), lay.v_local, chunk_tokens, x.device):
+                r = rows[rs]
+                self.cols[r] = _lowest_tied_columns(x[r, :nv], self.vals[r], self.cols[r])
+            cands = torch.full((x.shape[0], k), _SENTINEL_KEY, dtype=torch.int64, device=x.device)
+            if self.kk > 0:
+                cands[:, :self.kk] = encode_keys(self.vals, self.cols + lay.start)
+        gathered = all_gather_rows(cands, lay)                   # the one all-gather of k*tp
+        return (_merge_pairs_f64 if self.f64 else _merge_keys)(gathered, k)
+
+
+def shifted_moments(xc: torch.Tensor, cdt: torch.dtype) -> torch.Tensor:
+    """xc ``[n, c]`` (c >= 1 real columns, own dtype) -> float64 ``[n, 2]`` = [sum z, sum z^2].
+
+    The sums run in the compute dtype on ``z - c`` with the shift c = the row's first real logit
+    (a sample of the row, so sum (z - c)^2 does not cancel the way sum z^2 - V mu^2 would in
+    fp32); the shift is undone in float64.
+    """
+    nv = xc.shape[1]
+    c = xc[:, :1].to(cdt)
+    d = torch.sub(xc, c)                                   # fp32 (promotion), one pass
+    s1 = d.sum(-1).double()
+    s2 = d.square_().sum(-1).double()                      # in place: no second temporary
+    c = c[:, 0].double()
+    return torch.stack([nv * c + s1, s2 + 2 * c * s1 + nv * c * c], dim=-1)
+
+
+def zscore_stats(moments: torch.Tensor, vocab_size: int, cdt: torch.dtype):
+    """All-reduced float64 moments [N, 2] -> (mu, population sigma) [N] in the compute dtype."""
+    mu64 = moments[:, 0] / vocab_size
+    var64 = (moments[:, 1] / vocab_size - mu64 * mu64).clamp_min(0.0)
+    return mu64.to(cdt), var64.sqrt().to(cdt)
+
+
+def zscore_grad_terms(g: torch.Tensor, values: torch.Tensor, mu: torch.Tensor,
+                      sigma: torch.Tensor, eps: float, vocab_size: int):
+    """Backward of ``a = (z_ids - mu) / (sigma + eps)`` for incoming ``g = dL/da`` [N, k].
+
+    dL/dz_j = [scatter g / d]_j - sum(g) / (V d) - sum(g a) (z_j - mu) / (V sigma d), d = sigma + eps,
+    returned as (scatter source ``g / d`` [N, k], ``bias`` [N], ``slope`` [N]) with the dense part
+    ``bias + slope * z_j`` (one addcmul per chunk).
+    """
+    d = sigma + eps                                                  # [N]
+    c0 = g.sum(-1) / (vocab_size * d)
+    safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
+    c1 = torch.where(sigma > 0, (g * values).sum(-1) / (vocab_size * safe_sigma * d),
+                     torch.zeros_like(sigma))                        # sigma = 0: z_j - mu = 0 anyway
+    # -c0 - c1 (z - mu) = (c1 mu - c0) + z * (-c1)
+    return g / d[:, None], c1 * mu - c0, -c1
+
+
 # ---------------------------------------------------------------- the autograd.Function
 class _VocabParallelTopK(torch.autograd.Function):
     @staticmethod
@@ -137,52 +227,21 @@ class _VocabParallelTopK(torch.autograd.Function):
         lead = logits_local.shape[:-1]
         x = logits_local.reshape(-1, lay.v_local)             # [N, v_local], a view
         n_tok, nv = x.shape[0], lay.n_valid
-        kk = min(k, nv)                                       # k may exceed the shard
         cdt = compute_dtype(logits_local.dtype)
-        f64 = cdt == torch.float64
         dev = x.device
-        if f64:
-            pairs = []
-        else:
-            cand_vals = torch.empty((n_tok, kk), dtype=torch.float32, device=dev)
-            cand_cols = torch.empty((n_tok, kk), dtype=torch.int64, device=dev)
-            ambiguous = torch.zeros(n_tok, dtype=torch.bool, device=dev)
+        cands = LocalCandidates(n_tok, k, lay, cdt, dev)
         # per token: [sum z, sum z^2] of this shard, in float64 (see the module docstring)
         moments = torch.zeros((n_tok, 2), dtype=torch.float64, device=dev)
         # one sweep over the shard, a chunk of tokens at a time (fp32 temporaries of one chunk)
         for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, dev):
             xc = x[sl, :nv]
-            if f64:
-                pairs.append(_local_pairs_f64(xc, k, lay))
-            elif kk > 0:
-                cand_vals[sl], cand_cols[sl], ambiguous[sl] = _topk_with_margin(xc, kk)
+            cands.add(sl, xc)
             if standardize and nv > 0:
-                # shifted sums: the shift c (the row's first real logit) is a sample of the row, so
-                # sum (z - c)^2 does not cancel the way sum z^2 - V mu^2 would in fp32
-                c = xc[:, :1].to(cdt)
-                d = torch.sub(xc, c)                          # fp32 (promotion), one pass
-                s1 = d.sum(-1).double()
-                s2 = d.square_().sum(-1).double()             # in place: no second temporary
-                c = c[:, 0].double()
-                moments[sl, 0] = nv * c + s1
-                moments[sl, 1] = s2 + 2 * c * s1 + nv * c * c
+                moments[sl] = shifted_moments(xc, cdt)
         if standardize:
             all_reduce_(moments, lay)                          # the one all-reduce (2 scalars)
-            mu64 = moments[:, 0] / lay.vocab_size
-            var64 = (moments[:, 1] / lay.vocab_size - mu64 * mu64).clamp_min(0.0)
-            mu, sigma = mu64.to(cdt), var64.sqrt().to(cdt)
-        if f64:
-            cands = torch.cat(pairs)
-        else:
-            rows = ambiguous.nonzero()[:, 0]                   # one host sync per forward
-            for rs in token_chunks(rows.numel(), lay.v_local, chunk_tokens, dev):
-                r = rows[rs]
-                cand_cols[r] = _lowest_tied_columns(x[r, :nv], cand_vals[r], cand_cols[r])
-            cands = torch.full((n_tok, k), _SENTINEL_KEY, dtype=torch.int64, device=dev)
-            if kk > 0:
-                cands[:, :kk] = encode_keys(cand_vals, cand_cols + lay.start)
-        gathered = all_gather_rows(cands, lay)                  # the one all-gather of k*tp
-        values, ids = (_merge_pairs_f64 if f64 else _merge_keys)(gathered, k)
+            mu, sigma = zscore_stats(moments, lay.vocab_size, cdt)
+        values, ids = cands.merge(x, chunk_tokens)            # the one all-gather of k*tp
         values = values.to(cdt)
         if standardize:
             values = (values - mu[:, None]) / (sigma[:, None] + eps)
@@ -213,29 +272,18 @@ class _VocabParallelTopK(torch.autograd.Function):
         else:
             (ids,) = ctx.saved_tensors
         g = grad_values.reshape(ids.shape).to(cdt)              # [N, k], same on every TP rank
-        local = ids - lay.start
-        owned = (local >= 0) & (local < nv)
-        # entries owned by other ranks add 0 to column 0 (harmless, keeps the scatter dense)
-        col = torch.where(owned, local, torch.zeros_like(local))
+        col, owned = owned_columns(ids, lay)
         if not ctx.standardize:
             src = torch.where(owned, g, torch.zeros_like(g)).to(ctx.dtype)
             grad2.scatter_add_(1, col, src)
             return grad, None, None, None, None, None, None
-        d = sigma + ctx.eps                                      # [N]
-        # a_i = (z_id_i - mu) / d ;  dmu/dz_j = 1/V ;  dsigma/dz_j = (z_j - mu) / (V sigma)
-        # dL/dz_j = [scatter g / d]_j - sum(g) / (V d) - sum(g a) (z_j - mu) / (V sigma d)
-        c0 = g.sum(-1) / (lay.vocab_size * d)
-        safe_sigma = torch.where(sigma > 0, sigma, torch.ones_like(sigma))
-        c1 = torch.where(sigma > 0, (g * values).sum(-1) / (lay.vocab_size * safe_sigma * d),
-                         torch.zeros_like(sigma))               # sigma = 0: z_j - mu = 0 anyway
-        src = torch.where(owned, g / d[:, None], torch.zeros_like(g))
-        bias, neg_c1 = c1 * mu - c0, -c1
+        src, bias, slope = zscore_grad_terms(g, values, mu, sigma, ctx.eps, lay.vocab_size)
+        src = torch.where(owned, src, torch.zeros_like(src))
         direct = ctx.dtype == cdt                                # fp32/fp64: write in place
         for sl in token_chunks(ids.shape[0], lay.v_local, ctx.chunk_tokens, ctx.device):
             gc = grad2[sl, :nv] if direct else torch.empty(
                 (sl.stop - sl.start, nv), dtype=cdt, device=ctx.device)
-            # -c0 - c1 (z - mu) = (c1 mu - c0) + z * (-c1): one pass, fp32 math
-            torch.addcmul(bias[sl, None], x[sl, :nv], neg_c1[sl, None], out=gc)
+            torch.addcmul(bias[sl, None], x[sl, :nv], slope[sl, None], out=gc)   # fp32 math
             gc.scatter_add_(1, col[sl], src[sl])
             if not direct:
                 grad2[sl, :nv] = gc
