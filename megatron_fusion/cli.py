@@ -3,15 +3,15 @@
     megatron-fusion train --config configs/tiny_cpu.yaml [--nproc N] [dotted.key=value ...]
     megatron-fusion plan  --config configs/fuse_14b.yaml --nodes 4 --gpus-per-node 8
 
-`train` starts torchrun itself (``--nproc``; default: as many ranks as the config needs) and
-runs ``python -m megatron_fusion.train`` on every rank.
+`train` starts torchrun's agent itself (``--nproc``; default: as many ranks as the config
+needs), runs ``python -m megatron_fusion.train`` on every rank, and names a rank that dies by its
+role (student, or which teacher: ``megatron_fusion.supervise``).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 
 
@@ -31,12 +31,11 @@ def _train(argv: list[str]) -> int:
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", "-m", "megatron_fusion.train",
-           "--config", args.config, *overrides]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.call(cmd, env=env)
+    from megatron_fusion.supervise import run_torchrun
+
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    return run_torchrun(["--standalone", f"--nproc-per-node={nproc}", "-m", "megatron_fusion.train",
+                         "--config", args.config, *overrides], cfg, nproc)
 
 
 def main(argv: list[str] | None = None) -> int:

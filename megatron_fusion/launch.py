@@ -3,7 +3,8 @@
     python -m megatron_fusion.launch torchrun [--dry-run] [-- dotted.key=value ...]
 
 Runs once per node (under ``srun --ntasks-per-node=1``): reads the launcher's environment knobs,
-checks the layout the same way ``megatron-fusion plan`` does, and replaces itself with
+checks the layout the same way ``megatron-fusion plan`` does, and runs torchrun's agent in this
+process (``megatron_fusion.supervise``: a rank that dies is named by its role) as
 
     torchrun --nnodes N --nproc-per-node G --rdzv-backend c10d --rdzv-endpoint MASTER:PORT
              --rdzv-id JOB -m megatron_fusion.train --config CONFIG stage=.. run.dir=.. ...
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
 
-from megatron_fusion.config import ConfigError, load_config
+from megatron_fusion.config import Config, ConfigError, load_config
 
 DEFAULT_GPUS_PER_NODE = 8
 DEFAULT_MASTER_PORT = 29500
@@ -40,6 +41,8 @@ DEFAULT_MASTER_PORT = 29500
 class NodeLaunch:
     argv: list[str]          # the torchrun command line
     env: dict[str, str]      # variables added to the environment of torchrun and the ranks
+    cfg: Optional[Config] = None   # the resolved config (names failed ranks by role)
+    world: int = 0                 # ranks of the whole launch (nodes x GPUs per node)
 
 
 def _int(env: Mapping[str, str], name: str, default: Optional[int]) -> int:
@@ -114,7 +117,7 @@ def render(env: Mapping[str, str], extra: list[str]) -> NodeLaunch:
     added = {"OMP_NUM_THREADS": env.get("OMP_NUM_THREADS") or "8",
              "WANDB_RUN_ID": env.get("WANDB_RUN_ID") or wandb_run_id(cfg.run.dir, cfg.run.name),
              "WANDB_RESUME": env.get("WANDB_RESUME") or "allow"}
-    return NodeLaunch(argv, added)
+    return NodeLaunch(argv, added, cfg, nodes * gpus)
 
 
 def _check(cfg, nodes: int, gpus: int) -> None:
@@ -142,12 +145,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(shlex.join(node.argv))
         return 0
     sys.stdout.flush()
-    # torchrun itself must survive the SIGUSR1 that the batch script forwards before the time
-    # limit; an ignored signal stays ignored across exec, and the ranks install their own
-    # handler (megatron_fusion.train saves a checkpoint and exits at the next step boundary).
+    # torchrun's agent (in this process) must survive the SIGUSR1 that the batch script forwards
+    # before the time limit; the ranks inherit the ignored signal and install their own handler
+    # (megatron_fusion.train saves a checkpoint and exits at the next step boundary).
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    os.execvpe(node.argv[0], node.argv, {**os.environ, **node.env})
-    return 127  # not reached
+    os.environ.update(node.env)
+    from megatron_fusion.supervise import run_torchrun
+
+    return run_torchrun(node.argv[1:], node.cfg, node.world)
 
 
 if __name__ == "__main__":

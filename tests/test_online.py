@@ -168,6 +168,31 @@ def test_killed_teacher_rank_fails_fast_with_its_name(online):
     assert (root / "kill" / "checkpoints" / latest / "meta.json").exists()
 
 
+def test_teacher_rank_killed_by_signal_is_named_by_the_launcher(online):
+    """A SIGKILLed teacher rank (OOM killer): torchrun tears the launch down, and the launcher
+    (megatron_fusion.supervise, as `megatron-fusion train` and launch/*.sh run it) names the
+    teacher and its rank; the last checkpoint stays complete."""
+    root = online["root"]
+    cfg = _student_yaml(root / "sigkill.yaml", online["data"], root / "sigkill",
+                        online["online_t"], 50)
+    stamp = root / "sigkilled_at"
+    script = ("import sys; from megatron_fusion.config import load_config; "
+              "from megatron_fusion.supervise import run_torchrun; "
+              "sys.exit(run_torchrun(sys.argv[2:], load_config(sys.argv[1], []), 4))")
+    cmd = [sys.executable, "-c", script, str(cfg), "--standalone", "--nproc-per-node=4",
+           __file__, "--kill-after", "3", str(stamp), "--sigkill", "--config", str(cfg)]
+    p = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    end = time.time()
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and stamp.exists(), out[-3000:]
+    want = ("error: teacher tm (launch rank 3: tp rank 1 of replica 0) was killed by SIGKILL "
+            "(out of memory?); the student was stopped; its last checkpoint is kept")
+    assert want in out, out[-3000:]
+    assert end - float(stamp.read_text()) < TIMEOUT_S + 10, out[-2000:]
+    latest = (root / "sigkill" / "checkpoints" / "latest").read_text().strip()
+    assert (root / "sigkill" / "checkpoints" / latest / "meta.json").exists()
+
+
 def test_teacher_error_reaches_student_with_its_name(online):
     root = online["root"]
     bad = dict(online["online_t"], checkpoint=str(root / "no_such_run"))
@@ -182,7 +207,8 @@ def test_teacher_error_reaches_student_with_its_name(online):
 
 def _instrument(argv: list[str]) -> list[str]:
     """--dump DIR: save what every teacher source returns; --kill-after N STAMP: teacher launch
-    rank 3 writes the time to STAMP and calls os._exit(0) after N micro-batches."""
+    rank 3 writes the time to STAMP and calls os._exit(0) after N micro-batches (--sigkill: it
+    sends itself SIGKILL instead, as the kernel's OOM killer would)."""
     import torch
 
     if "--dump" in argv:
@@ -213,6 +239,9 @@ def _instrument(argv: list[str]) -> list[str]:
         i = argv.index("--kill-after")
         n, stamp = int(argv[i + 1]), Path(argv[i + 2])
         del argv[i:i + 3]
+        sigkill = "--sigkill" in argv
+        if sigkill:
+            argv.remove("--sigkill")
         if os.environ["RANK"] == "3":
             import megatron_fusion.teacher_topk as tt   # run_teacher imports it at call time
 
@@ -222,6 +251,10 @@ def _instrument(argv: list[str]) -> list[str]:
                 count[0] += 1
                 if count[0] > n:
                     stamp.write_text(str(time.time()))
+                    if sigkill:
+                        import signal
+
+                        os.kill(os.getpid(), signal.SIGKILL)
                     # exit code 0: torchrun does not tear the launch down, so the student must
                     # find out by itself (a non-zero exit makes torchrun SIGTERM every rank
                     # within seconds: the student then stops at the step's end and checkpoints)
