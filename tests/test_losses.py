@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_fusion.losses import (
-    distributed_topk, eccentricity, gld_from_topk, gld_loss,
+    cross_entropy_and_topk, distributed_topk, eccentricity, gld_from_topk, gld_loss,
     sequence_logprobs, standardized_topk, token_logprobs, uld_from_topk, uld_loss, wasserstein_1d,
 )
 
@@ -129,7 +129,8 @@ def make_case(name, *, dtype, vocab_size, padded, k, b=2, s=5, ties=False, all_m
                 t_vals=t_vals, t_ids=t_ids.view(b, s, k), mask=mask,
                 labels=torch.randint(0, vocab_size, (b, s), generator=g),
                 w=torch.randn(b, s, k, generator=g, dtype=F64),
-                wl=torch.randn(b, s, generator=g, dtype=F64))
+                wl=torch.randn(b, s, generator=g, dtype=F64),
+                w_raw=torch.randn(b, s, k, generator=g, dtype=F64))
 
 
 def reference(case):
@@ -153,6 +154,21 @@ def reference(case):
     run("gld", lambda z: ref_gld(z, case["t_vals"], case["t_ids"], mask, k))
     run("logp", lambda z: ((ref_token_logprobs(z, case["labels"]) * wl).sum(),
                            ref_token_logprobs(z, case["labels"])))
+
+    def ce_topk(z):     # every output of the fused Function, each with its own weights
+        ce = -ref_token_logprobs(z, case["labels"])
+        a, ids = ref_standardized_topk(z, k)
+        raw = ref_topk(z, k)[0]
+        return (ce * wl).sum() + (a * w).sum() + (raw * case["w_raw"]).sum(), (ce, a, raw, ids)
+    run("ce_topk", ce_topk)
+
+    def fusion(z):      # the fusion stage's loss: masked CE + ULD (both z-scores) + 0.5 GLD
+        ce_sum = -(ref_token_logprobs(z, case["labels"]) * mask).sum()
+        uld, n = ref_uld(z, case["t_vals"], mask, k, T)
+        uld_topk, _ = ref_uld(z, case["t_vals"], mask, k, T, zscore="topk")
+        gld, _ = ref_gld(z, case["t_vals"], case["t_ids"], mask, k)
+        return ce_sum + uld + uld_topk + 0.5 * gld, n
+    run("fusion", fusion)
     return out
 
 
@@ -187,7 +203,75 @@ def ours(logits, case, tp_group=None, chunk_tokens=None):
         seq_sum, n_tok = sequence_logprobs(x, case["labels"], mask, **kw)
         return (tok * wl.to(tok.dtype)).sum() + 0 * seq_sum.sum(), tok, seq_sum, n_tok
     run("logp", logp)
+
+    def ce_topk(x):
+        out = cross_entropy_and_topk(x, case["labels"], k, **kw)
+        loss = ((out.ce * wl.to(out.ce.dtype)).sum() + (out.values * w.to(out.ce.dtype)).sum()
+                + (out.raw_values * case["w_raw"].to(out.ce.dtype)).sum())
+        return (loss, *out)
+    run("ce_topk", ce_topk)
+    run("fusion", lambda x: fusion_loss(cross_entropy_and_topk(x, case["labels"], k, **kw), case))
     return res
+
+
+def fusion_loss(out, case):
+    """The fusion stage's loss from ``(ce, values, raw_values, ids)`` (fused or separate)."""
+    k, T, mask = case["k"], case["temperature"], case["mask"]
+    ce, vals, raw, ids = out
+    ce_sum = (ce * mask.to(ce.dtype)).sum()
+    uld, n = uld_loss(None, case["t_vals"], mask, k=k, temperature=T, student_topk=(vals, ids))
+    uld_topk, _ = uld_loss(None, case["t_vals"], mask, k=k, temperature=T, zscore="topk",
+                           student_topk=(raw, ids))
+    gld, _ = gld_loss(None, case["t_vals"], case["t_ids"], mask, k=k, student_topk=(vals, ids))
+    return ce_sum + uld + uld_topk + 0.5 * gld, n
+
+
+def separate_ce_topk(x, labels, k, **kw):
+    """The unfused path: three autograd Functions, three shard-sized gradients summed by autograd."""
+    ce = -token_logprobs(x, labels, **kw)
+    vals, ids = standardized_topk(x, k, **kw)
+    raw, _ = distributed_topk(x, k, **kw)
+    return ce, vals, raw, ids
+
+
+def fused_and_separate(logits, case, tp_group=None, chunk_tokens=None, labels=None):
+    """The fusion loss through ``cross_entropy_and_topk`` and through the separate Functions:
+    ``{path: (outputs, loss, grad of the shard)}``."""
+    kw = dict(vocab_size=case["vocab_size"], tp_group=tp_group, chunk_tokens=chunk_tokens)
+    labels = case["labels"] if labels is None else labels
+    res = {}
+    for path, fn in (("fused", cross_entropy_and_topk), ("separate", separate_ce_topk)):
+        x = logits.detach().clone().requires_grad_()
+        out = tuple(fn(x, labels, case["k"], **kw))
+        loss, _ = fusion_loss(out, case)
+        loss.backward()
+        res[path] = (tuple(o.detach() for o in out), loss.detach(), x.grad)
+    return res
+
+
+def assert_fused_equals_separate(res, case, exact=True):
+    """Forward: ids equal; values, raw values and CE equal (bitwise with ``exact``: same sweeps,
+    same collectives order at TP 1). Gradient: the fused one adds CE and top-K terms in fp32 and
+    rounds once, the separate path rounds each Function's gradient to the logits dtype first:
+    equal up to that rounding."""
+    (f_out, f_loss, f_grad), (s_out, s_loss, s_grad) = res["fused"], res["separate"]
+    name, dtype = case["name"], case["full"].dtype
+    assert torch.equal(f_out[3], s_out[3]), f"{name}: ids differ"
+    for what, a, b in zip(("ce", "values", "raw_values"), f_out, s_out):
+        assert a.dtype == b.dtype, (name, what)
+        if exact:
+            assert torch.equal(a, b), f"{name}: {what} differ"
+        else:
+            tol = 1e-12 if dtype == F64 else 1e-5
+            torch.testing.assert_close(a, b, atol=tol, rtol=tol, msg=lambda m: f"{name} {what}: {m}")
+    torch.testing.assert_close(f_loss, s_loss, atol=0 if exact else 1e-5, rtol=0 if exact else 1e-6)
+    assert f_grad.dtype == s_grad.dtype == dtype and f_grad.shape == s_grad.shape
+    assert (f_grad[..., case["vocab_size"]:] == 0).all(), f"{name}: padding got a gradient"
+    scale = max(1.0, float(s_grad.abs().max()))
+    # bf16: 3 roundings (one per separate gradient + autograd's sum) vs one
+    tol = {F64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 3 * 2.0 ** -8}[dtype] * scale
+    torch.testing.assert_close(f_grad.to(F64), s_grad.to(F64), atol=tol, rtol=0,
+                               msg=lambda m: f"{name} grad: {m}")
 
 
 TOL = {F64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-5), torch.bfloat16: (2e-4, 2e-2)}
@@ -205,6 +289,11 @@ def assert_matches(case, got, grads_full, ref):
             torch.testing.assert_close(g_out[1].to(F64), r_out[1][0].detach(), atol=atol_f, rtol=0,
                                        msg=lambda m: f"{label} values: {m}")
             assert torch.equal(g_out[2], r_out[1][1]), f"{label} ids differ"
+        elif name == "ce_topk":
+            for i, what in enumerate(("ce", "values", "raw_values")):
+                torch.testing.assert_close(g_out[1 + i].to(F64), r_out[1][i].detach(), atol=atol_f,
+                                           rtol=0, msg=lambda m: f"{label} {what}: {m}")
+            assert torch.equal(g_out[4], r_out[1][3]), f"{label} ids differ"
         elif name == "logp":
             torch.testing.assert_close(g_out[1].to(F64), r_out[1].detach(), atol=atol_f, rtol=0)
             keep = case["mask"] > 0
@@ -218,7 +307,7 @@ def assert_matches(case, got, grads_full, ref):
             assert not torch.isnan(g_out[0]).any()
         assert g_grad.dtype == dtype, f"{label}: grad dtype {g_grad.dtype}"
         assert (g_grad[..., V:] == 0).all(), f"{label}: padded columns got a gradient"
-        if name == "gld" and case["name"].startswith("ties"):
+        if name in ("gld", "fusion") and case["name"].startswith("ties"):
             # tied eccentricities: W1 has no unique gradient (which tied node sorts first is
             # arbitrary, every choice is a valid subgradient); the forward is still compared
             continue
@@ -297,6 +386,47 @@ def test_topk_boundary_ties_pick_lowest_ids(dtype):
         assert torch.equal(ids, want_i)
 
 
+# ============================================================ fused CE + top-K == separate path
+@pytest.mark.parametrize("chunk_tokens", [None, 3])
+def test_fused_ce_topk_equals_separate_path(chunk_tokens):
+    """cross_entropy_and_topk gives the separate Functions' outputs bit for bit at TP 1, and the
+    fusion loss's gradient up to the separate path's extra roundings."""
+    cases = serial_cases() + [make_case("ties_bf16", dtype=torch.bfloat16, vocab_size=37, padded=40,
+                                        k=7, ties=True, seed=8)]
+    for case in cases:
+        assert_fused_equals_separate(fused_and_separate(case["full"], case, chunk_tokens=chunk_tokens),
+                                     case)
+
+
+def test_fused_ce_topk_ignored_labels_and_partial_use():
+    """Labels -100 (masked positions) give no CE gradient; when only some outputs reach the loss
+    the gradient is that of the matching separate Function."""
+    case = make_case("ign", dtype=torch.float32, vocab_size=37, padded=40, k=5, seed=9)
+    labels = torch.where(case["mask"] > 0, case["labels"], -100)
+    assert_fused_equals_separate(fused_and_separate(case["full"], case, labels=labels), case)
+    kw = dict(vocab_size=37)
+    for i, (sep, w) in enumerate(((lambda x: -token_logprobs(x, labels, **kw), case["wl"]),
+                                  (lambda x: standardized_topk(x, 5, **kw)[0], case["w"]),
+                                  (lambda x: distributed_topk(x, 5, **kw)[0], case["w_raw"]))):
+        x1 = case["full"].clone().requires_grad_()
+        (cross_entropy_and_topk(x1, labels, 5, **kw)[i] * w.float()).sum().backward()
+        x2 = case["full"].clone().requires_grad_()
+        (sep(x2) * w.float()).sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad, atol=1e-6, rtol=0)
+    x = case["full"].clone().requires_grad_()
+    ce = cross_entropy_and_topk(x, labels, 5, **kw).ce
+    (ce * case["mask"]).sum().backward()
+    assert (x.grad[case["mask"] == 0] == 0).all()
+
+
+def test_fused_ce_topk_errors():
+    z = torch.randn(2, 3, 20)
+    with pytest.raises(ValueError, match="labels"):
+        cross_entropy_and_topk(z, torch.zeros(2, 4, dtype=torch.long), 3)
+    with pytest.raises(ValueError, match="k=21"):
+        cross_entropy_and_topk(z, torch.zeros(2, 3, dtype=torch.long), 21)
+
+
 # ============================================================ gradcheck (float64, tiny)
 def test_gradcheck_all_functions():
     g = torch.Generator().manual_seed(7)
@@ -315,6 +445,8 @@ def test_gradcheck_all_functions():
     assert gc(lambda x: gld_loss(x, t_vals, t_ids, mask, k=4, **kw)[0], (z,))
     assert gc(lambda x: token_logprobs(x, labels, **kw), (z,))
     assert gc(lambda x: sequence_logprobs(x, labels, mask, **kw)[0], (z,))
+    assert gc(lambda x: cross_entropy_and_topk(x, labels, 4, **kw)[:3], (z,))
+    assert gc(lambda x: cross_entropy_and_topk(x, labels, 11, vocab_size=11, chunk_tokens=2)[:3], (z,))
 
 
 # ============================================================ closed forms
@@ -490,3 +622,38 @@ def test_bf16_forward_never_makes_a_shard_sized_fp32_copy():
     assert sizes[0] <= grad_bytes, sizes[:3]
     # besides the gradients (one per autograd Function, summed by autograd), only chunk-sized
     assert all(sz <= max(chunk_fp32, 64 * 1024) for sz in sizes if sz != grad_bytes), sizes[:6]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_ce_topk_backward_makes_one_shard_sized_gradient(dtype):
+    """CE + ULD + GLD through cross_entropy_and_topk: forward allocates at most one fp32 chunk at a
+    time, backward exactly ONE shard-sized tensor (the gradient, in the logits dtype) and otherwise
+    chunk-sized temporaries; the separate Functions allocate one shard-sized gradient each."""
+    b, s, v, chunk = 2, 64, 4096, 8
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(b, s, v, generator=g).to(dtype)
+    t_vals = torch.randn(b, s, 10, generator=g)
+    t_ids = torch.stack([torch.randperm(50, generator=g)[:10] for _ in range(b * s)]).view(b, s, 10)
+    mask = torch.ones(b, s)
+    labels = torch.randint(0, v, (b, s), generator=g)
+    chunk_fp32, grad_bytes = chunk * v * 4, logits.numel() * logits.element_size()
+    small = max(chunk_fp32, 64 * 1024)
+
+    def profile(fn):
+        x = logits.clone().requires_grad_()
+        with torch.profiler.profile(profile_memory=True) as fwd:
+            ce, vals, _, ids = fn(x, labels, 10, chunk_tokens=chunk)
+            u, _ = uld_loss(None, t_vals, mask, student_topk=(vals, ids))
+            gl, _ = gld_loss(None, t_vals, t_ids, mask, student_topk=(vals, ids))
+            loss = (ce * mask).sum() + u + 0.5 * gl
+        with torch.profiler.profile(profile_memory=True) as bwd:
+            loss.backward()
+        assert x.grad.dtype == dtype
+        return ([e.self_cpu_memory_usage for e in fwd.events()],
+                sorted((e.self_cpu_memory_usage for e in bwd.events()), reverse=True))
+
+    fwd, bwd = profile(cross_entropy_and_topk)
+    assert 0 < max(fwd) <= chunk_fp32 < logits.numel() * 4 // 8, max(fwd)
+    assert bwd[0] == grad_bytes and bwd[1] <= small, bwd[:4]     # one gradient, rest chunk-sized
+    _, bwd_sep = profile(separate_ce_topk)
+    assert sum(sz >= grad_bytes for sz in bwd_sep) == 2, bwd_sep[:4]   # CE and top-K: one each

@@ -1,8 +1,9 @@
 """Fusion losses under tensor parallelism (TP 2 and 4 on gloo ranks) against the serial float64
 reference of test_losses.py: forward and gradient of every function, uneven vocab (padding), masks,
-exact ties, bf16, k larger than a shard, all-masked, a rank holding only padding; -token_logprobs
-against megatron-core's vocab_parallel_cross_entropy; and the communication contract (every
-collective recorded with its size). One launch per TP size runs all checks (~10 s each).
+exact ties, bf16, k larger than a shard, all-masked, a rank holding only padding; the fused
+CE + top-K Function against the separate Functions under TP; -token_logprobs against
+megatron-core's vocab_parallel_cross_entropy; and the communication contract (every collective
+recorded with its size). One launch per TP size runs all checks (~10 s each).
 
     .venv/bin/python -m pytest -q tests/test_losses_dist.py
 """
@@ -18,9 +19,11 @@ import torch.distributed as dist
 from megatron_fusion.testing import run_on_ranks
 
 try:   # tests/ may or may not be a package (an __init__.py changes the import name)
-    from tests.test_losses import F64, assert_matches, make_case, ours, reference
+    from tests.test_losses import (F64, assert_fused_equals_separate, assert_matches,
+                                   fused_and_separate, make_case, ours, reference)
 except ImportError:
-    from test_losses import F64, assert_matches, make_case, ours, reference
+    from test_losses import (F64, assert_fused_equals_separate, assert_matches, fused_and_separate,
+                             make_case, ours, reference)
 
 pytestmark = pytest.mark.dist
 
@@ -66,8 +69,9 @@ class CommRecorder:
 
 def _comm_checks(tp_group, rank, world, b=2, s=3, v_local=64, k=4):
     """Forward and backward of every function under the recorder; returns {name: (fwd, bwd)}."""
-    from megatron_fusion.losses import (distributed_topk, gld_loss, sequence_logprobs,
-                                        standardized_topk, token_logprobs, uld_loss)
+    from megatron_fusion.losses import (cross_entropy_and_topk, distributed_topk, gld_loss,
+                                        sequence_logprobs, standardized_topk, token_logprobs,
+                                        uld_loss)
     g = torch.Generator().manual_seed(0)
     full = torch.randn(b, s, v_local * world, generator=g)
     t_vals = torch.randn(b, s, k, generator=g)
@@ -84,6 +88,11 @@ def _comm_checks(tp_group, rank, world, b=2, s=3, v_local=64, k=4):
         "token_logprobs": lambda x: token_logprobs(x, labels, **kw).sum(),
         "sequence_logprobs": lambda x: sequence_logprobs(x, labels, mask, **kw)[0].sum(),
         "chunked_uld": lambda x: uld_loss(x, t_vals, mask, k=k, chunk_tokens=1, **kw)[0],
+        "cross_entropy_and_topk": lambda x: sum(
+            (o * torch.rand(o.shape, generator=g)).sum()
+            for o in cross_entropy_and_topk(x, labels, k, **kw)[:3]),
+        "fusion_fused": lambda x: _fused_fusion_loss(
+            cross_entropy_and_topk(x, labels, k, chunk_tokens=2, **kw), t_vals, t_ids, mask, k),
     }
     out = {}
     for name, fn in fns.items():
@@ -95,6 +104,16 @@ def _comm_checks(tp_group, rank, world, b=2, s=3, v_local=64, k=4):
             bwd = rec.take()
         out[name] = (fwd, bwd)
     return dict(comm=out, n_tokens=b * s, v_local=v_local, k=k)
+
+
+def _fused_fusion_loss(out, t_vals, t_ids, mask, k):
+    """The fusion stage's loss on the fused outputs: ULD and GLD add no collective."""
+    from megatron_fusion.losses import gld_loss, uld_loss
+
+    u, _ = uld_loss(None, t_vals, mask, k=k, student_topk=out.std_topk)
+    ut, _ = uld_loss(None, t_vals, mask, k=k, zscore="topk", student_topk=out.raw_topk)
+    gl, _ = gld_loss(None, t_vals, t_ids, mask, k=k, student_topk=out.std_topk)
+    return (out.ce * mask).sum() + u + ut + 0.5 * gl
 
 
 def _rank_checks(rank, world, cases):
@@ -110,6 +129,12 @@ def _rank_checks(rank, world, cases):
         # alternate the chunking so that both the one-chunk and the many-chunk paths run under TP
         result["cases"][case["name"]] = ours(shard, case, tp_group=tp,
                                              chunk_tokens=None if i % 2 else 2)
+    result["fused_vs_separate"] = {}
+    for i, case in enumerate(cases):
+        v_local = case["full"].shape[-1] // world
+        shard = case["full"][..., rank * v_local:(rank + 1) * v_local]
+        result["fused_vs_separate"][case["name"]] = fused_and_separate(
+            shard, case, tp_group=tp, chunk_tokens=2 if i % 2 else None)
     # -token_logprobs == megatron-core's vocab_parallel_cross_entropy (no padding; it takes [s, b, v])
     from megatron_fusion.losses import token_logprobs
     g = torch.Generator().manual_seed(1)
@@ -180,6 +205,23 @@ def test_tp_matches_serial_reference(world):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+def test_fused_ce_topk_equals_separate_path_under_tp(world):
+    """cross_entropy_and_topk under TP == the three separate Functions under TP (forward and the
+    fusion loss's gradient; CE and moments go through one float64 all-reduce instead of three, so
+    forward values agree to rounding rather than bit for bit)."""
+    cases, per_rank = _launch(world)
+    for case in cases:
+        ranks = [r["fused_vs_separate"][case["name"]] for r in per_rank]
+        for other in ranks[1:]:
+            for a, b in zip(ranks[0]["fused"][0], other["fused"][0]):
+                assert torch.equal(a, b), f"{case['name']}: ranks disagree"
+        res = {path: (ranks[0][path][0], ranks[0][path][1],
+                      torch.cat([r[path][2] for r in ranks], dim=-1))
+               for path in ("fused", "separate")}
+        assert_fused_equals_separate(res, case, exact=False)
+
+
+@pytest.mark.parametrize("world", [2, 4])
 def test_token_logprobs_equals_megatron_vocab_parallel_cross_entropy(world):
     _, per_rank = _launch(world)
     for r in per_rank:
@@ -199,7 +241,16 @@ def test_communication_contract(world):
             reduces = [c for c in fwd if c[0] == "all_reduce"]
             assert len(gathers) + len(reduces) == len(fwd), f"{name}: unexpected {fwd}"
             for c in fwd:   # nothing of vocabulary size: at most k values (8 B each) per token
-                assert c[1] <= n_tok * max(k, 2) < n_tok * v_local, f"{name}: {c}"
+                assert c[1] <= n_tok * max(k, 4) < n_tok * v_local, f"{name}: {c}"
+            if name in ("cross_entropy_and_topk", "fusion_fused"):
+                # CE + z-scored top-K (+ ULD + GLD): ONE all-gather of k keys and ONE float64
+                # all-reduce of 4 scalars (sum-exp, target, sum z, sum z^2) per token, i.e. 2 per
+                # loss it serves; the separate path needs 1 all-gather + 3 all-reduces (1+2+2)
+                assert [c[1:] for c in gathers] == [(n_tok * k, n_tok * k * 8, "torch.int64")], \
+                    (name, gathers)
+                assert [c[1:] for c in reduces] == [(4 * n_tok, 32 * n_tok, "torch.float64")], \
+                    (name, reduces)
+                continue
             # at most 3 all-reduces of at most 2 scalars per token per loss
             assert len(reduces) <= 3 and all(c[1] <= 2 * n_tok for c in reduces), (name, reduces)
             if name in ("token_logprobs", "sequence_logprobs"):
