@@ -387,19 +387,21 @@ class Plan:
 
 
 def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> int:
-    """All divisibility and placement checks; returns the student's DP size."""
+    """All divisibility and placement checks; returns the student's DP size. Also what the
+    launcher runs on every node, so it needs no sizes: a teacher's heads are checked against its
+    tp when its ``model`` is given (else the teacher's checkpoint is, when it loads)."""
     if nodes < 1:
         raise ConfigError("--nodes", "must be >= 1")
     if gpus_per_node < 1:
         raise ConfigError("--gpus-per-node", "must be >= 1")
-    m, p = cfg.model, cfg.parallel
-    if m.vocab_size <= 0:
-        raise ConfigError("model.vocab_size", "plan needs the true vocabulary size (not 0)")
-    for i, (tc, tm) in enumerate(zip(cfg.fuse.teachers, teacher_models(cfg))):
+    p = cfg.parallel
+    for i, tc in enumerate(cfg.fuse.teachers):
         if tc.source != "online":
             continue
         where = f"fuse.teachers.{i}"
-        if not _teacher_tp_ok(tm, tc.tp):
+        tm = _build(ModelConfig, {"seq_length": cfg.model.seq_length, **tc.model},
+                    f"{where}.model") if tc.model else None
+        if tm is not None and not _teacher_tp_ok(tm, tc.tp):
             raise ConfigError(f"{where}.tp", f"{tc.tp} must divide the teacher's attention heads "
                               f"({tm.num_attention_heads}), KV heads ({_kv_heads(tm)}) and ffn ({tm.ffn_size})")
         if gpus_per_node % tc.tp != 0:
@@ -415,6 +417,9 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> int:
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gib: float) -> Plan:
+    if cfg.model.vocab_size <= 0:
+        raise ConfigError("model.vocab_size", "plan needs the true vocabulary size (not 0)")
+    teacher_models(cfg)                   # every teacher's architecture, for the estimates
     dp = check_layout(cfg, nodes, gpus_per_node)
     world = nodes * gpus_per_node
     student_ranks = cfg.student_world_size(world)

@@ -6,6 +6,7 @@ they were called, so the batch scripts run unchanged on a machine without Slurm.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -187,3 +188,23 @@ def test_wandb_run_id_survives_requeues_and_differs_per_run_dir():
         launch.render({k: v for k, v in base.items() if k != "MASTER_ADDR"}, [])
     with pytest.raises(ConfigError, match="parallel.tp"):
         launch.render(base, ["parallel.tp=4"])
+
+
+@pytest.mark.dist
+def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
+    """Not a dry run: run_local.sh -> `python -m megatron_fusion.launch torchrun` (torchrun's agent
+    in-process) -> 2 gloo ranks train 2 steps with W&B offline under the launcher's run id."""
+    from tests.trainer_ranks import tiny_overrides
+
+    run_dir = tmp_path / "run"
+    over = [o for o in tiny_overrides(demo_data, str(run_dir)) if not o.startswith("logging.wandb")]
+    env = {**slurm_env, "GPUS_PER_NODE": "2", "CONFIG": "configs/tiny_cpu.yaml",
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    r = run_script("run_local.sh", env, *over, "train.steps=2", timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").open()
+             if "loss/total" in x]
+    assert steps == [1, 2]
+    want_id = launch.wandb_run_id(str(run_dir), None)
+    assert (run_dir / "wandb_id").read_text().strip() == want_id
+    assert list((run_dir / "wandb").glob(f"offline-run-*-{want_id}")), list(run_dir.rglob("*"))

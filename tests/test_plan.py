@@ -177,3 +177,18 @@ def test_fpo_counts_chosen_and_rejected_in_activations():
     a_fpo = plan.student_memory(fpo, lay, dp=8)[0].activations["selective"]
     a_sft = plan.student_memory(fuse_like, lay, dp=8)[0].activations["selective"]
     assert a_fpo == pytest.approx(2 * a_sft)
+
+
+def test_launcher_layout_check_needs_no_sizes():
+    """The launcher runs check_layout on every node: a config whose vocab comes from the tokenizer
+    and whose online teachers give no `model` (configs/demo_cpu_online.yaml) passes it; plan
+    itself still asks for the sizes it estimates with."""
+    from megatron_fusion.config import ConfigError, load_config
+    from megatron_fusion.plan import check_layout, make_plan
+
+    cfg = load_config("configs/demo_cpu_online.yaml", [])
+    assert check_layout(cfg, 1, 6) == 1                    # student TP2 + 2 teachers x 2 ranks
+    with pytest.raises(ConfigError, match=r"fuse.teachers.0.tp: 2 must divide gpus per node \(5\)"):
+        check_layout(cfg, 1, 5)
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        make_plan(cfg, 1, 6, 80)
