@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo-setup demo demo-tiny test test-fast clean
+.PHONY: setup demo-setup demo demo-tiny demo-online test test-fast clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ demo: demo-setup
 
 demo-tiny: setup
 	$(VPY) -m megatron_fusion.demo --tiny
+
+# the tiny demo with online teachers: student TP2 + 2 teacher groups x TP2 (6 ranks)
+demo-online: setup
+	$(VPY) -m megatron_fusion.demo --tiny --online --out runs/demo_online
 
 test: setup
 	$(VPY) -m pytest -q tests

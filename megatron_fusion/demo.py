@@ -1,6 +1,7 @@
 """The CPU fusion demo (``make demo``): two single-skill teachers -> one fused pivot, at TP=2.
 
     python -m megatron_fusion.demo [--out runs/demo] [--fuse-steps 120] [--teacher-steps 300]
+                                   [--tiny] [--online]
 
 1. synthetic tasks with checkable answers (arithmetic word problems, string manipulation) and a
    pivot tokenizer (SentencePiece unigram);
@@ -13,6 +14,9 @@
    scoring them as sources with their own tokenizers (configs/demo_cpu_fpo.yaml);
 6. a before/after table: held-out CE per domain, held-out preference accuracy, and where the
    metrics and W&B files are.
+``--online`` (``make demo-online``): step 3 is skipped and step 4 runs
+``megatron-fusion train --config configs/demo_cpu_online.yaml``: the two teachers run as teacher
+ranks (2 x TP2) beside the student (TP2), six ranks in all, streaming top-K while it trains.
 Re-running reuses finished pieces (data, teachers, top-K shards) and resumes the fused run.
 """
 
@@ -49,8 +53,9 @@ def _train(config: str, nproc: int, overrides: list[str], what: str) -> None:
           "-m", "megatron_fusion.train", "--config", config, *overrides], what)
 
 
-def prepare(out: Path, teacher_steps: int) -> dict:
-    """Data, teacher tokenizers, trained teachers, precomputed top-K (each step reused if done)."""
+def prepare(out: Path, teacher_steps: int, precompute: bool = True) -> dict:
+    """Data, teacher tokenizers, trained teachers, precomputed top-K (each step reused if done;
+    no top-K with ``precompute=False``: online teachers compute it during the fusion run)."""
     from megatron_fusion.tokenizers import train_byte_bpe, train_sentencepiece
 
     data = make_demo_data(out / "data", n_train=2000, n_valid=64)
@@ -74,6 +79,8 @@ def prepare(out: Path, teacher_steps: int) -> dict:
                [f"run.dir={run_dir}", f"data.train={path}", f"data.tokenizer={toks[name]}",
                 f"train.steps={teacher_steps}", "logging.progress=true"],
                f"teacher '{name}': {len(rows)} {name} samples, own tokenizer {toks[name].name}")
+        if not precompute:
+            continue
         _run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "megatron",
               "--checkpoint", str(run_dir), "--teacher-tokenizer", str(toks[name]),
               "--teacher-name", name, "--data", data["train"],
@@ -122,22 +129,32 @@ def main(argv=None) -> int:
     ap.add_argument("--fuse-steps", type=int, default=120)
     ap.add_argument("--fpo-steps", type=int, default=60)
     ap.add_argument("--tiny", action="store_true", help="a 3-minute version (CI-sized)")
+    ap.add_argument("--online", action="store_true",
+                    help="fuse with online teacher ranks (configs/demo_cpu_online.yaml)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.teacher_steps, args.fuse_steps, args.fpo_steps = 60, 30, 15
     out = Path(args.out)
     t0 = time.time()
-    data = prepare(out, args.teacher_steps)
-    fused = out / "fused"
+    data = prepare(out, args.teacher_steps, precompute=not args.online)
+    fused = out / ("fused_online" if args.online else "fused")
     overrides = [f"run.dir={fused}", f"train.steps={args.fuse_steps}",
                  f"data.train={data['train']}", f"data.tokenizer={data['pivot_tokenizer']}",
                  f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
                  f"fuse.teachers.0.tokenizer={out}/teachers/arith_tok",
-                 f"fuse.teachers.0.topk_dir={out}/topk/arith",
                  f"fuse.teachers.1.tokenizer={out}/teachers/string.model",
-                 f"fuse.teachers.1.topk_dir={out}/topk/string",
                  f"train.eval_interval={max(args.fuse_steps // 3, 1)}"]
-    _train("configs/demo_cpu.yaml", 2, overrides, "fusing the pivot at TP=2 (CE + ULD + GLD)")
+    if args.online:   # megatron-fusion train starts student + teacher ranks (6) by itself
+        _run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
+              "configs/demo_cpu_online.yaml", *overrides,
+              f"fuse.teachers.0.checkpoint={out}/teachers/arith",
+              f"fuse.teachers.1.checkpoint={out}/teachers/string"],
+             "fusing the pivot at TP=2 with two online teacher groups (2 x TP=2), 6 ranks")
+    else:
+        _train("configs/demo_cpu.yaml", 2, overrides + [
+            f"fuse.teachers.0.topk_dir={out}/topk/arith",
+            f"fuse.teachers.1.topk_dir={out}/topk/string"],
+            "fusing the pivot at TP=2 (CE + ULD + GLD)")
     table = _eval_table(fused / "metrics.jsonl")
     fpo_table = run_fpo(out, data, fused, args.fpo_steps)
     print("\n" + "=" * 64)
