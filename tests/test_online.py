@@ -193,6 +193,31 @@ def test_teacher_rank_killed_by_signal_is_named_by_the_launcher(online):
     assert (root / "sigkill" / "checkpoints" / latest / "meta.json").exists()
 
 
+def test_demo_online_config_through_megatron_fusion_train(online):
+    """`megatron-fusion train --config configs/demo_cpu_online.yaml` (no --nproc) starts the
+    6 ranks the config needs (student TP2 + 2 teacher groups x 2) and trains; both teachers point
+    at the test's tiny teacher, data and sizes are shrunk by overrides."""
+    root, t = online["root"], online["online_t"]
+    over = [f"run.dir={root / 'demo_online'}", f"data.train={online['data']['train']}",
+            f"data.tokenizer={online['data']['pivot_tokenizer']}", "data.valid=[]",
+            f"model.seq_length={SEQ}", "train.steps=2", "train.micro_batch=2",
+            "train.global_batch=4", "logging.wandb_mode=disabled", "logging.progress=false",
+            f"fuse.timeout_s={TIMEOUT_S}"]
+    for i in (0, 1):
+        over += [f"fuse.teachers.{i}.checkpoint={t['checkpoint']}",
+                 f"fuse.teachers.{i}.tokenizer={t['tokenizer']}"]
+    p = subprocess.run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
+                        "configs/demo_cpu_online.yaml", *over], env=_env(), cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(x) for x in (root / "demo_online" / "metrics.jsonl").open()]
+    steps = [r for r in recs if "loss/total" in r]
+    assert [r["step"] for r in steps] == [1, 2]
+    for r in steps:   # both online teachers streamed top-K to the student every step
+        assert r["teacher/arith/tokens_per_s"] > 0 and r["teacher/string/tokens_per_s"] > 0, r
+        assert r["loss/uld"] > 0 and r["teacher/wait_s"] >= 0, r
+
+
 def test_teacher_error_reaches_student_with_its_name(online):
     root = online["root"]
     bad = dict(online["online_t"], checkpoint=str(root / "no_such_run"))
