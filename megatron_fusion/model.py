@@ -43,6 +43,22 @@ def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     return have
 
 
+def check_fp8(cfg: Config) -> None:
+    """``train.fp8`` runs the transformer layers' GEMMs in FP8 through Transformer Engine; without
+    TE (or a GPU) it would silently train in the base precision, so it is refused instead."""
+    from megatron_fusion.config import ConfigError
+
+    if cfg.train.fp8 is None:
+        return
+    if cfg.model.transformer_impl == "local" or not te_available():
+        raise ConfigError("train.fp8", f"{cfg.train.fp8!r} needs the Transformer Engine layers on "
+                          "a GPU (TE does not import here, or model.transformer_impl is 'local'); "
+                          "unset train.fp8")
+    if cfg.train.precision != "bf16":
+        raise ConfigError("train.fp8", f"FP8 runs on top of bf16 (train.precision is "
+                          f"{cfg.train.precision!r}); set train.precision=bf16")
+
+
 class ShardedNorm(torch.nn.Module):
     """RMSNorm/LayerNorm over the hidden dim whose params are tagged for sequence parallelism."""
 

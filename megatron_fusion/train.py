@@ -244,7 +244,7 @@ def train(cfg: Config, hooks=None) -> dict:
 
     from megatron_fusion import checkpoint as ckpt
     from megatron_fusion.metrics import MetricsSink
-    from megatron_fusion.model import build_model
+    from megatron_fusion.model import build_model, check_fp8
     from megatron_fusion.parallel import init_student_groups, launch_world_size
 
     world = launch_world_size()  # student + online teacher ranks (validate_layout subtracts them)
@@ -255,6 +255,7 @@ def train(cfg: Config, hooks=None) -> dict:
     if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
         raise ConfigError("parallel.distributed_optimizer", "megatron-core 0.16's distributed "
                           "optimizer asserts CUDA tensor types; set it false on CPU")
+    check_fp8(cfg)
     groups = init_student_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
     run_dir = Path(cfg.run.dir)
     is_rank0 = dist.get_rank() == 0

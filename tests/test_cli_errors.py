@@ -46,6 +46,26 @@ def test_cli_bad_config_exit_code(tmp_path):
     assert code != 0 and err[-1].startswith("config error: parallel.tp"), err
 
 
+def test_fp8_without_transformer_engine_is_refused(tmp_path):
+    """train.fp8 must not silently train in the base precision where TE cannot run it."""
+    from megatron_fusion.model import check_fp8, te_available
+
+    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.fp8=hybrid", "train.precision=bf16"])
+    if te_available():
+        pytest.skip("Transformer Engine imports here: FP8 is allowed (tests/test_gpu.py runs it)")
+    with pytest.raises(ConfigError, match=r"^config error: train.fp8: 'hybrid' needs the "
+                                          "Transformer Engine layers on a GPU"):
+        check_fp8(cfg)
+    local = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.fp8=hybrid",
+                                                        "model.transformer_impl=local"])
+    with pytest.raises(ConfigError, match="train.fp8"):
+        check_fp8(local)
+    check_fp8(load_config(ROOT / "configs/tiny_cpu.yaml", []))     # off: nothing to check
+    code, err = _train(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "train.fp8=hybrid",
+                        "parallel.tp=1", f"run.dir={tmp_path}/r", "logging.wandb_mode=disabled"])
+    assert code == 2 and err[-1].startswith("config error: train.fp8"), err
+
+
 def test_cli_missing_config_file(tmp_path):
     code, err = _train(["--config", str(tmp_path / "nope.yaml")])
     assert code != 0 and "nope.yaml" in err[-1] and len(err) == 1, err
