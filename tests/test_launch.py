@@ -208,3 +208,23 @@ def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
     want_id = launch.wandb_run_id(str(run_dir), None)
     assert (run_dir / "wandb_id").read_text().strip() == want_id
     assert list((run_dir / "wandb").glob(f"offline-run-*-{want_id}")), list(run_dir.rglob("*"))
+
+
+def test_dockerfile_matches_the_repo():
+    """No Docker engine here, so the image is not built in the suite; this keeps the Dockerfile
+    from drifting: same megatron-core pin as constraints.txt, every runtime directory copied and
+    not excluded from the build context, and the entry points it smoke-tests exist."""
+    import re
+
+    text = (REPO / "Dockerfile").read_text()
+    ignored = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")}
+    pin = re.search(r"^megatron-core==(\S+)", (REPO / "constraints.txt").read_text(), re.M)
+    assert pin and f'"megatron-core=={pin.group(1)}"' in text
+    assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\$\{NGC_TAG\}-py3$", text, re.M)
+    copied = set(re.findall(r"^COPY (\S+?)/? ", text, re.M))
+    for need in ("setup.py", "megatron_fusion", "configs", "launch", "tools"):
+        assert need in copied, need
+        assert need not in ignored, need
+    assert (REPO / "configs/fuse_14b.yaml").exists()
+    assert "-c /tmp/image-constraints.txt" in text       # the image's torch/TE are never replaced
