@@ -4,9 +4,13 @@ Compared on the same logits ``[batch, seq, vocab]`` (TP = 1, one process):
   mcore_ce        megatron-core ``tensor_parallel.vocab_parallel_cross_entropy`` (the baseline)
   ce              ``-token_logprobs`` (ours; the trainer's CE)
   std_topk        ``standardized_topk`` alone (the shared student top-K)
+  ce_topk         ``cross_entropy_and_topk`` alone: CE + standardised top-K in one Function
   uld, gld        each loss on its own (each computes its own top-K)
-  uld+gld         both losses on one shared top-K (how the trainer calls them)
-  fusion          ce + uld + gld on one shared top-K  (vs mcore_ce: PERF target 1, loss part only)
+  uld+gld         both losses on one shared top-K
+  fusion          ce + uld + gld from ``cross_entropy_and_topk`` (how the fusion stage calls them:
+                  one shard-sized gradient; vs mcore_ce: PERF target 1, loss part only)
+  fusion_separate ce (``token_logprobs``) + uld + gld on one shared ``standardized_topk``: two
+                  autograd Functions, two shard-sized gradients (the path before the fused one)
   naive_uld+gld   a gather-the-full-vocab implementation: fp32 copy of all logits, full z-score
                   tensor, torch.topk, autograd keeps the full-vocab intermediates
   naive_fusion    naive CE (fp32 log_softmax) + naive ULD/GLD
@@ -35,8 +39,8 @@ import time
 
 import torch
 
-METHODS = ["mcore_ce", "ce", "std_topk", "uld", "gld", "uld+gld", "fusion", "naive_uld+gld",
-           "naive_fusion"]
+METHODS = ["mcore_ce", "ce", "std_topk", "ce_topk", "uld", "gld", "uld+gld", "fusion",
+           "fusion_separate", "naive_uld+gld", "naive_fusion"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -91,8 +95,8 @@ def build(method, inp, args):
     (untimed) restores what a method may have overwritten."""
     from megatron.core import tensor_parallel
 
-    from megatron_fusion.losses import (gld_from_topk, gld_loss, standardized_topk,
-                                        token_logprobs, uld_from_topk, uld_loss)
+    from megatron_fusion.losses import (cross_entropy_and_topk, gld_from_topk, gld_loss,
+                                        standardized_topk, token_logprobs, uld_from_topk, uld_loss)
     k, ct = args.k, args.chunk_tokens
     t_vals, t_ids, labels, mask = inp["t_vals"], inp["t_ids"], inp["labels"], inp["mask"]
     labels_sb = labels.transpose(0, 1).contiguous()
@@ -101,6 +105,10 @@ def build(method, inp, args):
         u, _ = uld_loss(None, t_vals, mask, k=k, student_topk=topk)
         g, _ = gld_loss(None, t_vals, t_ids, mask, k=k, student_topk=topk)
         return u + g
+
+    def fused_fusion(x):
+        out = cross_entropy_and_topk(x, labels, k, chunk_tokens=ct)
+        return out.ce.sum() + ours_uld_gld(x, out.std_topk)
 
     def naive_uld_gld(x):
         vals, ids = naive_topk(x, k)
@@ -116,11 +124,14 @@ def build(method, inp, args):
             x, labels_sb).sum(),
         "ce": lambda x: -token_logprobs(x, labels, chunk_tokens=ct).sum(),
         "std_topk": lambda x: standardized_topk(x, k, chunk_tokens=ct)[0].sum(),
+        "ce_topk": lambda x: sum(o.sum() for o in cross_entropy_and_topk(
+            x, labels, k, chunk_tokens=ct)[:2]),
         "uld": lambda x: uld_loss(x, t_vals, mask, k=k, chunk_tokens=ct)[0],
         "gld": lambda x: gld_loss(x, t_vals, t_ids, mask, k=k, chunk_tokens=ct)[0],
         "uld+gld": lambda x: ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct)),
-        "fusion": lambda x: (-token_logprobs(x, labels, chunk_tokens=ct).sum()
-                             + ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct))),
+        "fusion": fused_fusion,
+        "fusion_separate": lambda x: (-token_logprobs(x, labels, chunk_tokens=ct).sum()
+                                      + ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct))),
         "naive_uld+gld": naive_uld_gld,
         "naive_fusion": lambda x: (torch.nn.functional.cross_entropy(
             x.float().flatten(0, 1), labels.flatten(), reduction="sum") + naive_uld_gld(x)),
@@ -260,7 +271,8 @@ def main(argv=None):
           f"k={args.k} on {where}; torch {torch.__version__}")
     print(f"# logits {n_tok * args.vocab * elt / 2**20:.1f} MiB; one fp32 copy = {shard_fp32_mib:.1f} MiB")
     ce_t = times.get("mcore_ce")
-    naive_mem = {"uld+gld": mem.get("naive_uld+gld"), "fusion": mem.get("naive_fusion")}
+    naive_mem = {"uld+gld": mem.get("naive_uld+gld"), "fusion": mem.get("naive_fusion"),
+                 "fusion_separate": mem.get("naive_fusion")}
     head = "| method | fwd+bwd ms | time / mcore_ce | peak extra MiB | fp32 copies | naive mem / ours |"
     if device.type == "cuda":
         head += " HBM fraction |"

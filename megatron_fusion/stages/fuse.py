@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError
-from megatron_fusion.losses import combine_teachers, gld_loss, standardized_topk, distributed_topk, uld_loss
+from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
 
 
@@ -182,12 +182,17 @@ class FuseStage:
         for t in batch["teachers"]:
             if t["fingerprint"] != batch_fingerprint(batch["sample_id"]):
                 raise TeacherDataError("teacher top-K belongs to another batch (fingerprint mismatch)")
-        ce_sum, ce_count = self.sft.ce_sum(batch, output)
+        # CE and the student top-K shared by ULD and GLD from ONE autograd.Function: one pass over
+        # the logits shard, one all-gather + one all-reduce per token, and ONE shard-sized
+        # gradient in backward (CE + top-K terms), not one per loss (PERF target 2).
+        student = cross_entropy_and_topk(output, batch["labels"], f.k, vocab_size=self.vocab_size,
+                                         tp_group=self.groups.tp)
+        mask_ce = batch["loss_mask"].float()                                     # [b, s]
+        ce_sum, ce_count = (student.ce * mask_ce).sum(), mask_ce.sum()           # == SFTStage.ce_sum
         n_ce = norm[0].clamp_min(1).float()
-        # One student top-K shared by ULD and GLD (GLD always uses the full-vocab z-score).
-        st_full = standardized_topk(output, f.k, vocab_size=self.vocab_size, tp_group=self.groups.tp)
-        st_uld = st_full if f.zscore == "full" else distributed_topk(
-            output, f.k, vocab_size=self.vocab_size, tp_group=self.groups.tp)
+        # GLD always uses the full-vocab z-score; ULD with zscore=topk the raw top-K values.
+        st_full = student.std_topk
+        st_uld = st_full if f.zscore == "full" else student.raw_topk
         w = self._weights(batch).to(output.device)                                # [N, b]
         uld_total = output.new_zeros((), dtype=torch.float32)
         gld_total = output.new_zeros((), dtype=torch.float32)
