@@ -13,6 +13,10 @@ Forward, per token (b*s tokens, ``N`` below):
 Because z-scoring is a positive affine map per token, the top-K of ``(z - mu) / (sigma + eps)`` is
 the top-K of ``z``; only the returned values are transformed.
 
+The sweep pieces (``LocalCandidates``, ``shifted_moments``, ``zscore_stats``, ``zscore_grad_terms``)
+are shared with ``ce_topk.py``, which computes the same top-K together with the pivot CE in one
+Function (one shard-sized gradient for both).
+
 Every TP rank ends with the same replicated (values, ids), so the loss built on them is replicated
 too and its gradient w.r.t. the values is the same on every rank: the backward needs no
 communication. Each rank scatters the entries whose ids it owns and, for the z-score, adds the
