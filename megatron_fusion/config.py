@@ -249,7 +249,9 @@ class TeacherConfig:
     checkpoint: Optional[str] = None
     """Teacher weights (online, or for precompute)."""
     backend: Literal["megatron", "hf"] = "megatron"
-    """Teacher model backend."""
+    """Online teacher model: megatron = a megatron-fusion run at `checkpoint`, sharded at `tp`;
+    hf = a transformers model dir (or a *.gguf file in one) at `checkpoint`, full model on every
+    rank (vocab-sharded logits at tp > 1); tokenizer default: the run's / the model dir's."""
     ranks: int = 0
     """Online: ranks of this teacher's inference group."""
     tp: int = 1

@@ -6,9 +6,10 @@ One torchrun world, split by ``megatron_fusion.parallel.init_distributed(online_
 into ``[student ranks..., teacher 0 ranks..., ...]``; each part has its own default process
 group, so the student's Megatron state and checkpoints see only the student, and a teacher's
 ranks see only their group: ``init_student_groups(tp=teacher.tp)`` there builds the teacher's
-TP group and ``MegatronTeacherBackend`` runs unchanged (online teachers use the Megatron
-backend; HF teachers are precomputed offline). Why the split rather than one Megatron state over
-all ranks: ``parallel.py``.
+TP group and the teacher backend runs unchanged (``_build_backend``): ``backend: megatron``
+(a megatron-fusion run, sharded at the teacher's TP) or ``backend: hf`` (a transformers model;
+not tensor-parallel, so at ``tp > 1`` every rank holds the full model and keeps its vocab shard of
+the logits). Why the split rather than one Megatron state over all ranks: ``parallel.py``.
 
 Teacher loop (``run_teacher``): from the student's data position (its latest checkpoint's
 ``consumed`` on resume, else 0) it walks the same ``SampleOrder`` (seed, global batch, DP split,
@@ -94,12 +95,15 @@ class OnlineTeacher:
 
     ``fetch`` must be called for the micro-batches of this DP rank in training order; it blocks
     at most ``timeout_s`` per message. ``pop_metrics`` returns and resets the time spent blocked
-    and the teacher's tokens / compute seconds since the last call.
+    and the teacher's tokens / compute seconds since the last call; with ``pp_group`` (student
+    PP > 1) every stage calls it and gets the last stage's numbers (only that stage fetches, and
+    the metrics sink is on launch rank 0, a first-stage rank).
     """
 
     def __init__(self, name: str, index: int, split: WorldSplit, spec: TeacherGroupSpec,
-                 dp_rank: int, timeout_s: float):
+                 dp_rank: int, timeout_s: float, pp_group=None):
         self.name, self.tag, self.bridge, self.store = name, index, split.bridge, split.store
+        self.pp_group = pp_group
         self.src = spec.first + (dp_rank % spec.replicas) * spec.tp   # TP rank 0 of the replica
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
@@ -156,10 +160,12 @@ class OnlineTeacher:
         return (values.view(torch.bfloat16).float(), ids.long(), aligned.bool(), ce)
 
     def pop_metrics(self) -> dict:
-        out = {"wait_s": self.wait_s,
-               "tokens_per_s": self.tokens / self.compute_s if self.compute_s > 0 else 0.0}
+        got = torch.tensor([self.wait_s, self.tokens, self.compute_s], dtype=torch.float64)
+        if self.pp_group is not None:  # other stages hold zeros: the sum is the last stage's
+            dist.all_reduce(got, group=self.pp_group)
+        wait_s, tokens, compute_s = got.tolist()
         self.wait_s = self.tokens = self.compute_s = 0.0
-        return out
+        return {"wait_s": wait_s, "tokens_per_s": tokens / compute_s if compute_s > 0 else 0.0}
 
 
 def online_sources(cfg: Config, groups) -> dict[str, OnlineTeacher]:
@@ -176,22 +182,42 @@ def online_sources(cfg: Config, groups) -> dict[str, OnlineTeacher]:
     for t in online:
         i = [s.name for s in split.teachers].index(t.name)
         out[t.name] = OnlineTeacher(t.name, i, split, split.teachers[i], groups.dp_rank,
-                                    cfg.fuse.timeout_s)
+                                    cfg.fuse.timeout_s,
+                                    pp_group=groups.pp if groups.pp_size > 1 else None)
     return out
 
 
 # --- teacher side ----------------------------------------------------------------------------
 
 def _build_backend(tcfg: TeacherConfig, groups):
-    """The frozen teacher under this group's TP; returns (backend, tokenizer spec)."""
+    """The frozen teacher under this group's TP; returns (backend, tokenizer spec).
+
+    ``megatron``: the run at ``checkpoint`` rebuilt at the group's TP (vocab-sharded logits,
+    resharded weights); tokenizer default: the run's ``data.tokenizer``. ``hf``: the transformers
+    model directory at ``checkpoint`` (or a ``*.gguf`` file in one), loaded as the precompute tool
+    loads it; tokenizer default: that directory (or GGUF). HF models are not tensor-parallel: at
+    ``tp > 1`` each rank of a replica holds the *full* model and ``VocabShardedBackend`` keeps its
+    vocab shard of the logits, so the distributed top-K over the shards runs as for a Megatron
+    teacher (no memory saved; ``ranks = replicas`` with ``tp: 1`` is the better use of ranks).
+    """
     from megatron_fusion.config import ConfigError
 
     if not tcfg.checkpoint:
         raise ConfigError(f"teacher {tcfg.name}.checkpoint", "must be set for an online teacher")
-    if tcfg.backend != "megatron":  # the HF backend is offline-only for now (not tested online)
-        raise ConfigError(f"teacher {tcfg.name}.backend", "online teachers use the megatron "
-                          "backend; precompute HF teachers offline "
-                          "(tools/precompute_teacher_topk.py)")
+    if tcfg.backend == "hf":
+        from megatron_fusion.teacher_topk import VocabShardedBackend, open_backend
+
+        path = Path(tcfg.checkpoint)
+        if not path.exists():  # else transformers would take the path for a Hub repo id
+            raise ConfigError(f"teacher {tcfg.name}.checkpoint",
+                              f"HF model directory or GGUF file not found: {path}")
+        gguf = path.name if path.suffix == ".gguf" else None
+        # kind "hf" opens no process group: nothing is torn down when the block ends
+        with open_backend("hf", model_dir=path.parent if gguf else path, gguf_file=gguf,
+                          tokenizer=tcfg.tokenizer or None) as (full, tok_spec, _):
+            pass
+        backend = full if groups.tp_size == 1 else VocabShardedBackend(full, groups.tp)
+        return backend, str(tok_spec)
     from megatron_fusion.teacher_topk import MegatronTeacherBackend
 
     backend = MegatronTeacherBackend(tcfg.checkpoint, tp_group=groups.tp)
