@@ -233,7 +233,13 @@ class _Sender:
         self.student_gone = False
 
     def send(self, dsts: list[int], tensors: list[torch.Tensor]) -> None:
-        works = [(self.bridge.send([t], d, self.tag), t) for d in dsts for t in tensors]
+        if self.student_gone:
+            return
+        try:
+            works = [(self.bridge.send([t], d, self.tag), t) for d in dsts for t in tensors]
+        except RuntimeError:  # the student closed its end (stopped or failed): stop sending
+            self.student_gone = True
+            return
         self.pending.append(works)
         while len(self.pending) > self.prefetch:
             self._wait(self.pending.popleft())
