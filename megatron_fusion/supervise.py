@@ -71,14 +71,15 @@ def run_torchrun(torchrun_args: list[str], cfg: Config, world: int) -> int:
     try:
         run(parse_args(torchrun_args))
     except ChildFailedError as e:
-        roles = rank_roles(cfg, world)
-        # torchrun's root cause is the earliest timestamp (whole seconds, so ties are common):
-        # among ties a death by signal, then a teacher, goes first
-        first = min(e.failures, key=lambda r: (e.failures[r].timestamp,
-                                               e.failures[r].exitcode >= 0,
-                                               not roles[r:r + 1] or
-                                               not roles[r].startswith("teacher "), r))
-        print("\n".join(failure_report({r: f.exitcode for r, f in e.failures.items()}, first,
-                                       roles)), file=sys.stderr, flush=True)
-        return 1
-    return 0
+        failures = e.failures
+    else:
+        return 0
+    roles = rank_roles(cfg, world)
+    # torchrun's root cause is the earliest timestamp (whole seconds, so ties are common):
+    # among ties a death by signal, then a teacher, goes first
+    first = min(failures, key=lambda r: (failures[r].timestamp, failures[r].exitcode >= 0,
+                                         not roles[r:r + 1] or not roles[r].startswith("teacher "),
+                                         r))
+    print("\n".join(failure_report({r: f.exitcode for r, f in failures.items()}, first, roles)),
+          file=sys.stderr, flush=True)
+    return 1

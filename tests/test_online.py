@@ -118,23 +118,28 @@ def _dumps(d: Path) -> dict:
     return {p.name: torch.load(p) for p in sorted(d.iterdir())}
 
 
-def test_online_topk_equals_offline(online):
+def assert_same_topk(off: dict, on: dict, files: list[str]) -> None:
+    """Online and offline dumps (``_dumps``) hold the same micro-batches, bit for bit."""
     import torch
 
-    off, on = _dumps(online["root"] / "dump_offline"), _dumps(online["root"] / "dump_online")
-    # both student ranks (TP2, last stage), 5 steps x 2 micro-batches each
-    assert sorted(off) == sorted(on) and len(on) == 2 * 5 * 2, (sorted(off), sorted(on))
+    assert sorted(off) == sorted(on) == sorted(files), (sorted(off), sorted(on))
     aligned = 0
     for key in on:
         assert torch.equal(on[key]["sample_id"], off[key]["sample_id"]), key
         for name in ("values", "ids", "aligned", "ce"):
             a, b = on[key][name], off[key][name]
             assert a.dtype == b.dtype and a.shape == b.shape, (key, name, a.dtype, b.dtype)
-            same = torch.equal(a, b) or (name == "ce" and torch.allclose(
-                a, b, rtol=0, atol=0, equal_nan=True))              # CE is NaN without response
-            assert same, (key, name)
+            assert torch.equal(a, b) or (name == "ce" and torch.allclose(
+                a, b, rtol=0, atol=0, equal_nan=True)), (key, name)  # CE is NaN without response
         aligned += int(on[key]["aligned"].sum())
     assert aligned > 100                                     # the comparison is not vacuous
+
+
+def test_online_topk_equals_offline(online):
+    off, on = _dumps(online["root"] / "dump_offline"), _dumps(online["root"] / "dump_online")
+    # both student ranks (TP2, last stage), 5 steps x 2 micro-batches each
+    assert len(on) == 2 * 5 * 2
+    assert_same_topk(off, on, sorted(on))
 
 
 def test_online_loss_trajectory_equals_offline(online):

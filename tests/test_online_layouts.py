@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 import tests.test_online as test_online
-from tests.test_online import SEQ, _dumps, _make_teacher, _student_yaml, _torchrun
+from tests.test_online import (SEQ, _dumps, _make_teacher, _student_yaml, _torchrun,
+                               assert_same_topk)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
@@ -119,22 +120,6 @@ def layouts(demo_data, tmp_path_factory):
     return {"root": root, "runs": runs, "times": times, "data": data}
 
 
-def _assert_same_topk(off: dict, on: dict, files: list[str]) -> None:
-    import torch
-
-    assert sorted(off) == sorted(on) == sorted(files), (sorted(off), sorted(on))
-    aligned = 0
-    for key in on:
-        assert torch.equal(on[key]["sample_id"], off[key]["sample_id"]), key
-        for name in ("values", "ids", "aligned", "ce"):
-            a, b = on[key][name], off[key][name]
-            assert a.dtype == b.dtype and a.shape == b.shape, (key, name, a.dtype, b.dtype)
-            assert torch.equal(a, b) or (name == "ce" and torch.allclose(
-                a, b, rtol=0, atol=0, equal_nan=True)), (key, name)  # CE is NaN without response
-        aligned += int(on[key]["aligned"].sum())
-    assert aligned > 100                                     # the comparison is not vacuous
-
-
 def _assert_same_losses(off_recs: list[dict], on_recs: list[dict], teachers: list[str]) -> None:
     def series(recs):
         return {r["step"]: [r[k] for k in LOSSES] for r in recs if "loss/total" in r}
@@ -155,7 +140,7 @@ def test_dp2_two_online_teachers_equal_offline(layouts):
     off, on = _dumps(root / "dump_dp2_offline"), _dumps(root / "dump_dp2_online")
     # per DP rank: 3 steps x 1 micro-batch x 2 teachers (fetched tm, th per micro-batch)
     files = [f"rank{r}_{i:03d}.pt" for r in (0, 1) for i in range(1, 2 * STEPS + 1)]
-    _assert_same_topk(off, on, files)
+    assert_same_topk(off, on, files)
     _assert_same_losses(layouts["runs"]["dp2_offline"], layouts["runs"]["dp2_online"],
                         ["tm", "th"])
 
@@ -166,7 +151,7 @@ def test_pp2_online_teacher_sends_to_last_stage(layouts):
     root = layouts["root"]
     off, on = _dumps(root / "dump_pp2_offline"), _dumps(root / "dump_pp2_online")
     files = [f"rank1_{i:03d}.pt" for i in range(1, 2 * STEPS + 1)]  # 3 steps x 2 micro-batches
-    _assert_same_topk(off, on, files)
+    assert_same_topk(off, on, files)
     _assert_same_losses(layouts["runs"]["pp2_offline"], layouts["runs"]["pp2_online"], ["tm"])
 
 

@@ -35,10 +35,10 @@ from typing import NamedTuple
 import torch
 
 from megatron_fusion.losses._shard import (
-    ShardLayout, all_reduce_, compute_dtype, owned_columns, shard_layout, token_chunks,
+    ShardLayout, all_reduce_, compute_dtype, owned_columns, token_chunks,
 )
 from megatron_fusion.losses.topk import (
-    LocalCandidates, shifted_moments, zscore_grad_terms, zscore_stats,
+    LocalCandidates, flat_shard, shifted_moments, zscore_grad_terms, zscore_stats,
 )
 
 
@@ -64,11 +64,7 @@ class CETopK(NamedTuple):
 class _VocabParallelCETopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_local, labels, k, vocab_size, tp_group, eps, chunk_tokens):
-        lay = shard_layout(logits_local, vocab_size, tp_group)
-        if not 0 < k <= lay.vocab_size:
-            raise ValueError(f"top-K: k={k} must be in [1, vocab_size={lay.vocab_size}]")
-        lead = logits_local.shape[:-1]
-        x = logits_local.reshape(-1, lay.v_local)                      # [N, v_local], a view
+        lay, lead, x = flat_shard(logits_local, k, vocab_size, tp_group)   # x [N, v_local]
         lab = labels.reshape(-1).long()
         if lab.shape[0] != x.shape[0]:
             raise ValueError(f"cross_entropy_and_topk: labels {tuple(labels.shape)} do not match "

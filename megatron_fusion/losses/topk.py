@@ -221,15 +221,19 @@ def zscore_grad_terms(g: torch.Tensor, values: torch.Tensor, mu: torch.Tensor,
     return g / d[:, None], c1 * mu - c0, -c1
 
 
+def flat_shard(logits_local: torch.Tensor, k: int, vocab_size, tp_group):
+    """(layout, leading shape, logits as an [N, v_local] view), after checking ``k``."""
+    lay = shard_layout(logits_local, vocab_size, tp_group)
+    if not 0 < k <= lay.vocab_size:
+        raise ValueError(f"top-K: k={k} must be in [1, vocab_size={lay.vocab_size}]")
+    return lay, logits_local.shape[:-1], logits_local.reshape(-1, lay.v_local)
+
+
 # ---------------------------------------------------------------- the autograd.Function
 class _VocabParallelTopK(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits_local, k, vocab_size, tp_group, standardize, eps, chunk_tokens):
-        lay = shard_layout(logits_local, vocab_size, tp_group)
-        if not 0 < k <= lay.vocab_size:
-            raise ValueError(f"top-K: k={k} must be in [1, vocab_size={lay.vocab_size}]")
-        lead = logits_local.shape[:-1]
-        x = logits_local.reshape(-1, lay.v_local)             # [N, v_local], a view
+        lay, lead, x = flat_shard(logits_local, k, vocab_size, tp_group)   # x [N, v_local]
         n_tok, nv = x.shape[0], lay.n_valid
         cdt = compute_dtype(logits_local.dtype)
         dev = x.device
