@@ -3,7 +3,8 @@
     python tools/bench_gpu.py                       # the 1.5B default below, on one H100/H200
     python tools/bench_gpu.py --cpu-smoke           # tiny model on CPU: checks the script runs
 
-Runs both variants in one process on the same model and data (a ratio taken in one run).
+Runs both variants in one process on the same model and data, steps interleaved (a ratio taken in
+one run); times are medians.
 MFU is against --peak-tflops (H100/H800 SXM dense BF16: 989).
 """
 
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
         t = r[f"tflops_{key}"]
         print(f"| {name} | {r[key]['step_s']:.4f} | {t:.1f} | {t / args.peak_tflops:.1%} | "
               f"{r[key]['peak_gib']:.1f} |")
-    print(f"fusion / CE step-time ratio: {r['ratio']:.3f}")
+    print(f"fusion / CE step-time ratio: {r['ratio']:.3f} (medians; median of adjacent-step "
+          f"ratios {r['ratio_pairs_median']:.3f})")
     print(json.dumps({k: v for k, v in r.items()}, default=float))
     return 0
 
