@@ -199,15 +199,19 @@ def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
     run_dir = tmp_path / "run"
     over = [o for o in tiny_overrides(demo_data, str(run_dir)) if not o.startswith("logging.wandb")]
     env = {**slurm_env, "GPUS_PER_NODE": "2", "CONFIG": "configs/tiny_cpu.yaml",
-           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+           "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "RUN_NAME": "local-smoke-7"}
     r = run_script("run_local.sh", env, *over, "train.steps=2", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").open()
              if "loss/total" in x]
     assert steps == [1, 2]
-    want_id = launch.wandb_run_id(str(run_dir), None)
+    want_id = launch.wandb_run_id(str(run_dir), "local-smoke-7")
     assert (run_dir / "wandb_id").read_text().strip() == want_id
-    assert list((run_dir / "wandb").glob(f"offline-run-*-{want_id}")), list(run_dir.rglob("*"))
+    (log,) = (run_dir / "wandb").glob(f"offline-run-*-{want_id}/run-{want_id}.wandb")
+    # the run record (protobuf in W&B's log format) carries the name and the full config
+    raw = log.read_bytes()
+    for needle in (b"local-smoke-7", b"global_batch", b"lambda_uld", str(run_dir).encode()):
+        assert needle in raw, needle
 
 
 def test_dockerfile_matches_the_repo():
