@@ -36,3 +36,23 @@ def test_demo_drivers_parse_and_plan():
     h = subprocess.run([sys.executable, "-m", "megatron_fusion.demo", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "--tiny" in h.stdout
+
+
+def test_fusion_experiment_arm_syntax():
+    """tools/fusion_experiment.py --arms: labels -> trainer overrides (the default arms unchanged)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fusion_experiment",
+                                                  ROOT / "tools" / "fusion_experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.parse_arms("sft,uld,uld_gld") == {
+        "sft": ["stage=sft"], "uld": ["fuse.lambda_gld=0"], "uld_gld": []}
+    arms = mod.parse_arms("sft, uld@0.1,uld_gld@0.3/0.1,uld_gld@2")
+    assert list(arms) == ["sft", "uld@0.1", "uld_gld@0.3/0.1", "uld_gld@2"]
+    assert arms["uld@0.1"] == ["fuse.lambda_uld=0.1", "fuse.lambda_gld=0"]
+    assert arms["uld_gld@0.3/0.1"] == ["fuse.lambda_uld=0.3", "fuse.lambda_gld=0.1"]
+    assert arms["uld_gld@2"] == ["fuse.lambda_uld=2.0"]
+    for bad in ["", "ce", "sft@1", "uld@0.1/0.2", "uld@x", "uld_gld@1/2/3", "sft,sft"]:
+        with pytest.raises(ValueError):
+            mod.parse_arms(bad)
