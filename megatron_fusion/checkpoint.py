@@ -155,6 +155,10 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, lay
     if not meta_file.exists():
         raise CheckpointError(f"{path}: not a megatron-fusion checkpoint (no meta.json)")
     meta = json.loads(meta_file.read_text())
+    if int(meta.get("step", 0)) == 0:
+        # a step-0 checkpoint (train.steps=0: an init) holds no optimizer moments, since Adam
+        # creates them at its first step; a fresh optimizer and scheduler are exactly that state
+        load_optimizer = False
     saved_layout = meta.get("layout", {})
     same_layout = saved_layout == layout
     state = _model_sharded_state_dict(model_chunks)

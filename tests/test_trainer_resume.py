@@ -72,3 +72,18 @@ def test_interrupted_save_keeps_last_good(tp2_resume):
     (ck / "iter_0000099.tmp").mkdir()
     (ck / "iter_0000099.tmp" / "garbage").write_text("half-written")
     assert latest_checkpoint(ck) == good
+
+
+def test_step0_checkpoint_resumes(demo_data, tmp_path):
+    """A run dir holding only a step-0 checkpoint (no optimizer moments yet) resumes, and gives
+    the same weights as a fresh run of the same steps."""
+    import torch
+
+    from megatron_fusion.testing import run_on_ranks
+    from tests.trainer_ranks import resume_from_step0
+
+    r = run_on_ranks(resume_from_step0, 1, (demo_data, str(tmp_path)))[0]
+    assert r["start"] == 0
+    assert r["losses"][0]["loss/ce"] == r["losses"][1]["loss/ce"]
+    a, b = r["w"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

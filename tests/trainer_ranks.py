@@ -113,6 +113,24 @@ def resume_runs(rank, world, data, root, layout, extra_overrides=()):
     return res
 
 
+def resume_from_step0(rank, world, data, root):
+    """train.steps=0 (an init checkpoint), then the same run.dir to 2 steps, vs 2 steps fresh."""
+    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.train import train
+
+    def run(run_dir, steps):
+        s = train(load_config(None, tiny_overrides(data, run_dir) + [
+            f"train.steps={steps}", "checkpoint.interval=1"]))
+        destroy_student_groups()
+        return s
+
+    run(f"{root}/init", 0)
+    resumed, fresh = run(f"{root}/init", 2), run(f"{root}/fresh", 2)
+    res = {"start": resumed["start_step"], "losses": (resumed["last"], fresh["last"])}
+    res["w"] = (plain(resumed["checkpoint"]), plain(fresh["checkpoint"]))
+    return res
+
+
 def continue_run(rank, world, data, run_dir, layout, steps):
     from megatron_fusion.parallel import destroy_student_groups
     from megatron_fusion.train import train
