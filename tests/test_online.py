@@ -237,8 +237,9 @@ def test_teacher_error_reaches_student_with_its_name(online):
 
 def _instrument(argv: list[str]) -> list[str]:
     """--dump DIR: save what every teacher source returns; --kill-after N STAMP: teacher launch
-    rank 3 writes the time to STAMP and calls os._exit(0) after N micro-batches (--sigkill: it
-    sends itself SIGKILL instead, as the kernel's OOM killer would)."""
+    rank 3 writes the time to STAMP and calls os._exit(0) after N micro-batches, once the
+    student's first checkpoint exists (--sigkill: it sends itself SIGKILL instead, as the
+    kernel's OOM killer would)."""
     import torch
 
     if "--dump" in argv:
@@ -275,11 +276,22 @@ def _instrument(argv: list[str]) -> list[str]:
         if os.environ["RANK"] == "3":
             import megatron_fusion.teacher_topk as tt   # run_teacher imports it at call time
 
+            import yaml
+
+            cfg_path = argv[argv.index("--config") + 1]
+            latest = Path(yaml.safe_load(Path(cfg_path).read_text())["run"]["dir"]) / \
+                "checkpoints" / "latest"
             compute, count = tt.compute_batch_topk, [0]
 
             def compute_then_die(*a, **kw):
                 count[0] += 1
                 if count[0] > n:
+                    # the teacher runs ahead of the student (prefetch): die only once the
+                    # student has saved a checkpoint, so "the last checkpoint is kept" is
+                    # checkable however the cores are shared
+                    deadline = time.time() + 240
+                    while not latest.exists() and time.time() < deadline:
+                        time.sleep(0.05)
                     stamp.write_text(str(time.time()))
                     if sigkill:
                         import signal
