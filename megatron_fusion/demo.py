@@ -122,6 +122,24 @@ def _eval_table(metrics_file: Path) -> dict:
     return {"before": evals[0], "after": evals[-1]} if evals else {}
 
 
+def print_results(table: dict, fpo_table: dict, fused: Path, fpo: Path) -> None:
+    """The demos' closing table: held-out CE per domain, preference accuracy, where things are."""
+    nan = float("nan")
+    print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
+    for dom in ("valid_arith", "valid_string"):
+        b = table.get("before", {}).get(f"eval/{dom}/ce", nan)
+        a = table.get("after", {}).get(f"eval/{dom}/ce", nan)
+        p = table.get("after", {}).get(f"eval/{dom}/ppl", nan)
+        print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
+    b = fpo_table.get("before", {}).get("eval/pref_accuracy", nan)
+    a = fpo_table.get("after", {}).get("eval/pref_accuracy", nan)
+    print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")
+    print(f"{'valid_preference':20s} {b:10.3f} {a:10.3f}")
+    print(f"metrics:     {fused / 'metrics.jsonl'}  and  {fpo / 'metrics.jsonl'}")
+    print(f"checkpoints: {fused / 'checkpoints'}  and  {fpo / 'checkpoints'}")
+    print(f"W&B (offline): {fused / 'wandb'}  (wandb sync {fused / 'wandb'}/offline-run-* to upload)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo")
@@ -159,19 +177,7 @@ def main(argv=None) -> int:
     fpo_table = run_fpo(out, data, fused, args.fpo_steps)
     print("\n" + "=" * 64)
     print(f"megatron-fusion demo finished in {time.time() - t0:.0f}s")
-    print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
-    for dom in ("valid_arith", "valid_string"):
-        b = table.get("before", {}).get(f"eval/{dom}/ce", float("nan"))
-        a = table.get("after", {}).get(f"eval/{dom}/ce", float("nan"))
-        p = table.get("after", {}).get(f"eval/{dom}/ppl", float("nan"))
-        print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
-    b = fpo_table.get("before", {}).get("eval/pref_accuracy", float("nan"))
-    a = fpo_table.get("after", {}).get("eval/pref_accuracy", float("nan"))
-    print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")
-    print(f"{'valid_preference':20s} {b:10.3f} {a:10.3f}")
-    print(f"metrics:     {fused / 'metrics.jsonl'}  and  {out / 'fpo' / 'metrics.jsonl'}")
-    print(f"checkpoints: {fused / 'checkpoints'}")
-    print(f"W&B (offline): {fused / 'wandb'}  (wandb sync {fused / 'wandb'}/offline-run-* to upload)")
+    print_results(table, fpo_table, fused, out / "fpo")
     return 0
 
 

