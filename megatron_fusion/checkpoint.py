@@ -25,8 +25,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_fusion.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     pass
 
 

@@ -20,8 +20,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from megatron_fusion.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A bad configuration value; the message names the field."""
 
     def __init__(self, field_name: str, msg: str):

@@ -42,6 +42,7 @@ from typing import Callable, Iterator
 import torch
 
 from megatron_fusion.config import Config, ModelConfig, save_config
+from megatron_fusion.errors import UserError
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -55,7 +56,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the tensor or config field."""
 
 

@@ -1,28 +1,19 @@
-"""Which exceptions are the user's to fix (printed as one line) rather than bugs (traceback)."""
+"""Which exceptions are the user's to fix (printed as one line) rather than bugs (traceback).
+
+Every user-facing error class derives from ``UserError`` (this module imports nothing, so any
+layer can use it); ``user_facing(e)`` is one isinstance check.
+"""
 
 from __future__ import annotations
 
 
+class UserError(Exception):
+    """A failure the user fixes (config, data, files, teachers): one line, no traceback."""
+
+
+class TeacherDataError(UserError, RuntimeError):
+    """Teacher top-K that cannot be used for this run (wrong shard, wrong tokenizer, dead teacher)."""
+
+
 def user_facing(e: BaseException) -> bool:
-    from megatron_fusion.checkpoint import CheckpointError
-
-    kinds: list[type] = [CheckpointError, FileNotFoundError]
-    try:
-        from megatron_fusion.data.jsonl import JSONLError
-
-        kinds.append(JSONLError)
-    except ImportError:
-        pass
-    try:
-        from megatron_fusion.topk_store import TopKStoreError  # type: ignore[attr-defined]
-
-        kinds.append(TopKStoreError)
-    except ImportError:
-        pass
-    from megatron_fusion.stages.fuse import TeacherDataError
-
-    kinds.append(TeacherDataError)
-    from megatron_fusion.stages.fpo import SourceLogprobError
-
-    kinds.append(SourceLogprobError)
-    return isinstance(e, tuple(kinds))
+    return isinstance(e, (UserError, FileNotFoundError))

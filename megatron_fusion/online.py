@@ -43,7 +43,8 @@ import torch.distributed as dist
 
 from megatron_fusion.config import Config, TeacherConfig
 from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
-from megatron_fusion.stages.fuse import TeacherDataError, batch_fingerprint
+from megatron_fusion.errors import TeacherDataError
+from megatron_fusion.stages.fuse import batch_fingerprint
 
 
 class TeacherFailedError(TeacherDataError):

@@ -45,6 +45,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from megatron_fusion.errors import UserError
+
 VERSION = 2                             # top-K shard format (2: per-sample teacher_ce in the index)
 LOGPROB_VERSION = 1                     # source log-prob files
 TOPK_MAGIC = b"MFTOPK\r\n"
@@ -58,7 +60,7 @@ _LOGPROB = np.dtype([("sample_id", "<i8"), ("chosen_logprob", "<f8"), ("chosen_t
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class TopKStoreError(ValueError):
+class TopKStoreError(UserError, ValueError):
     """A shard that cannot be used: message names the file (and the header field)."""
 
 

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError, load_config, save_config
+from megatron_fusion.errors import UserError
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A user-facing failure: printed as one line, exit code 1."""
 
 

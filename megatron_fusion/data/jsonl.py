@@ -14,8 +14,10 @@ import json
 import os
 from typing import Iterator, Sequence
 
+from megatron_fusion.errors import UserError
 
-class JSONLError(ValueError):
+
+class JSONLError(UserError, ValueError):
     """A malformed JSONL line; the message starts with ``file:line``."""
 
     def __init__(self, path: str | os.PathLike, line_no: int, msg: str):

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_fusion.errors import UserError
 from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.losses import fpo_loss, sequence_logprobs
 from megatron_fusion.stages.sft import SFTStage
@@ -41,7 +42,7 @@ from megatron_fusion.stages.sft import SFTStage
 REF_SOURCE = "pivot_ref"      # the ``source`` field of the reference file's header
 
 
-class SourceLogprobError(RuntimeError):
+class SourceLogprobError(UserError, RuntimeError):
     """Source or reference log-probs that do not fit the run: names the file (and field/pair)."""
 
 

@@ -29,12 +29,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError
+from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
-
-
-class TeacherDataError(RuntimeError):
-    """Teacher top-K that does not fit the run: names the teacher and the file or field."""
 
 
 def batch_fingerprint(sample_ids: torch.Tensor) -> str:
