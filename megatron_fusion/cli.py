@@ -25,8 +25,7 @@ def _train(argv: list[str]) -> int:
 
     try:
         cfg = load_config(args.config, overrides)
-        nproc = args.nproc or (cfg.parallel.tp * cfg.parallel.pp
-                               + sum(t.ranks for t in cfg.fuse.teachers if t.source == "online"))
+        nproc = args.nproc or cfg.parallel.tp * cfg.parallel.pp + cfg.online_teacher_ranks()
         cfg.validate_layout(nproc)
     except ConfigError as e:
         print(e, file=sys.stderr)

@@ -352,9 +352,17 @@ class Config:
                "stage 'fuse' needs at least one teacher")
 
     # --- checks that need the world size -------------------------------------------------
+    def online_teachers(self) -> list[TeacherConfig]:
+        """The teachers that run as ranks of this launch (stage fuse only), in config order."""
+        return [t for t in self.fuse.teachers if t.source == "online"] if self.stage == "fuse" else []
+
+    def online_teacher_ranks(self) -> int:
+        """Launch ranks taken by online teacher groups (they come after the student's)."""
+        return sum(t.ranks for t in self.online_teachers())
+
     def student_world_size(self, world_size: int) -> int:
         """Ranks left for the student after online teacher groups take theirs."""
-        return world_size - sum(t.ranks for t in self.fuse.teachers if t.source == "online")
+        return world_size - self.online_teacher_ranks()
 
     def data_parallel_size(self, world_size: int) -> int:
         return self.student_world_size(world_size) // (self.parallel.tp * self.parallel.pp)

@@ -25,8 +25,8 @@ from megatron_fusion.config import Config
 def rank_roles(cfg: Config, world: int) -> list[str]:
     """Role of every launch rank: student (Megatron order tp-cp-ep-dp-pp), then online teachers
     in config order (``megatron_fusion.parallel.init_distributed``)."""
-    online = [t for t in cfg.fuse.teachers if t.source == "online"] if cfg.stage == "fuse" else []
-    student = world - sum(t.ranks for t in online)
+    online = cfg.online_teachers()
+    student = cfg.student_world_size(world)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = max(student // (tp * pp), 1)
     roles = [f"student (tp rank {r % tp}, dp rank {(r // tp) % dp}, pp stage {r // (tp * dp)})"

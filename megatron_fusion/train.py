@@ -474,8 +474,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- online teachers: the launch's teacher ranks run the teacher loop (megatron_fusion.online) --
 
 def _online_teachers(cfg: Config) -> list[tuple[str, int, int]]:
-    return [(t.name, t.ranks, t.tp) for t in cfg.fuse.teachers
-            if t.source == "online"] if cfg.stage == "fuse" else []
+    return [(t.name, t.ranks, t.tp) for t in cfg.online_teachers()]
 
 
 def _run_role(cfg: Config) -> None:

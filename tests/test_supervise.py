@@ -24,6 +24,20 @@ def _cfg(tp=2, pp=1, teachers=(("coder", 2, 2), ("chat", 1, 1))):
                               "tokenizer: t}]"])
 
 
+def test_online_teacher_ranks_are_counted_once_and_only_for_the_fuse_stage():
+    cfg = _cfg(tp=2, pp=1)
+    assert [t.name for t in cfg.online_teachers()] == ["coder", "chat"]
+    assert cfg.online_teacher_ranks() == 3 and cfg.student_world_size(7) == 4
+    assert rank_roles(cfg, 7)[4:] == ["teacher coder (tp rank 0 of replica 0)",
+                                      "teacher coder (tp rank 1 of replica 0)",
+                                      "teacher chat (tp rank 0 of replica 0)"]
+    # the same teachers listed under another stage start no teacher ranks: every rank is the student's
+    sft = load_config(None, ["stage=sft", "fuse.teachers=[{name: coder, source: online, ranks: 2, "
+                             "tp: 2, tokenizer: t0, checkpoint: c0}]"])
+    assert sft.online_teachers() == [] and sft.student_world_size(4) == 4
+    assert all(r.startswith("student") for r in rank_roles(sft, 4))
+
+
 def test_rank_roles_follow_megatron_order_then_teachers_in_config_order():
     # student tp2 x dp2 x pp2 = 8 ranks, then coder (2 ranks, tp2) and chat (1 rank)
     roles = rank_roles(_cfg(tp=2, pp=2), 11)
