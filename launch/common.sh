@@ -42,7 +42,7 @@ mf_requeue() {  # USR1 from Slurm (--signal=B:USR1@300): save, stop, requeue int
   echo "[launch] $(date -u +%FT%TZ) USR1: job ${SLURM_JOB_ID} is near its time limit; checkpoint and requeue"
   MF_REQUEUED=1
   # Forward to the job steps (not this batch shell): every rank stops at the next step boundary
-  # and saves; torchrun ignores USR1 (megatron_fusion.launch).
+  # and saves; torchrun ignores USR1 (megatron_fusion.launcher).
   mf_run scancel --signal=USR1 "${SLURM_JOB_ID}"
   if [[ -n "${MF_SRUN_PID:-}" ]]; then
     wait "${MF_SRUN_PID}" || true
@@ -88,7 +88,7 @@ mf_slurm_main() {  # the body of an sbatch script; "$@" = trainer overrides
     srun+=(--container-image="${CONTAINER_IMAGE}" --container-workdir="${REPO_DIR}"
            --container-mounts="${CONTAINER_MOUNTS:-${REPO_DIR}:${REPO_DIR}}")
   fi
-  srun+=("${PYTHON}" -m megatron_fusion.launch torchrun -- "$@")
+  srun+=("${PYTHON}" -m megatron_fusion.launcher torchrun -- "$@")
 
   echo "[launch] job ${SLURM_JOB_ID} attempt ${SLURM_RESTART_COUNT:-0}: ${NODES} nodes x ${GPUS_PER_NODE} GPUs," \
        "teacher nodes ${TEACHER_NODES:-from config}, config ${CONFIG}, logs ${LOG_DIR}"
@@ -97,7 +97,7 @@ mf_slurm_main() {  # the body of an sbatch script; "$@" = trainer overrides
   if [[ "${DRY_RUN:-0}" == 1 ]]; then
     mf_run "${srun[@]}"
     echo "# torchrun on each node (rendered for node 0):"
-    (cd "${REPO_DIR}" && "${PYTHON}" -m megatron_fusion.launch torchrun --dry-run -- "$@") || return $?
+    (cd "${REPO_DIR}" && "${PYTHON}" -m megatron_fusion.launcher torchrun --dry-run -- "$@") || return $?
     [[ -n "${DRY_RUN_SIGNAL:-}" ]] && kill -s "${DRY_RUN_SIGNAL}" $$
     return 0
   fi

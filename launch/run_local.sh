@@ -21,6 +21,6 @@ unset TEACHER_NODES MASTER_ADDR
 mf_network_defaults
 cd "${REPO_DIR}"
 if [[ "${DRY_RUN:-0}" == 1 ]]; then
-  exec "${PYTHON:-python}" -m megatron_fusion.launch torchrun --dry-run -- "$@"
+  exec "${PYTHON:-python}" -m megatron_fusion.launcher torchrun --dry-run -- "$@"
 fi
-exec "${PYTHON:-python}" -m megatron_fusion.launch torchrun -- "$@"
+exec "${PYTHON:-python}" -m megatron_fusion.launcher torchrun -- "$@"

@@ -592,7 +592,7 @@ def _ranks_logits(rank, world, megatron_dir, tokens, tp, pp):
 def check_conversion(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int = 1,
                      batch: int = 2, seq: int = 16, seed: int = 0) -> float:
     """Max |HF logits - Megatron logits| on the same random tokens (Megatron on tp*pp gloo ranks)."""
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     vocab = int(read_hf_config(hf_dir)["vocab_size"])
     tokens = random_tokens(vocab, batch, seq, seed)

@@ -1,6 +1,6 @@
 """Run the launch's ranks under torchrun's agent and name a failed rank by its role.
 
-``megatron-fusion train`` and ``python -m megatron_fusion.launch torchrun`` (one per node under
+``megatron-fusion train`` and ``python -m megatron_fusion.launcher torchrun`` (one per node under
 Slurm) both start their ranks through ``run_torchrun``: torchrun's own agent
 (``torch.distributed.run``) runs in this process, so rendezvous, log redirection, teardown and
 exit codes are torchrun's. What it adds: when a rank dies (non-zero exit, or a signal such as

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from megatron_fusion.convert import ConversionError, hf_to_megatron, random_tokens
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-4

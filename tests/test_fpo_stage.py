@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 from tests import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -42,7 +42,7 @@ def _run(rank, world, overrides, fusion):
 
 @needs_te
 def test_fp8_steps_track_bf16_within_1_percent():
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     bf16 = run_on_ranks(_run, 1, ([], True), timeout_s=600)[0]
     fp8 = run_on_ranks(_run, 1, (["train.fp8=hybrid", "train.fp8_recipe=delayed"], True), timeout_s=600)[0]
@@ -74,7 +74,7 @@ def test_losses_on_cuda_match_cpu():
 
 @needs_cuda
 def test_bench_gpu_fusion_overhead_is_measured():
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     ce = run_on_ranks(_run, 1, ([], False), timeout_s=600)[0]
     fu = run_on_ranks(_run, 1, ([], True), timeout_s=600)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_fusion import launch
+from megatron_fusion import launcher
 from megatron_fusion.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def test_fuse_14b_renders_srun_and_torchrun(slurm_env):
     (srun,) = [c for c in lines_starting(r.stdout, "+ ") if c[0] == "srun"]
     assert {"--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1",
             f"--output={log_dir}/node-%n.log"} <= set(srun)
-    assert srun[srun.index("-m") + 1:] == ["megatron_fusion.launch", "torchrun", "--",
+    assert srun[srun.index("-m") + 1:] == ["megatron_fusion.launcher", "torchrun", "--",
                                            "run.dir=/scratch/runs/f14", "train.steps=50"]
     (torchrun,) = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("torchrun ")]
     assert torchrun[:8] == ["torchrun", "--nnodes=4", "--nproc-per-node=8", "--rdzv-backend=c10d",
@@ -103,7 +103,7 @@ def test_fuse_14b_renders_srun_and_torchrun(slurm_env):
     exports = dict(line[len("export "):].split("=", 1) for line in r.stdout.splitlines()
                    if line.startswith("export "))
     assert exports["WANDB_RESUME"] == "allow"
-    assert exports["WANDB_RUN_ID"] == launch.wandb_run_id("/scratch/runs/f14", "fuse-phi4-14b")
+    assert exports["WANDB_RUN_ID"] == launcher.wandb_run_id("/scratch/runs/f14", "fuse-phi4-14b")
     assert "scontrol requeue" not in r.stdout
 
 
@@ -174,25 +174,25 @@ def test_run_local_is_standalone(slurm_env):
 def test_wandb_run_id_survives_requeues_and_differs_per_run_dir():
     base = {"CONFIG": "configs/fuse_14b.yaml", "NODES": "4", "GPUS_PER_NODE": "8", "TEACHER_NODES": "2",
             "MASTER_ADDR": "gpu-a01", "MASTER_PORT": "24242", "RUN_DIR": "/scratch/runs/a"}
-    first = launch.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "0"}, [])
-    requeued = launch.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "3"}, [])
-    resubmitted = launch.render({**base, "SLURM_JOB_ID": "171"}, [])
-    other = launch.render({**base, "RUN_DIR": "/scratch/runs/b"}, [])
+    first = launcher.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "0"}, [])
+    requeued = launcher.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "3"}, [])
+    resubmitted = launcher.render({**base, "SLURM_JOB_ID": "171"}, [])
+    other = launcher.render({**base, "RUN_DIR": "/scratch/runs/b"}, [])
     assert first.env["WANDB_RUN_ID"] == requeued.env["WANDB_RUN_ID"] == resubmitted.env["WANDB_RUN_ID"]
     assert other.env["WANDB_RUN_ID"] != first.env["WANDB_RUN_ID"]
-    assert launch.render({**base, "WANDB_RUN_ID": "mine"}, []).env["WANDB_RUN_ID"] == "mine"
+    assert launcher.render({**base, "WANDB_RUN_ID": "mine"}, []).env["WANDB_RUN_ID"] == "mine"
     # an explicit per-teacher override after TEACHER_NODES' split wins
-    node = launch.render(base, ["fuse.teachers.2.ranks=8"])
+    node = launcher.render(base, ["fuse.teachers.2.ranks=8"])
     assert node.argv[-1] == "fuse.teachers.2.ranks=8"
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
-        launch.render({k: v for k, v in base.items() if k != "MASTER_ADDR"}, [])
+        launcher.render({k: v for k, v in base.items() if k != "MASTER_ADDR"}, [])
     with pytest.raises(ConfigError, match="parallel.tp"):
-        launch.render(base, ["parallel.tp=4"])
+        launcher.render(base, ["parallel.tp=4"])
 
 
 @pytest.mark.dist
 def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
-    """Not a dry run: run_local.sh -> `python -m megatron_fusion.launch torchrun` (torchrun's agent
+    """Not a dry run: run_local.sh -> `python -m megatron_fusion.launcher torchrun` (torchrun's agent
     in-process) -> 2 gloo ranks train 2 steps with W&B offline under the launcher's run id."""
     from tests.trainer_ranks import tiny_overrides
 
@@ -205,7 +205,7 @@ def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").open()
              if "loss/total" in x]
     assert steps == [1, 2]
-    want_id = launch.wandb_run_id(str(run_dir), "local-smoke-7")
+    want_id = launcher.wandb_run_id(str(run_dir), "local-smoke-7")
     assert (run_dir / "wandb_id").read_text().strip() == want_id
     (log,) = (run_dir / "wandb").glob(f"offline-run-*-{want_id}/run-{want_id}.wandb")
     # the run record (protobuf in W&B's log format) carries the name and the full config

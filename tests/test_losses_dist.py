@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 
 try:   # tests/ may or may not be a package (an __init__.py changes the import name)
     from tests.test_losses import (F64, assert_fused_equals_separate, assert_matches,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 from megatron_fusion.topk_store import TopKReader
 
 pytestmark = [pytest.mark.dist]

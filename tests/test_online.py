@@ -75,7 +75,7 @@ def _make_teacher(rank, world, data, root, tok_dir):
 
 @pytest.fixture(scope="module")
 def online(demo_data, tmp_path_factory):
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
     from megatron_fusion.tokenizers import train_byte_bpe
 
     root = tmp_path_factory.mktemp("online")

@@ -82,7 +82,7 @@ def _make_assets(rank, world, data, root):
 
 @pytest.fixture(scope="module")
 def layouts(demo_data, tmp_path_factory):
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     root = tmp_path_factory.mktemp("online_layouts")
     lines = Path(demo_data["train"]).read_text().splitlines()
@@ -189,7 +189,7 @@ def _hf_tp2_ranks(rank, world, data, root):
 
 
 def test_hf_online_teacher_at_tp2_shards_the_vocab(layouts):
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     out = run_on_ranks(_hf_tp2_ranks, 2, (layouts["data"], str(layouts["root"])))
     assert out[0] == out[1] and out[0][1] > 100, out

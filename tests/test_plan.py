@@ -81,7 +81,7 @@ def _count_on_rank(rank, world_size):
 
 @pytest.mark.dist
 def test_stage_counts_equal_what_megatron_allocates_at_tp2_pp2():
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     for rank_results in run_on_ranks(_count_on_rank, world_size=4):
         for pp_rank, counted, shape in rank_results:

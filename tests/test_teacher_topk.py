@@ -19,7 +19,7 @@ from megatron_fusion.source_logprobs import precompute_source_logprobs
 from megatron_fusion.teacher_topk import (HFTeacherBackend, VocabShardedBackend,
                                           expected_header, precompute_teacher_topk,
                                           teacher_inputs)
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe, train_sentencepiece
 from megatron_fusion.topk_store import SourceLogprobStore, TopKReader
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 from tests import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_fusion.testing import run_on_ranks
+from megatron_fusion.local_ranks import run_on_ranks
 from tests import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -79,7 +79,7 @@ def test_step0_checkpoint_resumes(demo_data, tmp_path):
     the same weights as a fresh run of the same steps."""
     import torch
 
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
     from tests.trainer_ranks import resume_from_step0
 
     r = run_on_ranks(resume_from_step0, 1, (demo_data, str(tmp_path)))[0]

@@ -1,4 +1,4 @@
-"""Rank-side helpers for the trainer tests (run through megatron_fusion.testing.run_on_ranks).
+"""Rank-side helpers for the trainer tests (run through megatron_fusion.local_ranks.run_on_ranks).
 
 Gradients are compared across layouts by dumping them with dist_checkpointing: each parameter's
 ``data`` is swapped for its (final, reduced) ``main_grad`` while the model's sharded state dict

@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks on CPU (N <= 4, one thread per rank).
+"""The local multi-rank runner: run a function on N gloo ranks on CPU (N <= 4, one thread each).
 
 Starting ranks and importing Megatron costs 7-15 s on the 2-core machine, so a test should run
 *many* checks in one launch: ``fn`` may do all of them and return a picklable result per rank.

@@ -1,6 +1,6 @@
 """Render and run the per-node torchrun command for launch/*.sh (Slurm) and launch/run_local.sh.
 
-    python -m megatron_fusion.launch torchrun [--dry-run] [-- dotted.key=value ...]
+    python -m megatron_fusion.launcher torchrun [--dry-run] [-- dotted.key=value ...]
 
 Runs once per node (under ``srun --ntasks-per-node=1``): reads the launcher's environment knobs,
 checks the layout the same way ``megatron-fusion plan`` does, and runs torchrun's agent in this
@@ -128,7 +128,7 @@ def _check(cfg, nodes: int, gpus: int) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m megatron_fusion.launch")
+    ap = argparse.ArgumentParser(prog="python -m megatron_fusion.launcher")
     sub = ap.add_subparsers(dest="cmd", required=True)
     tr = sub.add_parser("torchrun", help="run (or print) this node's torchrun command")
     tr.add_argument("--dry-run", action="store_true")
