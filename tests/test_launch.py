@@ -194,7 +194,7 @@ def test_wandb_run_id_survives_requeues_and_differs_per_run_dir():
 def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
     """Not a dry run: run_local.sh -> `python -m megatron_fusion.launcher torchrun` (torchrun's agent
     in-process) -> 2 gloo ranks train 2 steps with W&B offline under the launcher's run id."""
-    from tests.trainer_ranks import tiny_overrides
+    from tests.helpers.trainer_ranks import tiny_overrides
 
     run_dir = tmp_path / "run"
     over = [o for o in tiny_overrides(demo_data, str(run_dir)) if not o.startswith("logging.wandb")]

@@ -16,7 +16,7 @@ receive or a closed connection cannot leak into the next one. One launch runs ev
   has gone or the timeout passes;
 - ``student_receivers`` against Megatron's own rank order, fingerprints through int64.
 
-    .venv/bin/python -m pytest -q tests/test_online_protocol.py
+    .venv/bin/python -m pytest -q tests/teachers/test_online_protocol.py
 """
 
 from __future__ import annotations

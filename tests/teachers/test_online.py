@@ -25,7 +25,7 @@ import pytest
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ = 64
 TIMEOUT_S = 20
 
@@ -65,7 +65,7 @@ def _make_teacher(rank, world, data, root, tok_dir):
     """A tiny megatron-fusion run (step 0) with its own byte-level BPE tokenizer."""
     from megatron_fusion.config import load_config
     from megatron_fusion.train import train
-    from tests.trainer_ranks import tiny_overrides
+    from tests.helpers.trainer_ranks import tiny_overrides
 
     cfg = load_config(None, tiny_overrides(data, f"{root}/teacher") + [
         "train.steps=0", f"data.tokenizer={tok_dir}", "model.num_layers=2"])

@@ -23,7 +23,7 @@ from megatron_fusion.topk_store import TopKReader
 
 pytestmark = [pytest.mark.dist]
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SEQ = 64
 
 
@@ -45,7 +45,7 @@ def _teacher_ranks(rank, world, data, root, sft):
                                               teacher_inputs)
     from megatron_fusion.tokenizers import load_tokenizer
     from megatron_fusion.train import train
-    from tests.trainer_ranks import tiny_overrides
+    from tests.helpers.trainer_ranks import tiny_overrides
 
     class KeepModel:
         model = None

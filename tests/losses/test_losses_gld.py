@@ -3,7 +3,7 @@ loop they replaced (copied below as ``_gld_reference``), forward and gradients, 
 the batched path reads nothing back from the device (no host sync) and issues the same ops
 whatever the batch size.
 
-    .venv/bin/python -m pytest -q tests/test_losses_gld.py
+    .venv/bin/python -m pytest -q tests/losses/test_losses_gld.py
 """
 
 from __future__ import annotations

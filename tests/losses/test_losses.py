@@ -3,7 +3,7 @@ does the gradients), the serial path (tp_group=None) against it, gradcheck, clos
 Gromov-Wasserstein guarantee of GLD. The TP 2/4 comparisons are in test_losses_dist.py and reuse
 the reference and the cases built here; FPO and the teacher weights are in test_fpo_loss.py.
 
-    .venv/bin/python -m pytest -q tests/test_losses.py
+    .venv/bin/python -m pytest -q tests/losses/test_losses.py
 """
 
 from __future__ import annotations

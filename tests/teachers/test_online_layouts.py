@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-import tests.test_online as test_online
-from tests.test_online import (SEQ, _dumps, _make_teacher, _student_yaml, _torchrun,
+import tests.teachers.test_online as test_online
+from tests.teachers.test_online import (SEQ, _dumps, _make_teacher, _student_yaml, _torchrun,
                                assert_same_topk)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -5,7 +5,7 @@ CE + top-K Function against the separate Functions under TP; -token_logprobs aga
 megatron-core's vocab_parallel_cross_entropy; and the communication contract (every collective
 recorded with its size). One launch per TP size runs all checks (~10 s each).
 
-    .venv/bin/python -m pytest -q tests/test_losses_dist.py
+    .venv/bin/python -m pytest -q tests/losses/test_losses_dist.py
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron_fusion.local_ranks import run_on_ranks
 
 try:   # tests/ may or may not be a package (an __init__.py changes the import name)
-    from tests.test_losses import (F64, assert_fused_equals_separate, assert_matches,
+    from tests.losses.test_losses import (F64, assert_fused_equals_separate, assert_matches,
                                    fused_and_separate, make_case, ours, reference)
 except ImportError:
     from test_losses import (F64, assert_fused_equals_separate, assert_matches, fused_and_separate,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatron_fusion.local_ranks import run_on_ranks
-from tests import trainer_ranks as tr
+from tests.helpers import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 PAD = "model.make_vocab_size_divisible_by=200"
@@ -80,7 +80,7 @@ def test_step0_checkpoint_resumes(demo_data, tmp_path):
     import torch
 
     from megatron_fusion.local_ranks import run_on_ranks
-    from tests.trainer_ranks import resume_from_step0
+    from tests.helpers.trainer_ranks import resume_from_step0
 
     r = run_on_ranks(resume_from_step0, 1, (demo_data, str(tmp_path)))[0]
     assert r["start"] == 0

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_fusion.config import ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(args, cwd=ROOT, timeout=240):

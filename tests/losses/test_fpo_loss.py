@@ -2,7 +2,7 @@
 to the reference model -> length-normalised DPO; both clip boundaries; max-margin selection), and
 the multi-teacher weights (SPEC §2: uniform, minCE, avgCE).
 
-    .venv/bin/python -m pytest -q tests/test_fpo_loss.py
+    .venv/bin/python -m pytest -q tests/losses/test_fpo_loss.py
 """
 
 from __future__ import annotations

@@ -2,13 +2,13 @@
 accumulation) from one init, resume reads the stored reference back, and source log-prob files
 that do not fit the run (or malformed preference lines) fail with one line before step 1.
 
-    .venv/bin/python -m pytest -q tests/test_fpo_stage.py
+    .venv/bin/python -m pytest -q tests/stages/test_fpo_stage.py
 
 Source log-probs here are SYNTHETIC: ``SourceLogprobStore`` files written directly with the header
 fields the run checks (``dataset_hash`` = sha256 of the preference file, ``source_tokenizer_hash``
 of the source's own tokenizer) and per-pair numbers drawn around the random pivot's ℓ ≈ -log(V),
 so with ``ref_offset = 1`` some values are clipped at both boundaries and max-margin picks both
-sources. Scoring with real models is tested in tests/test_teacher_topk.py (the tool); this file
+sources. Scoring with real models is tested in tests/teachers/test_teacher_topk.py (the tool); this file
 tests the trainer side.
 """
 
@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from megatron_fusion.local_ranks import run_on_ranks
-from tests import trainer_ranks as tr
+from tests.helpers import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 KEYS = ("fpo/loss", "rewards/chosen", "rewards/rejected", "fpo/margin", "fpo/clip_fraction",

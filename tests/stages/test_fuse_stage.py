@@ -8,7 +8,7 @@ import pytest
 from pathlib import Path
 
 from megatron_fusion.local_ranks import run_on_ranks
-from tests import trainer_ranks as tr
+from tests.helpers import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 KEYS = ("loss/total", "loss/ce", "loss/uld", "loss/gld", "loss/uld/tA", "loss/gld/tB")
