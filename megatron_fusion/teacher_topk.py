@@ -12,8 +12,13 @@ response token of the teacher's encoding and ends inside the text the pivot's la
 truncated pivot sample limits it); stored per sample for the minCE / avgCE weights.
 
 Backends implement ``TeacherBackend``: ``local_logits(input_ids [b, s]) -> [b, s, v_local]`` (this
-rank's vocab shard, padding columns allowed past ``vocab_size``), ``vocab_size`` (true vocab),
-``tp_group`` (None for a single shard). ``HFTeacherBackend`` (transformers, local dir or GGUF) is
+rank's vocab shard on the model's device, any float dtype, padding columns allowed past
+``vocab_size``), ``vocab_size`` (output rows that may be tokens), ``tp_group`` (None for a single
+shard). The statistics (mean / std / logsumexp) and the top-K run over the teacher tokenizer's ids
+only (``true_vocab_size``): an HF embedding padded past the tokenizer (Qwen2.5: 152,064 rows,
+151,665 tokens) never reaches a shard. Device: the forward, top-K, log-probs and the placement at
+pivot positions run on the logits' device; ONE host copy per batch (``to_host``) brings values,
+ids, masks and CE sums back for the shard writer. ``HFTeacherBackend`` (transformers, local dir or GGUF) is
 here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP group (tests,
 and teachers whose logits are small enough to compute whole on each rank);
 ``MegatronTeacherBackend`` is a frozen megatron-fusion run (its config.yaml + dist checkpoint),
@@ -24,7 +29,9 @@ dataset items. A finished shard (valid file with the expected header) is skipped
 killed run continues where it stopped and produces byte-identical files (nothing time- or
 order-dependent goes into a shard). In a TP group every rank computes, TP rank 0 writes.
 CLI: ``tools/precompute_teacher_topk.py`` (``--backend megatron --checkpoint RUN_DIR`` under
-``torchrun --nproc-per-node TP`` for a megatron-fusion teacher).
+``torchrun --nproc-per-node TP`` for a megatron-fusion teacher; ``--device`` / ``--dtype`` from
+``add_backend_args``, shared with tools/precompute_source_logprobs.py: an HF teacher defaults to
+``cuda:LOCAL_RANK`` in bf16 when CUDA is available, cpu fp32 otherwise).
 """
 
 from __future__ import annotations

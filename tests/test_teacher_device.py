@@ -271,29 +271,40 @@ def test_teacher_config_dtype_validation():
         TeacherConfig(name="t", backend="megatron", dtype="bf16")
 
 
-# ---------------------------------------------------------------- real CUDA, bf16
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_hf_backend_cuda_bf16_matches_cpu_fp32(padded):
-    p = padded
+# ---------------------------------------------------------------- bf16 vs fp32 (CPU and CUDA)
+def _bf16_matches_fp32(p, device: str):
+    """The HF backend in bf16 on ``device``: its top-K agrees with the fp32 CPU top-K."""
+    import copy
+
     ds = p["sft"]
     samples = [ds.sample(i) for i in range(len(ds))]
     ref = _topk_batch(p, HFTeacherBackend(model=p["model"]), samples)         # fp32, CPU
-    import copy
-
-    gpu = HFTeacherBackend(model=copy.deepcopy(p["model"]), device="cuda", dtype=torch.bfloat16)
-    assert next(gpu.model.parameters()).device.type == "cuda"
-    assert gpu.local_logits(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
-    got = _topk_batch(p, gpu, samples)
+    bf16 = HFTeacherBackend(model=copy.deepcopy(p["model"]), device=device, dtype=torch.bfloat16)
+    assert {q.device.type for q in bf16.model.parameters()} == {torch.device(device).type}
+    logits = bf16.local_logits(torch.tensor([[1, 2, 3]]))
+    assert logits.dtype == torch.bfloat16 and logits.device.type == torch.device(device).type
+    got = _topk_batch(p, bf16, samples)
     n_pos = top1 = overlap = 0
     for a, b in zip(got, ref):
-        assert torch.equal(a.aligned_mask, b.aligned_mask)
+        assert a.values.device.type == "cpu" and torch.equal(a.aligned_mask, b.aligned_mask)
         assert int(a.ids.max()) < p["n_tok"]                                  # padding never in
         for t in b.aligned_mask.nonzero().squeeze(1).tolist():
             n_pos += 1
             top1 += int(a.ids[t, 0] == b.ids[t, 0])
             overlap += len(set(a.ids[t].tolist()) & set(b.ids[t].tolist()))
-            # bf16 logits (8 mantissa bits) of |z| ~ 20: z-scores agree to a few hundredths
+            # bf16 logits carry 8 mantissa bits: the z-scores agree to a few hundredths
             assert torch.allclose(a.values[t], b.values[t], atol=0.1, rtol=0.05)
         assert abs(a.teacher_ce - b.teacher_ce) <= 0.02 * abs(b.teacher_ce) + 0.02
-    assert n_pos > 50 and top1 >= 0.95 * n_pos and overlap >= 0.9 * K * n_pos
+    # near-ties swap under bf16 rounding: most, not all, top-1 ids agree
+    assert n_pos > 50 and top1 >= 0.9 * n_pos and overlap >= 0.85 * K * n_pos, (
+        n_pos, top1, overlap)
+
+
+def test_hf_backend_cpu_bf16_matches_fp32(padded):
+    _bf16_matches_fp32(padded, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_hf_backend_cuda_bf16_matches_cpu_fp32(padded):
+    _bf16_matches_fp32(padded, "cuda")
