@@ -18,9 +18,9 @@ shard). The statistics (mean / std / logsumexp) and the top-K run over the teach
 only (``true_vocab_size``): an HF embedding padded past the tokenizer (Qwen2.5: 152,064 rows,
 151,665 tokens) never reaches a shard. Device: the forward, top-K, log-probs and the placement at
 pivot positions run on the logits' device; ONE host copy per batch (``to_host``) brings values,
-ids, masks and CE sums back for the shard writer. ``HFTeacherBackend`` (transformers, local dir or GGUF) is
-here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP group (tests,
-and teachers whose logits are small enough to compute whole on each rank);
+ids, masks and CE sums back for the shard writer. ``HFTeacherBackend`` (transformers, local dir
+or GGUF) is here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP
+group (tests, and teachers whose logits are small enough to compute whole on each rank);
 ``MegatronTeacherBackend`` is a frozen megatron-fusion run (its config.yaml + dist checkpoint),
 rebuilt at the current TP (vocab-sharded logits, resharded weights).
 
@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 
 class TeacherBackend(Protocol):
     vocab_size: int            # output rows that may be tokens (columns >= it are padding); the
-                               # true vocab of a batch is min'd with the tokenizer's size
+                               # true vocab is the tokenizer's size (true_vocab_size), <= this
     tp_group: object           # torch.distributed group over the vocab shards, or None
 
     def local_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
