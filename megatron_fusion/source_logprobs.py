@@ -116,7 +116,8 @@ def cli_main(argv=None) -> dict:
     import argparse
     import json
 
-    from megatron_fusion.teacher_topk import add_backend_args, open_backend_from_args
+    from megatron_fusion.teacher_topk import (add_backend_args, backend_info,
+                                              open_backend_from_args)
     from megatron_fusion.tokenizers import load_tokenizer
 
     ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
@@ -147,6 +148,7 @@ def cli_main(argv=None) -> dict:
             ds, backend, args.out, source=args.source_name,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
             progress=write and not args.no_progress)
+        summary.update(backend_info(backend))
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:

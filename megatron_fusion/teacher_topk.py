@@ -572,6 +572,12 @@ def add_backend_args(ap, what: str) -> None:
                     "CPU; megatron the run's train.precision")
 
 
+def backend_info(backend) -> dict:
+    """Where the frozen model runs, for the tools' printed summary: device and weights' dtype."""
+    w = next(backend.model.parameters())
+    return {"device": str(w.device), "model_dtype": str(w.dtype).removeprefix("torch.")}
+
+
 def open_backend_from_args(args, what: str):
     """``open_backend`` for the flags of ``add_backend_args``."""
     return open_backend(args.backend, model_dir=getattr(args, f"{what}_model"),
@@ -630,6 +636,7 @@ def cli_main(argv=None) -> dict:
             max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
             progress=not args.no_progress)
         summary["dataset_stats"] = ds.stats.as_dict()
+        summary.update(backend_info(backend))
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:
