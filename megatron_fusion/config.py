@@ -262,9 +262,17 @@ class TeacherConfig:
     """Static weight in the uniform mix (normalised over teachers)."""
     model: Optional[dict] = None
     """Teacher architecture (same keys as `model`), for `plan` and the Megatron backend."""
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    """Online hf teacher: the dtype the model is loaded and run in on its rank's device
+    (cuda:LOCAL_RANK, or cpu without CUDA); auto = bf16 on CUDA, fp32 on CPU. The megatron
+    backend runs in the run's train.precision (leave auto)."""
 
     def __post_init__(self):
         _check(bool(self.name), "fuse.teachers[].name", "must be set")
+        _check(self.dtype in ("auto", "bf16", "fp16", "fp32"), f"teacher {self.name}.dtype",
+               f"must be auto, bf16, fp16 or fp32, got {self.dtype!r}")
+        _check(self.dtype == "auto" or self.backend == "hf", f"teacher {self.name}.dtype",
+               "is for backend hf (a megatron teacher runs in its run's train.precision)")
         _check(self.tp >= 1, f"teacher {self.name}.tp", "must be >= 1")
         _check(self.ranks >= 0, f"teacher {self.name}.ranks", "must be >= 0")
         _check(self.source != "online" or self.ranks >= self.tp, f"teacher {self.name}.ranks",

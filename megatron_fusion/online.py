@@ -206,7 +206,7 @@ def _build_backend(tcfg: TeacherConfig, groups):
     if not tcfg.checkpoint:
         raise ConfigError(f"teacher {tcfg.name}.checkpoint", "must be set for an online teacher")
     if tcfg.backend == "hf":
-        from megatron_fusion.teacher_topk import VocabShardedBackend, open_backend
+        from megatron_fusion.teacher_topk import VocabShardedBackend, open_backend, rank_device
 
         path = Path(tcfg.checkpoint)
         if not path.exists():  # else transformers would take the path for a Hub repo id
@@ -215,7 +215,8 @@ def _build_backend(tcfg: TeacherConfig, groups):
         gguf = path.name if path.suffix == ".gguf" else None
         # kind "hf" opens no process group: nothing is torn down when the block ends
         with open_backend("hf", model_dir=path.parent if gguf else path, gguf_file=gguf,
-                          tokenizer=tcfg.tokenizer or None) as (full, tok_spec, _):
+                          tokenizer=tcfg.tokenizer or None, device=rank_device(),
+                          dtype=tcfg.dtype) as (full, tok_spec, _):
             pass
         backend = full if groups.tp_size == 1 else VocabShardedBackend(full, groups.tp)
         return backend, str(tok_spec)

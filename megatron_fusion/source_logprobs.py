@@ -19,28 +19,38 @@ from pathlib import Path
 import torch
 
 from megatron_fusion.data.preference import PreferenceDataset
+from megatron_fusion.teacher_topk import to_host, true_vocab_size
 from megatron_fusion.topk_store import (LOGPROB_MAGIC, LogprobHeader, SourceLogprobStore,
                                         TopKStoreError, _check_expected, _read_container)
 
 
-def score_batch(items: list[dict], backend, pad_id: int) -> list[tuple]:
-    """items: PreferenceDataset items -> (sample_id, chosen_sum, chosen_n, rejected_sum, rejected_n)."""
+def score_batch(items: list[dict], backend, pad_id: int,
+                vocab_size: int | None = None) -> list[tuple]:
+    """items: PreferenceDataset items -> (sample_id, chosen_sum, chosen_n, rejected_sum, rejected_n).
+
+    ``vocab_size``: the source's true vocabulary (its tokenizer's size, ``true_vocab_size``; None =
+    ``backend.vocab_size``). The forward and the log-prob sums run on the logits' device; both
+    sides come back to the host in ONE copy.
+    """
     from megatron_fusion.losses import sequence_logprobs
 
-    sums = {}
+    vocab = backend.vocab_size if vocab_size is None else vocab_size
+    sums = []
     for side in ("chosen", "rejected"):
-        tokens = torch.stack([it[f"{side}_tokens"] for it in items])        # [b, s]
+        tokens = torch.stack([it[f"{side}_tokens"] for it in items])        # [b, s] host
         labels = torch.stack([it[f"{side}_labels"] for it in items])        # [b, s]
         mask = torch.stack([it[f"{side}_loss_mask"] for it in items])       # [b, s]
         used = int(((tokens != pad_id) | (mask > 0)).any(0).nonzero().max()) + 1
         tokens, labels, mask = tokens[:, :used], labels[:, :used], mask[:, :used]
         with torch.no_grad():
             logits = backend.local_logits(tokens)                            # [b, s, v/tp]
-            lp, n = sequence_logprobs(logits.float(), labels, mask, vocab_size=backend.vocab_size,
+            dev = logits.device
+            lp, n = sequence_logprobs(logits, labels.to(dev, non_blocking=True),
+                                      mask.to(dev, non_blocking=True), vocab_size=vocab,
                                       tp_group=backend.tp_group)             # [b], [b]
-        sums[side] = (lp.double().tolist(), n.tolist())
-    return [(it["sample_id"], sums["chosen"][0][r], sums["chosen"][1][r], sums["rejected"][0][r],
-             sums["rejected"][1][r]) for r, it in enumerate(items)]
+        sums += [lp.double(), n]
+    c_lp, c_n, r_lp, r_n = (t.tolist() for t in to_host(*sums))         # one copy
+    return [(it["sample_id"], c_lp[r], c_n[r], r_lp[r], r_n[r]) for r, it in enumerate(items)]
 
 
 def shard_path(out_dir, source: str, index: int) -> Path:
@@ -62,6 +72,7 @@ def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, 
 
         bar = tqdm(total=n, desc=f"source {source}", unit="pair", dynamic_ncols=True)
     t0, tokens, skipped = time.perf_counter(), 0, 0
+    vocab = true_vocab_size(backend, dataset.tokenizer)
     for si in range(n_shards):
         lo, hi = si * samples_per_shard, min(n, (si + 1) * samples_per_shard)
         path = shard_path(out_dir, source, si)
@@ -81,7 +92,7 @@ def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, 
         records = []
         for b0 in range(lo, hi, batch_size):
             items = [dataset[i] for i in range(b0, min(hi, b0 + batch_size))]
-            records += score_batch(items, backend, dataset.pad_id)
+            records += score_batch(items, backend, dataset.pad_id, vocab)
             tokens += sum(int((it["chosen_tokens"] != dataset.pad_id).sum()
                               + (it["rejected_tokens"] != dataset.pad_id).sum()) for it in items)
             if bar:
@@ -105,19 +116,14 @@ def cli_main(argv=None) -> dict:
     import argparse
     import json
 
+    from megatron_fusion.teacher_topk import (add_backend_args, backend_info,
+                                              open_backend_from_args)
     from megatron_fusion.tokenizers import load_tokenizer
 
     ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
                                  "source model and its own tokenizer (FPO, SPEC §5).")
     ap.add_argument("--data", required=True, help="preference JSONL (prompt/chosen/rejected)")
-    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
-                    help="hf: a transformers model (--source-model); megatron: a megatron-fusion "
-                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
-    ap.add_argument("--source-model", default=None, help="HF model directory (or the GGUF's)")
-    ap.add_argument("--checkpoint", default=None,
-                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
-    ap.add_argument("--gguf-file", default=None)
-    ap.add_argument("--source-tokenizer", default=None, help="default: the model dir / its GGUF")
+    add_backend_args(ap, "source")
     ap.add_argument("--source-name", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seq-len", type=int, required=True, help="max tokens per side (source)")
@@ -129,12 +135,8 @@ def cli_main(argv=None) -> dict:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
-    from megatron_fusion.teacher_topk import open_backend
-
     try:
-        opened = open_backend(args.backend, model_dir=args.source_model, gguf_file=args.gguf_file,
-                              checkpoint=args.checkpoint, tokenizer=args.source_tokenizer,
-                              what="source")
+        opened = open_backend_from_args(args, "source")
         backend, tok_spec, write = opened.__enter__()
     except ValueError as e:
         ap.error(str(e))
@@ -146,6 +148,7 @@ def cli_main(argv=None) -> dict:
             ds, backend, args.out, source=args.source_name,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
             progress=write and not args.no_progress)
+        summary.update(backend_info(backend))
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:

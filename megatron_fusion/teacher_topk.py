@@ -12,10 +12,15 @@ response token of the teacher's encoding and ends inside the text the pivot's la
 truncated pivot sample limits it); stored per sample for the minCE / avgCE weights.
 
 Backends implement ``TeacherBackend``: ``local_logits(input_ids [b, s]) -> [b, s, v_local]`` (this
-rank's vocab shard, padding columns allowed past ``vocab_size``), ``vocab_size`` (true vocab),
-``tp_group`` (None for a single shard). ``HFTeacherBackend`` (transformers, local dir or GGUF) is
-here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP group (tests,
-and teachers whose logits are small enough to compute whole on each rank);
+rank's vocab shard on the model's device, any float dtype, padding columns allowed past
+``vocab_size``), ``vocab_size`` (output rows that may be tokens), ``tp_group`` (None for a single
+shard). The statistics (mean / std / logsumexp) and the top-K run over the teacher tokenizer's ids
+only (``true_vocab_size``): an HF embedding padded past the tokenizer (Qwen2.5: 152,064 rows,
+151,665 tokens) never reaches a shard. Device: the forward, top-K, log-probs and the placement at
+pivot positions run on the logits' device; ONE host copy per batch (``to_host``) brings values,
+ids, masks and CE sums back for the shard writer. ``HFTeacherBackend`` (transformers, local dir
+or GGUF) is here; ``VocabShardedBackend`` splits a full-vocab backend Megatron-style across a TP
+group (tests, and teachers whose logits are small enough to compute whole on each rank);
 ``MegatronTeacherBackend`` is a frozen megatron-fusion run (its config.yaml + dist checkpoint),
 rebuilt at the current TP (vocab-sharded logits, resharded weights).
 
@@ -24,7 +29,9 @@ dataset items. A finished shard (valid file with the expected header) is skipped
 killed run continues where it stopped and produces byte-identical files (nothing time- or
 order-dependent goes into a shard). In a TP group every rank computes, TP rank 0 writes.
 CLI: ``tools/precompute_teacher_topk.py`` (``--backend megatron --checkpoint RUN_DIR`` under
-``torchrun --nproc-per-node TP`` for a megatron-fusion teacher).
+``torchrun --nproc-per-node TP`` for a megatron-fusion teacher; ``--device`` / ``--dtype`` from
+``add_backend_args``, shared with tools/precompute_source_logprobs.py: an HF teacher defaults to
+``cuda:LOCAL_RANK`` in bf16 when CUDA is available, cpu fp32 otherwise).
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ log = logging.getLogger(__name__)
 
 
 class TeacherBackend(Protocol):
-    vocab_size: int            # true vocabulary size (columns >= it are padding)
+    vocab_size: int            # output rows that may be tokens (columns >= it are padding); the
+                               # true vocab is the tokenizer's size (true_vocab_size), <= this
     tp_group: object           # torch.distributed group over the vocab shards, or None
 
     def local_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -58,24 +66,34 @@ class TeacherBackend(Protocol):
 
 
 class HFTeacherBackend:
-    """A transformers causal LM (local directory, or a GGUF file in it), float32, eval, no grad."""
+    """A transformers causal LM (local directory, or a GGUF file in it), eval, no grad, loaded in
+    ``dtype`` onto ``device`` (the caller's rank device: ``cuda:LOCAL_RANK`` or cpu).
+
+    ``vocab_size`` is the model's output rows (``config.vocab_size``), which may include padding
+    rows no tokenizer id reaches (Qwen2.5: 152,064 rows, 151,665 tokens); the true vocabulary of
+    a batch is the teacher tokenizer's size (``true_vocab_size``).
+    """
 
     def __init__(self, model_dir: str | Path | None = None, *, gguf_file: str | None = None,
-                 model=None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+                 model=None, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
         if model is None:
             from transformers import AutoModelForCausalLM
 
             kw = {"gguf_file": gguf_file} if gguf_file else {}
             model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, **kw)
-        self.model = model.to(device=device, dtype=dtype).eval()
-        self.device = device
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.model = model.to(device=self.device, dtype=dtype).eval()
         self.vocab_size = int(self.model.config.vocab_size)
         self.tp_group = None
 
     @torch.no_grad()
     def local_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=input_ids.to(self.device), use_cache=False)
-        return out.logits.float()                                   # [b, s, v]
+        """input_ids [b, s] (any device) -> [b, s, v] on ``self.device`` in the model's dtype
+        (the top-K and log-prob functions compute in fp32 from bf16 without a full fp32 copy)."""
+        out = self.model(input_ids=input_ids.to(self.device, non_blocking=True), use_cache=False)
+        return out.logits                                           # [b, s, v]
 
 
 class VocabShardedBackend:
@@ -114,9 +132,13 @@ class MegatronTeacherBackend:
     model-parallel state must be initialised (``init_student_groups(tp=...)``) with pipeline
     size 1; the model is built at that TP, and ``tp_group`` (default: that TP group) must be it.
     The embedding keeps the padded vocab the run was saved with, so any TP that divides it loads.
+    ``precision`` ("bf16", "fp16", "fp32"; None = the run's ``train.precision``): the dtype the
+    model is built and run in (the checkpoint's weights are cast on load). Device: this rank's
+    ``cuda:current_device`` (``init_distributed`` set it to LOCAL_RANK) when CUDA is available.
     """
 
-    def __init__(self, run_dir_or_checkpoint: str | Path, tp_group=None):
+    def __init__(self, run_dir_or_checkpoint: str | Path, tp_group=None,
+                 precision: str | None = None):
         import dataclasses
         import json
 
@@ -164,6 +186,8 @@ class MegatronTeacherBackend:
         cfg.parallel = dataclasses.replace(cfg.parallel, tp=tp, pp=1, vpp=None,
                                            sequence_parallel=False)
         cfg.train.recompute = None
+        if precision is not None and precision != cfg.train.precision:
+            cfg.train.precision, cfg.train.fp8 = precision, None
         cuda = torch.cuda.is_available()
         # The init is overwritten by the checkpoint; keep the caller's RNG streams untouched.
         # Megatron's TP RNG tracker must hold its streams (forward forks them even without
@@ -247,14 +271,43 @@ def align_sample(sample, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, pivo
     raise ValueError(f"alignment must be 'offset' or 'mined', got {method!r}")
 
 
+def true_vocab_size(backend: TeacherBackend, tokenizer) -> int:
+    """The vocabulary the teacher's statistics (mean / std / logsumexp) and top-K run over: the
+    tokenizer's ids ``[0, tokenizer.vocab_size)``. Output rows past it (an HF embedding padded to
+    a multiple of 64 or 128, Megatron's TP padding) are never a token and never enter the top-K."""
+    n = int(tokenizer.vocab_size)
+    if not 0 < n <= backend.vocab_size:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name', tokenizer)!r} has {n} ids, the "
+                         f"model has {backend.vocab_size} output rows: not this model's tokenizer")
+    return n
+
+
+def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """ONE device-to-host copy for several tensors (any devices, shapes, dtypes): packed into one
+    float64 buffer, which holds fp32/bf16/fp16/fp64 values, bools and integers below 2^53 exactly
+    (vocab ids, counts). Returns CPU tensors of the original shapes and dtypes."""
+    flat = torch.cat([t.reshape(-1).double() for t in tensors])       # [sum numel] on the device
+    host = flat.cpu()                                                  # the one copy
+    out, o = [], 0
+    for t in tensors:
+        out.append(host[o:o + t.numel()].view(t.shape).to(t.dtype))
+        o += t.numel()
+    return out
+
+
 def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivot_tokenizer,
                        seq_len: int, *, k: int, eps: float, alignment: str,
                        max_teacher_len: int | None) -> list[SampleTopK]:
     """Teacher forward on a right-padded batch, standardised top-K placed at pivot positions, and
-    each sample's teacher CE on its own response tokens (``SampleTopK.teacher_ce``)."""
+    each sample's teacher CE on its own response tokens (``SampleTopK.teacher_ce``).
+
+    Tokenisation and the alignment maps are host work; the forward, the top-K, the log-probs and
+    the placement at pivot positions run on the logits' device, and the results come back to the
+    host in ONE copy per batch (values, ids, masks and CE sums together)."""
     # the student's own functions (SPEC §2): top-K and vocab-parallel log-softmax
     from megatron_fusion.losses import standardized_topk, token_logprobs
 
+    vocab = true_vocab_size(backend, teacher_tokenizer)
     prepared = []
     for s in samples:
         P = min(len(s.ids), seq_len)                       # pivot positions (tokens) of the sample
@@ -263,37 +316,45 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
         align = align_sample(s, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, P, alignment)
         prepared.append((s, P, t_ids, (t_labels, t_resp), align))
     b, T = len(prepared), max(1, max(len(p[2]) for p in prepared))
+    P_max = max(p[1] for p in prepared)
     pad = teacher_tokenizer.pad_id if teacher_tokenizer.pad_id is not None else (
         teacher_tokenizer.eos_id or 0)
+    # host inputs, built from Python lists and moved to the device once each
     batch = torch.full((b, T), pad, dtype=torch.long)               # [b, T], right padding
     labels = torch.full((b, T), pad, dtype=torch.long)              # [b, T]: teacher token j+1
     ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # j predicts a response token
-    for r, (_, _, t_ids, (t_labels, t_resp), _) in enumerate(prepared):
+    src = torch.full((b, P_max), -1, dtype=torch.long)              # [b, P]: teacher pos or -1
+    resp = torch.zeros(b, P_max, dtype=torch.bool)                  # [b, P]: labels[t] is response
+    for r, (s, P, t_ids, (t_labels, t_resp), align) in enumerate(prepared):
         batch[r, :len(t_ids)] = torch.as_tensor(t_ids, dtype=torch.long)
         labels[r, :len(t_labels)] = torch.as_tensor(t_labels, dtype=torch.long)
         ce_mask[r, :len(t_resp)] = torch.as_tensor(t_resp, dtype=torch.bool)
-    with torch.no_grad():
-        logits = backend.local_logits(batch)                        # [b, T, v/tp]
-        values, ids = standardized_topk(logits, k, eps=eps, vocab_size=backend.vocab_size,
-                                        tp_group=backend.tp_group)  # [b, T, K] x2
-        logp = token_logprobs(logits, labels.to(logits.device), vocab_size=backend.vocab_size,
-                              tp_group=backend.tp_group)            # [b, T], same on all TP ranks
-    nll_sum = torch.where(ce_mask, -logp.double().cpu(), 0.0).sum(-1)   # [b]
-    n_ce = ce_mask.sum(-1)                                          # [b]
-    out = []
-    for r, (s, P, t_ids, _, align) in enumerate(prepared):
-        a = torch.as_tensor(align, dtype=torch.long)               # [P] teacher pos or -1
-        resp = torch.zeros(P, dtype=torch.bool)                     # labels[t] is a response token
+        src[r, :P] = torch.as_tensor(align, dtype=torch.long)
         nxt = torch.as_tensor(s.is_response[1:P + 1], dtype=torch.bool)
-        resp[: len(nxt)] = nxt
-        mask = (a >= 0) & resp
-        v = torch.zeros(P, k, dtype=torch.float32)
-        i = torch.zeros(P, k, dtype=torch.long)
-        v[mask] = values[r, a[mask]].float()
-        i[mask] = ids[r, a[mask]].long()
+        resp[r, :len(nxt)] = nxt
+    with torch.no_grad():
+        logits = backend.local_logits(batch)                        # [b, T, v/tp] on the device
+        dev = logits.device
+        values, ids = standardized_topk(logits, k, eps=eps, vocab_size=vocab,
+                                        tp_group=backend.tp_group)  # [b, T, K] x2
+        logp = token_logprobs(logits, labels.to(dev, non_blocking=True), vocab_size=vocab,
+                              tp_group=backend.tp_group)            # [b, T], same on all TP ranks
+        del logits
+        src_d, resp_d = src.to(dev, non_blocking=True), resp.to(dev, non_blocking=True)
+        mask = (src_d >= 0) & resp_d                                # [b, P]: aligned AND response
+        rows = src_d.clamp(min=0)[..., None].expand(-1, -1, k)      # [b, P, K]
+        v = torch.where(mask[..., None], values.gather(1, rows).float(), 0.0)   # [b, P, K]
+        i = torch.where(mask[..., None], ids.gather(1, rows), 0)                # [b, P, K]
+        nll_sum = torch.where(ce_mask.to(dev, non_blocking=True), -logp.double(),
+                              0.0).sum(-1)                          # [b]
+        v, i, mask, nll_sum = to_host(v, i, mask, nll_sum)          # one copy per batch
+    n_ce = ce_mask.sum(-1)                                          # [b] (host input)
+    out = []
+    for r, (s, P, t_ids, _, _) in enumerate(prepared):
         n = int(n_ce[r])
         ce = float(nll_sum[r]) / n if n else float("nan")
-        out.append(SampleTopK(s.sample_id, v, i, mask, int(resp.sum()), len(t_ids), ce, n))
+        out.append(SampleTopK(s.sample_id, v[r, :P], i[r, :P], mask[r, :P], int(resp[r].sum()),
+                              len(t_ids), ce, n))
     return out
 
 
@@ -409,26 +470,67 @@ __all__ = ["TeacherBackend", "HFTeacherBackend", "VocabShardedBackend", "Megatro
 
 
 
+MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+"""``--dtype`` / ``TeacherConfig.dtype`` names -> the dtype a frozen model is loaded in."""
+
+
+def rank_device(name: str | None = None) -> torch.device:
+    """This rank's device for a frozen model: ``name`` "cuda" -> ``cuda:LOCAL_RANK``, "cuda:N",
+    "cpu"; None -> "cuda" when CUDA is available, else cpu."""
+    import os
+
+    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if dev.index is None:
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {name}: must be cuda, cuda:N or cpu")
+    return dev
+
+
+def model_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """``name`` in MODEL_DTYPES, or None / "auto": bf16 on CUDA, fp32 on CPU."""
+    if name in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in MODEL_DTYPES:
+        raise ValueError(f"--dtype {name}: must be one of auto, {', '.join(MODEL_DTYPES)}")
+    return MODEL_DTYPES[name]
+
+
 @contextlib.contextmanager
 def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, tokenizer=None,
-                 what: str = "teacher"):
+                 what: str = "teacher", device: str | torch.device | None = None,
+                 dtype: str | None = None):
     """A frozen model for the precompute tools: yields ``(backend, tokenizer_spec, is_writer)``.
 
-    ``kind="hf"``: a transformers model directory (or GGUF), one process. ``kind="megatron"``: a
-    megatron-fusion run, TP over all ranks of the current (torchrun) world; only rank 0 writes.
+    ``kind="hf"``: a transformers model directory (or GGUF), one process, loaded in ``dtype``
+    (``MODEL_DTYPES`` name; None/"auto": bf16 on CUDA, fp32 on CPU) onto ``device`` (None: this
+    rank's, ``rank_device``). ``kind="megatron"``: a megatron-fusion run, TP over all ranks of the
+    current (torchrun) world, on ``cuda:LOCAL_RANK`` when CUDA is available (else cpu/gloo), in
+    the run's ``train.precision`` unless ``dtype`` is given; only rank 0 writes.
     Process groups this opened are torn down on exit.
     """
     own_dist = False
     try:
+        dev = rank_device(str(device) if device is not None else None)
         if kind == "hf":
             if not model_dir:
                 raise ValueError(f"--backend hf needs the {what} model directory")
             model_dir = Path(model_dir)
             spec = tokenizer or (model_dir / gguf_file if gguf_file else model_dir)
-            yield HFTeacherBackend(model_dir, gguf_file=gguf_file), spec, True
+            yield (HFTeacherBackend(model_dir, gguf_file=gguf_file, device=dev,
+                                    dtype=model_dtype(dtype, dev)), spec, True)
             return
         if not checkpoint:
             raise ValueError("--backend megatron needs --checkpoint RUN_DIR")
+        if dev.type != ("cuda" if torch.cuda.is_available() else "cpu"):
+            raise ValueError(f"--device {device}: --backend megatron runs on cuda:LOCAL_RANK when "
+                             "CUDA is available and on cpu (gloo) only without it")
+        if dtype not in (None, "auto"):
+            model_dtype(dtype, dev)                           # validates the name
         import torch.distributed as dist
 
         from megatron_fusion.parallel import init_distributed, init_student_groups
@@ -436,7 +538,8 @@ def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, 
         own_dist = not dist.is_initialized()
         init_distributed()
         init_student_groups(tp=dist.get_world_size())       # every rank: one TP group
-        backend = MegatronTeacherBackend(checkpoint)
+        backend = MegatronTeacherBackend(checkpoint,
+                                         precision=None if dtype in (None, "auto") else dtype)
         yield backend, tokenizer or backend.cfg.data.tokenizer, dist.get_rank() == 0
     finally:
         if own_dist:
@@ -446,6 +549,42 @@ def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, 
 
             destroy_student_groups()
             dist.destroy_process_group()
+
+
+def add_backend_args(ap, what: str) -> None:
+    """The frozen-model flags shared by tools/precompute_teacher_topk.py (``what="teacher"``) and
+    tools/precompute_source_logprobs.py (``what="source"``); ``open_backend_from_args`` opens it."""
+    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
+                    help=f"hf: a transformers model (--{what}-model); megatron: a megatron-fusion "
+                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
+    ap.add_argument(f"--{what}-model", default=None, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
+    ap.add_argument("--gguf-file", default=None, help=f"GGUF file name inside --{what}-model")
+    ap.add_argument(f"--{what}-tokenizer", default=None,
+                    help=f"{what} tokenizer (default: the model directory / its GGUF; for "
+                    "--backend megatron the run's data.tokenizer)")
+    ap.add_argument("--device", default=None,
+                    help="cuda (= cuda:LOCAL_RANK), cuda:N or cpu; default: cuda when CUDA is "
+                    "available, else cpu (--backend megatron: always that default)")
+    ap.add_argument("--dtype", choices=["auto", *MODEL_DTYPES], default="auto",
+                    help="dtype the model is loaded and run in; auto: hf bf16 on CUDA, fp32 on "
+                    "CPU; megatron the run's train.precision")
+
+
+def backend_info(backend) -> dict:
+    """Where the frozen model runs, for the tools' printed summary: device and weights' dtype."""
+    w = next(backend.model.parameters())
+    return {"device": str(w.device), "model_dtype": str(w.dtype).removeprefix("torch.")}
+
+
+def open_backend_from_args(args, what: str):
+    """``open_backend`` for the flags of ``add_backend_args``."""
+    return open_backend(args.backend, model_dir=getattr(args, f"{what}_model"),
+                        gguf_file=args.gguf_file, checkpoint=args.checkpoint,
+                        tokenizer=getattr(args, f"{what}_tokenizer"), what=what,
+                        device=args.device, dtype=args.dtype)
+
 
 def cli_main(argv=None) -> dict:
     """``tools/precompute_teacher_topk.py``: one teacher over one SFT file (see --help).
@@ -462,22 +601,14 @@ def cli_main(argv=None) -> dict:
                                  "pivot's response positions (SPEC §6 shards).")
     ap.add_argument("--data", required=True, help="SFT JSONL (prompt/response or messages)")
     ap.add_argument("--pivot-tokenizer", required=True, help="pivot tokenizer (.model, dir, .gguf)")
-    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
-                    help="hf: a transformers model (--teacher-model); megatron: a megatron-fusion "
-                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
-    ap.add_argument("--teacher-model", default=None, help="HF model directory (or the GGUF's)")
-    ap.add_argument("--checkpoint", default=None,
-                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
-    ap.add_argument("--gguf-file", default=None, help="GGUF file name inside --teacher-model")
-    ap.add_argument("--teacher-tokenizer", default=None,
-                    help="teacher tokenizer (default: the model directory / its GGUF; for "
-                    "--backend megatron the run's data.tokenizer)")
+    add_backend_args(ap, "teacher")
     ap.add_argument("--teacher-name", required=True, help="teacher name as in the fusion config")
     ap.add_argument("--out", required=True, help="output directory for the shards")
     ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--alignment", choices=["offset", "mined"], default="offset")
-    ap.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    ap.add_argument("--shard-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="dtype of the stored top-K values (the shard header's dtype)")
     ap.add_argument("--eps", type=float, default=1e-6)
     ap.add_argument("--samples-per-shard", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -490,8 +621,7 @@ def cli_main(argv=None) -> dict:
     args = ap.parse_args(argv)
 
     try:
-        opened = open_backend(args.backend, model_dir=args.teacher_model, gguf_file=args.gguf_file,
-                              checkpoint=args.checkpoint, tokenizer=args.teacher_tokenizer)
+        opened = open_backend_from_args(args, "teacher")
         backend, tok_spec, write = opened.__enter__()
     except ValueError as e:
         ap.error(str(e))
@@ -501,11 +631,12 @@ def cli_main(argv=None) -> dict:
                         cache_dir=args.cache_dir, overflow=args.overflow, empty=args.empty)
         summary = precompute_teacher_topk(
             ds, teacher_tok, backend, args.out, teacher=args.teacher_name, k=args.k,
-            alignment=args.alignment, eps=args.eps, dtype=args.dtype,
+            alignment=args.alignment, eps=args.eps, dtype=args.shard_dtype,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
             max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
             progress=not args.no_progress)
         summary["dataset_stats"] = ds.stats.as_dict()
+        summary.update(backend_info(backend))
         if write:
             print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
     finally:

@@ -3,6 +3,8 @@
     python tools/precompute_source_logprobs.py --data pref.jsonl --source-model src/ \
         --source-name s0 --out runs/logp/s0 --seq-len 2048
 
+Same backend flags as tools/precompute_teacher_topk.py (``--backend``, ``--checkpoint``,
+``--gguf-file``, ``--device cuda|cuda:N|cpu``, ``--dtype auto|bf16|fp16|fp32``).
 Resumable like tools/precompute_teacher_topk.py. Logic: megatron_fusion/source_logprobs.py.
 """
 

@@ -3,6 +3,10 @@
     python tools/precompute_teacher_topk.py --data sft.jsonl --pivot-tokenizer pivot/ \
         --teacher-model teacher/ --teacher-name t0 --out runs/topk/t0 --seq-len 2048
 
+On a GPU the HF teacher loads onto cuda:LOCAL_RANK in bf16 by default (explicitly:
+``--device cuda --dtype bf16``; ``--device cpu --dtype fp32`` for the CPU reference). The stored
+values' dtype is ``--shard-dtype`` (bfloat16 or float16).
+
 A teacher that is a megatron-fusion run (config.yaml + checkpoint), tensor-parallel over the ranks:
 
     torchrun --nproc-per-node 2 tools/precompute_teacher_topk.py --backend megatron \

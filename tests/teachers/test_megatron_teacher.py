@@ -77,6 +77,11 @@ def _teacher_ranks(rank, world, data, root, sft):
         z = teacher.local_logits(tokens)                            # [b, T, v_padded / tp]
         out[f"tp{tp}"] = _gather_tp(z, groups.tp) if tp > 1 else z
         out[f"v_local{tp}"] = teacher.v_local
+        if tp == 1:  # the same run built in bf16 (--dtype bf16): fp32 weights cast on load
+            bf16 = MegatronTeacherBackend(run_dir, tp_group=groups.tp, precision="bf16")
+            out["bf16_dtypes"] = sorted({str(q.dtype) for q in bf16.model.parameters()})
+            out["tp1_bf16"] = bf16.local_logits(tokens)
+            del bf16
         out[f"summary{tp}"] = precompute_teacher_topk(
             ds, tok, teacher, f"{root}/topk_tp{tp}", teacher="mf", samples_per_shard=4,
             batch_size=2, write=rank == 0, progress=False)
@@ -123,6 +128,19 @@ def test_teacher_logits_equal_trained_model(results):
     # TP1 teacher from the resharded TP2 checkpoint: same weights, other reduction order
     assert torch.allclose(r["tp1"][..., :v], r["ref"][..., :v], rtol=1e-5, atol=1e-5)
     assert "pipeline size 1" in r["pp_error"]
+
+
+def test_teacher_precision_override_bf16(results):
+    """``MegatronTeacherBackend(precision="bf16")`` (the tools' --dtype bf16): bf16 weights, and
+    logits within bf16 rounding of the fp32 teacher's."""
+    r = results
+    v = r["vocab"]
+    assert r["bf16_dtypes"] == ["torch.bfloat16"]
+    ref, got = r["tp1"][..., :v], r["tp1_bf16"][..., :v].float()
+    assert got.shape == ref.shape and not torch.equal(got, ref)     # it did run in bf16
+    scale = ref.abs().max()
+    assert (got - ref).abs().max() <= 0.05 * scale, ((got - ref).abs().max(), scale)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
 def test_tp2_shards_equal_tp1(results):

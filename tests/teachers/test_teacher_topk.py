@@ -219,6 +219,7 @@ def test_cli_tools(setup, capsys):
         "--samples-per-shard", "4", "--batch-size", "2", "--no-progress",
         "--cache-dir", str(d / "cache")])
     assert summary["shards"] == 3 and '"aligned_fraction"' in capsys.readouterr().out
+    assert (summary["device"], summary["model_dtype"]) == ("cpu", "float32")   # CPU defaults
     if not (d / "ref").exists():  # the resume test writes it with the same settings
         _run(s, d / "ref", batch_size=2)
     ref = sorted((d / "ref").iterdir())
@@ -226,5 +227,7 @@ def test_cli_tools(setup, capsys):
     summary = source_logprobs.cli_main([
         "--data", str(s["files"]["preference"]), "--source-model", str(d / "model"),
         "--source-tokenizer", str(d / "teacher_tok"), "--source-name", "tiny",
-        "--out", str(d / "cli_logp"), "--seq-len", str(SEQ), "--no-progress"])
+        "--out", str(d / "cli_logp"), "--seq-len", str(SEQ), "--no-progress",
+        "--device", "cpu", "--dtype", "bf16"])
     assert summary["pairs"] == 10 and len(SourceLogprobStore(d / "cli_logp")) == 10
+    assert (summary["device"], summary["model_dtype"]) == ("cpu", "bfloat16")
