@@ -50,10 +50,13 @@ FUSED_SOFTMAX_MODULES = ("scaled_upper_triang_masked_softmax_cuda", "scaled_mask
                          "scaled_softmax_cuda")
 
 
+def _module_exists(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
 def fused_softmax_available() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    return all(importlib.util.find_spec(m) is not None for m in FUSED_SOFTMAX_MODULES)
+    """True on a GPU where all of megatron's compiled fused-softmax kernels import."""
+    return torch.cuda.is_available() and all(_module_exists(m) for m in FUSED_SOFTMAX_MODULES)
 
 
 def kernel_report(te: bool) -> str:
@@ -71,6 +74,9 @@ _reported: set[str] = set()
 
 
 def _report_kernels_once(te: bool) -> None:
+    """Print ``kernel_report`` once per process (rank 0), on stderr: stdout may carry data."""
+    import sys
+
     import torch.distributed as dist
 
     line = kernel_report(te)
@@ -78,7 +84,7 @@ def _report_kernels_once(te: bool) -> None:
         return
     _reported.add(line)
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(line, flush=True)
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_fp8(cfg: Config) -> None:
