@@ -185,25 +185,27 @@ def _weights(module) -> dict:
 
 
 def _spec_ranks(rank, world, hf_dir, root, demo_data):
+    import json
     from pathlib import Path
 
-    from megatron.core import dist_checkpointing
+    from megatron.core import dist_checkpointing, tensor_parallel
 
-    from megatron_fusion.checkpoint import load_model_weights, resolve_checkpoint
+    from megatron_fusion.checkpoint import load_model_weights, resolve_checkpoint, saved_padded_vocab
     from megatron_fusion.config import load_config
-    from megatron_fusion.convert import hf_to_megatron
-    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.convert import hf_to_megatron, megatron_to_hf
+    from megatron_fusion.model import build_model
+    from megatron_fusion.parallel import destroy_student_groups, init_student_groups
     from megatron_fusion.train import train
     from tests.trainer_ranks import tiny_overrides
 
     root = Path(root)
-    out = {"local_keys": {}, "sharded": {}}
+    out = {"local_keys": {}, "local_state": {}, "sharded": {}}
     for norm, bias in (("RMSNorm", False), ("LayerNorm", True)):
         model = _local_model(_model_cfg(norm, bias))
-        out["local_keys"][norm] = {k: (None if v is None else tuple(v.shape))
-                                   for k, v in model.state_dict().items()}
-        out["local_state"] = {k: (v.detach().clone() if torch.is_tensor(v) else v)
-                              for k, v in model.state_dict().items()}
+        sd = model.state_dict()
+        out["local_keys"][norm] = {k: (None if v is None else tuple(v.shape)) for k, v in sd.items()}
+        out["local_state"][norm] = {k: (v.detach().clone() if torch.is_tensor(v) else v)
+                                    for k, v in sd.items()}
         out["sharded"][norm] = {k: v.key for k, v in model.sharded_state_dict().items()}
 
     # an HF conversion in each spec, loaded into the local model and into the TE layout
@@ -211,37 +213,27 @@ def _spec_ranks(rank, world, hf_dir, root, demo_data):
     for spec in ("te", "local"):
         ckpt = hf_to_megatron(hf_dir, root / f"conv_{spec}", spec=spec)
         destroy_student_groups()
-        meta_spec = __import__("json").loads((ckpt / "meta.json").read_text())["layer_spec"]
-        keys = set(dist_checkpointing.load_tensors_metadata(str(ckpt)))
-        local = _local_model(_model_cfg(), padded=V, seed=7)
+        local = _local_model(_model_cfg(), seed=7)
         init = _weights(local)
         load_model_weights(ckpt, [local])
-        te = _load_te_layout(ckpt, _local_model(_model_cfg(), padded=384, seed=8))
-        conv[spec] = {"meta": meta_spec, "keys": keys, "init": init, "local": _weights(local),
-                      "local_full": dict(local.state_dict()), "te": te}
+        conv[spec] = {"meta": json.loads((ckpt / "meta.json").read_text())["layer_spec"],
+                      "keys": set(dist_checkpointing.load_tensors_metadata(str(ckpt))),
+                      "init": init, "local": _weights(local), "local_full": dict(local.state_dict()),
+                      "te": _load_te_layout(ckpt, _local_model(_model_cfg(), seed=8))}
         destroy_student_groups()
     out["conv"] = conv
-    from megatron_fusion.convert import megatron_to_hf
-
     megatron_to_hf(root / "conv_te", root / "hf_back_te")          # the way back from TE names
     destroy_student_groups()
 
     # a trainer checkpoint (CPU: local spec) -> TE layout -> TE-spec checkpoint -> local model
     cfg = load_config(None, tiny_overrides(demo_data, str(root / "run")) + ["train.steps=2"])
-    summary = train(cfg)
+    ckpt = resolve_checkpoint(train(cfg)["checkpoint"])
     destroy_student_groups()
-    ckpt = resolve_checkpoint(summary["checkpoint"])
-    from megatron_fusion.model import build_model
-    from megatron_fusion.parallel import init_student_groups
 
-    def fresh(seed):
+    def fresh(seed):                        # the trainer's model, differently initialised
         init_student_groups(1, 1)
-        cfg.train.seed = seed
-        from megatron.core import tensor_parallel
-
+        torch.manual_seed(seed)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
-        from megatron_fusion.checkpoint import saved_padded_vocab
-
         return build_model(cfg, vocab_size=saved_padded_vocab(ckpt, cfg.model))[0]
 
     a = fresh(11)
@@ -252,7 +244,8 @@ def _spec_ranks(rank, world, hf_dir, root, demo_data):
     c = fresh(14)
     te_meta = load_model_weights(te_ckpt, [c])
     out["trainer"] = {"meta": saved_meta.get("layer_spec"), "te_meta": te_meta["layer_spec"],
-                      "a": dict(a.state_dict()), "te": te_plain, "c": dict(c.state_dict())}
+                      "a": dict(a.state_dict()), "te": te_plain, "c": dict(c.state_dict()),
+                      "init": _weights(fresh(15))}
     destroy_student_groups()
     return out
 
@@ -280,8 +273,9 @@ def test_te_naming_maps_onto_a_real_local_model(spec_runs, norm):
 
 
 @pytest.mark.dist
-def test_local_to_te_to_local_round_trips_a_real_model_exactly(spec_runs):
-    local = spec_runs["local_state"]
+@pytest.mark.parametrize("norm", ["RMSNorm", "LayerNorm"])
+def test_local_to_te_to_local_round_trips_a_real_model_exactly(spec_runs, norm):
+    local = spec_runs["local_state"][norm]
     te = map_state_dict(local, "local", "te")
     assert "decoder.layers.0.self_attention.core_attention._extra_state" in te
     assert_same(map_state_dict(te, "te", "local"), local)
@@ -334,6 +328,7 @@ def test_te_named_conversion_converts_back_to_the_same_hf_tensors(spec_runs):
 def test_trainer_checkpoint_to_te_layout_and_back_is_bit_identical(spec_runs):
     t = spec_runs["trainer"]
     assert t["meta"] == "local" and t["te_meta"] == "te"
+    assert any(not torch.equal(t["a"][k], v) for k, v in t["init"].items())   # it loaded
     expected = map_state_dict(t["a"], "local", "te")
     assert set(t["te"]) == set(expected)
     for k, v in expected.items():
