@@ -13,12 +13,22 @@ any point leaves the previous ``latest`` intact. Model and optimizer go through
 ``sharded_state_dict`` so a checkpoint saved under one TP/PP layout loads under another
 (weights and Adam moments are resharded by dist_checkpointing; RNG state is restored only when
 the layout is unchanged, since it is per rank).
+
+Layer specs: the Transformer Engine spec names the parameters differently from the local one
+(its norms live inside the fused linears, its modules carry FP8 ``_extra_state``). meta.json
+records the spec a checkpoint was written with (``layer_spec``: "local" or "te"; absent = local,
+all earlier checkpoints); loading into a model of the other spec renames the *checkpoint keys*
+of the model's sharded state dict (``ShardedBase.key``, as megatron's own
+``sharded_state_dict_keys_map`` does), so a CPU (local) checkpoint resumes on a TE GPU run and
+back. Optimizer keys are derived from those model keys, so they follow. A TE ``_extra_state``
+the checkpoint lacks is loaded as None (a fresh TE module accepts it: no FP8 scaling history).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -30,6 +40,166 @@ from megatron_fusion.errors import UserError
 
 class CheckpointError(UserError, RuntimeError):
     pass
+
+
+# --- layer-spec names (megatron-core 0.16.1: gpt_layer_specs.py, extensions/transformer_engine.py) -
+
+LAYER_SPECS = ("local", "te")
+EXTRA_STATE = "_extra_state"
+
+# Plain state-dict keys, local -> TE. Local layers: ShardedNorm (``.norm.weight``) at
+# input_layernorm / pre_mlp_layernorm / final_layernorm. TE layers: TELayerNormColumnParallelLinear
+# holds the norm as ``layer_norm_weight`` (+ ``layer_norm_bias`` for LayerNorm); the final norm is
+# a TENorm (``weight``). q/k layernorms (unused here) are plain norms in both specs: same names.
+_PLAIN_LOCAL_TO_TE = [
+    (r"(\.layers\.\d+\.)input_layernorm\.norm\.(weight|bias)$", r"\1self_attention.linear_qkv.layer_norm_\2"),
+    (r"(\.layers\.\d+\.)pre_mlp_layernorm\.norm\.(weight|bias)$", r"\1mlp.linear_fc1.layer_norm_\2"),
+    (r"(^|\.)final_layernorm\.norm\.(weight|bias)$", r"\1final_layernorm.\2"),
+]
+_PLAIN_TE_TO_LOCAL = [
+    (r"(\.layers\.\d+\.)self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r"\1input_layernorm.norm.\2"),
+    (r"(\.layers\.\d+\.)mlp\.linear_fc1\.layer_norm_(weight|bias)$", r"\1pre_mlp_layernorm.norm.\2"),
+    (r"(^|\.)final_layernorm\.(weight|bias)$", r"\1final_layernorm.norm.\2"),
+]
+# Checkpoint (sharded) keys have no layer index, and the local spec's sharded_state_dict_keys_map
+# already moves its norms under the fused linears: ``linear_qkv.layer_norm_`` + ``norm.weight``.
+_SHARDED_LOCAL_TO_TE = [
+    (r"\.(linear_qkv|linear_fc1)\.layer_norm_norm\.(weight|bias)$", r".\1.layer_norm_\2"),
+    (r"(^|\.)final_layernorm\.norm\.(weight|bias)$", r"\1final_layernorm.\2"),
+]
+_SHARDED_TE_TO_LOCAL = [
+    (r"\.(linear_qkv|linear_fc1)\.layer_norm_(weight|bias)$", r".\1.layer_norm_norm.\2"),
+    (r"(^|\.)final_layernorm\.(weight|bias)$", r"\1final_layernorm.norm.\2"),
+]
+# Modules with an ``_extra_state`` in the TE spec: every TE module (TransformerEngineBaseModule,
+# and TE >= 2's op-based norms). Of these the local spec has only the linears (value None).
+_TE_EXTRA_STATE = re.compile(r"(\.(linear_qkv|linear_proj|linear_fc1|linear_fc2|core_attention)"
+                             r"|(^|\.)final_layernorm)\._extra_state$")
+_LOCAL_EXTRA_STATE = re.compile(r"(\.(linear_qkv|linear_proj|linear_fc1|linear_fc2)"
+                                r"|(^|\.)output_layer)\._extra_state$")
+
+
+def _check_spec(spec: str, what: str) -> None:
+    if spec not in LAYER_SPECS:
+        raise CheckpointError(f"{what}: layer spec {spec!r} is not one of {LAYER_SPECS}")
+
+
+def map_name(name: str, src: str, dst: str, *, sharded: bool = False) -> str:
+    """One state-dict key (``sharded``: a checkpoint key) from layer spec ``src`` to ``dst``."""
+    _check_spec(src, "map_name src")
+    _check_spec(dst, "map_name dst")
+    if src == dst:
+        return name
+    rules = {(False, "local"): _PLAIN_LOCAL_TO_TE, (False, "te"): _PLAIN_TE_TO_LOCAL,
+             (True, "local"): _SHARDED_LOCAL_TO_TE, (True, "te"): _SHARDED_TE_TO_LOCAL}[sharded, src]
+    for pattern, repl in rules:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return name
+
+
+def empty_te_extra_state() -> torch.Tensor:
+    """What a TE module without FP8 state returns from get_extra_state (and accepts back). On
+    the CPU by TE's design: extra state is never put on the GPU."""
+    return torch.empty(0, dtype=torch.uint8)
+
+
+def map_state_dict(state: dict, src: str, dst: str) -> dict:
+    """A GPTModel state dict (plain keys, with layer indices) from layer spec ``src`` to ``dst``.
+
+    local -> te: norms renamed into the fused linears; each TE module gets an empty extra state
+    (the local linears' None becomes one too). te -> local: renamed back; the extra state of the
+    linears becomes None (what the local layers hold) and the TE-only ones (core_attention, the
+    final norm) are dropped: FP8 scaling history has no place in the local model. Both directions
+    round-trip exactly (TE extra states: when they are empty, i.e. no FP8 history).
+    """
+    if src == dst:
+        return dict(state)
+    out = {}
+    for name, value in state.items():
+        new = map_name(name, src, dst)
+        if new.endswith(EXTRA_STATE):
+            if dst == "local":
+                if not _LOCAL_EXTRA_STATE.search(new):
+                    continue                      # TE-only module (core_attention, final norm)
+                value = None
+            elif _TE_EXTRA_STATE.search(new):
+                value = empty_te_extra_state()
+        out[new] = value
+    if dst == "te":                               # TE modules that have no local counterpart
+        for name in list(out):
+            m = re.match(r"(.*\.layers\.\d+\.self_attention\.)linear_qkv\.weight$", name)
+            if m:
+                out.setdefault(m.group(1) + "core_attention._extra_state", empty_te_extra_state())
+            m = re.match(r"(^|.*\.)final_layernorm\.weight$", name)
+            if m:
+                out.setdefault(m.group(1) + "final_layernorm._extra_state", empty_te_extra_state())
+    return out
+
+
+def rename_sharded_keys(sharded_state_dict: dict, src: str, dst: str) -> None:
+    """In place: the checkpoint key of every ShardedTensor/Factory/Object in a model's sharded
+    state dict, from layer spec ``src`` to ``dst`` (the dict keys, the module's own, stay)."""
+    from megatron.core.dist_checkpointing.dict_utils import dict_list_map_inplace
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    def rename(x):
+        if isinstance(x, ShardedBase):
+            x.key = map_name(x.key, src, dst, sharded=True)
+        return x
+
+    if src != dst:
+        dict_list_map_inplace(rename, sharded_state_dict)
+
+
+def model_layer_spec(module) -> str:
+    """"te" when the model is built from Transformer Engine modules, else "local"."""
+    for m in getattr(module, "module", module).modules():
+        if type(m).__module__.startswith(("transformer_engine", "megatron.core.extensions.transformer_engine")):
+            return "te"
+    return "local"
+
+
+def saved_layer_spec(meta: dict, path) -> str:
+    spec = meta.get("layer_spec", "local")      # written by every save since it existed
+    _check_spec(spec, f"{path}/meta.json: layer_spec")
+    return spec
+
+
+def load_sharded_model_state(path, state: dict, *, model_spec: str, saved_spec: str,
+                             rename: bool = True) -> dict:
+    """``dist_checkpointing.load`` of ``state`` (``{"model": sharded sd, ..., "optimizer": ...}``
+    built for a ``model_spec`` model) from a checkpoint written with ``saved_spec``: model keys
+    renamed first; a requested ``_extra_state`` the checkpoint lacks is left out (the caller
+    completes it with ``fill_extra_state``); any other absent tensor fails naming its key.
+    ``rename=False``: the caller renamed them already (before deriving optimizer keys)."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    for k in state:
+        if rename and k.startswith("model"):
+            rename_sharded_keys(state[k], model_spec, saved_spec)
+    try:
+        loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
+    except Exception as e:  # dist_checkpointing raises many types; name the checkpoint
+        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    # megatron calls "unexpected" the requested keys that the checkpoint does not hold
+    bad = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
+    if bad:
+        raise CheckpointError(f"{path}: no {bad[0]!r} in the checkpoint (written with the "
+                              f"{saved_spec} layer spec, loading a {model_spec} model)"
+                              + (f" and {len(bad) - 1} more" if len(bad) > 1 else ""))
+    return loaded
+
+
+def fill_extra_state(loaded: dict, expected_keys) -> dict:
+    """``loaded`` with None for each ``_extra_state`` of ``expected_keys`` it lacks (TE modules
+    take None as 'no FP8 state'; local layers ignore extra state)."""
+    for name in expected_keys:
+        if name.endswith(EXTRA_STATE) and name not in loaded:
+            loaded[name] = None
+    return loaded
 
 
 def _iter_name(step: int) -> str:
@@ -129,7 +299,8 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_chunks, optimizer, s
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
-        _atomic_write_text(tmp / "meta.json", json.dumps({"step": step, **extra}, indent=1))
+        meta = {"step": step, "layer_spec": model_layer_spec(model_chunks[0]), **extra}
+        _atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -149,9 +320,8 @@ def _prune(root: Path, keep: int) -> None:
 
 def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, layout: dict,
                     load_optimizer: bool = True) -> dict:
-    """Load a checkpoint into the (DDP-wrapped) chunks/optimizer/scheduler; return its meta."""
-    from megatron.core import dist_checkpointing
-
+    """Load a checkpoint into the (DDP-wrapped) chunks/optimizer/scheduler; return its meta.
+    A checkpoint of the other layer spec (meta ``layer_spec``) loads through the name mapping."""
     path = resolve_checkpoint(path)
     meta_file = path / "meta.json"
     if not meta_file.exists():
@@ -163,18 +333,20 @@ def load_checkpoint(path: str | Path, model_chunks, optimizer, scheduler, *, lay
         load_optimizer = False
     saved_layout = meta.get("layout", {})
     same_layout = saved_layout == layout
+    model_spec, saved_spec = model_layer_spec(model_chunks[0]), saved_layer_spec(meta, path)
     state = _model_sharded_state_dict(model_chunks)
+    for sd in state.values():   # before the optimizer's keys are derived from the model's
+        rename_sharded_keys(sd, model_spec, saved_spec)
     model_sd = dict(state)
     if load_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(
             model_sd[next(iter(model_sd))] if len(model_sd) == 1 else model_sd, is_loading=True)
-    try:
-        loaded = dist_checkpointing.load(state, str(path))
-    except Exception as e:  # dist_checkpointing raises many types; name the checkpoint
-        raise CheckpointError(f"{path}: cannot load ({type(e).__name__}: {e})") from e
+    loaded = load_sharded_model_state(path, state, model_spec=model_spec, saved_spec=saved_spec,
+                                      rename=False)
     keys = [k for k in loaded if k.startswith("model")]
     for k, chunk in zip(sorted(keys), model_chunks):
-        chunk.module.load_state_dict(loaded[k], strict=True)
+        own = chunk.module.state_dict().keys()
+        chunk.module.load_state_dict(fill_extra_state(loaded[k], own), strict=True)
     if load_optimizer:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
@@ -194,8 +366,6 @@ def load_model_weights(path: str | Path, model_chunks) -> dict:
     the virtual-pipeline chunking (the state-dict keys) and the padded vocab agree. Used for
     frozen teachers that are megatron-fusion runs.
     """
-    from megatron.core import dist_checkpointing
-
     path = resolve_checkpoint(path)
     meta = json.loads((path / "meta.json").read_text())
     saved_vpp = meta.get("layout", {}).get("vpp") or 1
@@ -207,10 +377,8 @@ def load_model_weights(path: str | Path, model_chunks) -> dict:
         state = {"model": modules[0].sharded_state_dict()}
     else:
         state = {f"model{i}": m.sharded_state_dict() for i, m in enumerate(modules)}
-    try:
-        loaded = dist_checkpointing.load(state, str(path))
-    except Exception as e:  # dist_checkpointing raises many types; name the checkpoint
-        raise CheckpointError(f"{path}: cannot load model weights ({type(e).__name__}: {e})") from e
+    loaded = load_sharded_model_state(path, state, model_spec=model_layer_spec(modules[0]),
+                                      saved_spec=saved_layer_spec(meta, path))
     for k, module in zip(list(state), modules):   # insertion order = chunk order
-        module.load_state_dict(loaded[k], strict=True)
+        module.load_state_dict(fill_extra_state(loaded[k], module.state_dict().keys()), strict=True)
     return meta

@@ -1,6 +1,6 @@
 """Hugging Face <-> Megatron checkpoint conversion (Llama, Mistral, Qwen2, Phi-3 families).
 
-    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2]
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2] [--spec te]
     python tools/convert_megatron_to_hf.py --megatron MEG_DIR --out HF_DIR
     python tools/check_conversion.py --hf HF_DIR --megatron MEG_DIR [--tp 2 --pp 2]
 
@@ -20,7 +20,13 @@ The padded vocab (Megatron pads the embedding to make_vocab_size_divisible_by * 
 taken at the target ``--tp`` and recorded in meta.json's layout: the trainer must run at a TP
 with the same padded size (the same TP, or any TP for which it does not change).
 
-Megatron -> HF loads the weights at TP1/PP1 (any saved layout), maps them back and writes
+Layer spec (``--spec``): the checkpoint keys are written in the Transformer Engine spec's names
+(``te``) or the local spec's (``local``); default: what the trainer builds on this machine (te
+when TE imports on a GPU). Either loads into a model of either spec (checkpoint.py maps the
+names, meta.json records ``layer_spec``). The conversion itself always fills a local-spec model
+(its names are the plan's targets), so ``--spec te`` works on a machine without TE.
+
+Megatron -> HF loads the weights at TP1/PP1 (any saved layout, either spec), maps them back and writes
 safetensors shards as it goes (never a second full copy), config.json and the tokenizer.
 
 Layouts (checked by the logits tests): Megatron's linear_qkv rows are, per query group,
@@ -291,18 +297,27 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
 # --- Megatron side --------------------------------------------------------------------------
 
 def _build_single(cfg: Config, padded: int):
-    """The whole model at TP1/PP1 in this process (Megatron state re-initialised to that)."""
+    """The whole model at TP1/PP1 in this process (Megatron state re-initialised to that), in
+    the local layer spec: its state-dict names are the conversion plan's targets."""
     from megatron_fusion.model import build_model
     from megatron_fusion.parallel import init_distributed, init_student_groups
 
     init_distributed()
     init_student_groups(1, 1)
     cfg.parallel = dataclasses.replace(cfg.parallel, tp=1, pp=1, vpp=None, sequence_parallel=False)
+    cfg.model = dataclasses.replace(cfg.model, transformer_impl="local")
     with torch.random.fork_rng():
         from megatron.core import tensor_parallel
 
         tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
         return build_model(cfg, vocab_size=padded, pp_rank=0, pp_size=1)[0]
+
+
+def default_layer_spec() -> str:
+    """The spec the trainer builds here by default: te when Transformer Engine imports on a GPU."""
+    from megatron_fusion.model import te_available
+
+    return "te" if te_available() else "local"
 
 
 def validate_layout(m: ModelConfig, tp: int, pp: int) -> None:
@@ -315,14 +330,21 @@ def validate_layout(m: ModelConfig, tp: int, pp: int) -> None:
         raise ConversionError(f"--pp {pp} does not divide num_layers={m.num_layers}")
 
 
-def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1) -> Path:
+def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                   spec: str | None = None) -> Path:
     """Convert an HF model dir into a run-style Megatron dir; returns the checkpoint path.
+    ``spec``: the layer spec whose names the checkpoint is written in (default: this machine's).
 
     Collective when torch.distributed runs with several ranks (tests): every rank fills the
     same TP1 model, dist_checkpointing writes each tensor once, rank 0 writes the files.
     """
     import torch.distributed as dist
 
+    from megatron_fusion.checkpoint import LAYER_SPECS, rename_sharded_keys
+
+    spec = spec or default_layer_spec()
+    if spec not in LAYER_SPECS:
+        raise ConversionError(f"--spec {spec!r}: not one of {', '.join(LAYER_SPECS)}")
     hf_dir, out = Path(hf_dir), Path(out_dir)
     hf = read_hf_config(hf_dir)
     arch, m = model_config_from_hf(hf)
@@ -373,11 +395,13 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: int = 1, pp: 
                 shutil.rmtree(p)
         tmp.mkdir(parents=True)
     dist.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict()}, str(tmp))
+    sharded = model.sharded_state_dict()
+    rename_sharded_keys(sharded, "local", spec)      # checkpoint keys in the target spec's names
+    dist_checkpointing.save({"model": sharded}, str(tmp))
     dist.barrier()
     if rank0:
         meta = {"step": 0, "consumed": 0, "layout": {"tp": tp, "pp": pp, "vpp": None, "dp": 1},
-                "converted_from": str(hf_dir), "architecture": arch}
+                "layer_spec": spec, "converted_from": str(hf_dir), "architecture": arch}
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         tmp.rename(final)
         (root / "latest").write_text(final.name)
@@ -630,15 +654,21 @@ def hf_to_megatron_cli(argv=None) -> int:
     ap.add_argument("--out", required=True, help="Megatron run dir to write")
     ap.add_argument("--tp", type=int, default=1, help="training TP (sets the vocab padding)")
     ap.add_argument("--pp", type=int, default=1, help="training PP (checked for divisibility)")
+    ap.add_argument("--spec", choices=["te", "local"], default=None,
+                    help="layer spec whose parameter names the checkpoint uses (default: te when "
+                         "Transformer Engine imports on a GPU here, else local); either loads "
+                         "into both")
     a = ap.parse_args(argv)
     try:
         arch, m = model_config_from_hf(read_hf_config(a.hf))   # fail fast, before any import cost
         validate_layout(m, a.tp, a.pp)
-        ckpt = _single_process_main(hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp)
+        spec = a.spec or default_layer_spec()
+        ckpt = _single_process_main(hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, spec=spec)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab {m.padded_vocab_size(a.tp)})")
+    print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab {m.padded_vocab_size(a.tp)}, "
+          f"{spec} layer spec)")
     return 0
 
 

@@ -5,14 +5,17 @@
 stage), unwrapped; the trainer wraps them in Megatron DDP.
 
 Layer spec: Transformer Engine's when TE imports on a GPU (needed for FP8), otherwise the local
-(pure megatron-core) spec with ``ShardedNorm`` in place of the stock torch-norm wrapper, whose
-parameters carry ``sequence_parallel`` so ``finalize_model_grads`` all-reduces their gradients
-over TP when sequence parallelism is on (the stock wrapper refuses SP).
+(pure megatron-core) spec. Fused kernels only where their backing import exists: the local
+spec's fused masked softmax needs the compiled ``scaled_*_softmax_cuda`` extensions (Apex /
+megatron's fused kernels), else attention takes the plain softmax; one line per process says
+which (``kernel_report``). The local spec has ``ShardedNorm`` in place of the stock torch-norm
+wrapper, whose parameters carry ``sequence_parallel`` so ``finalize_model_grads`` all-reduces
+their gradients over TP when sequence parallelism is on (the stock wrapper refuses SP).
 """
 
 from __future__ import annotations
 
-import warnings
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -38,9 +41,50 @@ def use_transformer_engine(model_cfg: ModelConfig) -> bool:
     if impl == "transformer_engine" and not have:
         raise RuntimeError("model.transformer_impl: 'transformer_engine' requested but Transformer "
                            "Engine does not import (or there is no GPU)")
-    if impl == "auto" and not have and torch.cuda.is_available():
-        warnings.warn("Transformer Engine is not importable: using the local layer spec (no FP8)")
     return have
+
+
+# Compiled kernels behind megatron's FusedScaleMaskSoftmax (fusions/fused_softmax.py imports
+# them at the first forward, so without them masked_softmax_fusion=True fails there).
+FUSED_SOFTMAX_MODULES = ("scaled_upper_triang_masked_softmax_cuda", "scaled_masked_softmax_cuda",
+                         "scaled_softmax_cuda")
+
+
+def _module_exists(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def fused_softmax_available() -> bool:
+    """True on a GPU where all of megatron's compiled fused-softmax kernels import."""
+    return torch.cuda.is_available() and all(_module_exists(m) for m in FUSED_SOFTMAX_MODULES)
+
+
+def kernel_report(te: bool) -> str:
+    """The one line saying which layers and attention softmax this process runs."""
+    if te:
+        return "kernels: Transformer Engine layers (fused norm+linear, TE attention)"
+    why = "on CPU" if not torch.cuda.is_available() else (
+        "Transformer Engine does not import" if not te_available() else "model.transformer_impl=local")
+    softmax = ("Apex fused masked softmax" if fused_softmax_available()
+               else "plain softmax (no compiled scaled_*_softmax_cuda kernels)")
+    return f"kernels: local layer spec ({why}), {softmax}"
+
+
+_reported: set[str] = set()
+
+
+def _report_kernels_once(te: bool) -> None:
+    """Print ``kernel_report`` once per process (rank 0), on stderr: stdout may carry data."""
+    import sys
+
+    import torch.distributed as dist
+
+    line = kernel_report(te)
+    if line in _reported:
+        return
+    _reported.add(line)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 def check_fp8(cfg: Config) -> None:
@@ -114,9 +158,10 @@ def build_transformer_config(cfg: Config, *, num_layers: int | None = None,
         attention_dropout=0.0,
         use_cpu_initialization=not on_gpu,
         perform_initialization=True,
-        # Fusions need CUDA kernels; off on CPU, on where they exist.
+        # Fusions need compiled kernels: on only where their import exists (TE's attention
+        # does its own softmax and ignores this).
         bias_activation_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=fused_softmax_available(),
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -169,6 +214,7 @@ def build_model(cfg: Config, *, model_cfg: ModelConfig | None = None, vocab_size
     m = model_cfg or cfg.model
     tcfg = build_transformer_config(cfg, model_cfg=model_cfg, tp=tp, pp=pp)
     te = use_transformer_engine(m)
+    _report_kernels_once(te)
     vocab = vocab_size or m.padded_vocab_size(tcfg.tensor_model_parallel_size)
     vpp = tcfg.virtual_pipeline_model_parallel_size or 1
     pp_rank = ps.get_pipeline_model_parallel_rank() if pp_rank is None else pp_rank

@@ -3,7 +3,8 @@
     python tools/check_conversion.py --hf HF_DIR --megatron MEG_DIR [--tp 2 --pp 2] [--tol 1e-4]
 
 The last line is ``max_abs_logit_diff <value>``; exit code 1 above the tolerance. Megatron runs
-on tp*pp local gloo ranks (CPU). Logic: megatron_fusion/convert.py.
+on tp*pp local gloo ranks (CPU), in the spec the trainer builds here; a checkpoint of either
+layer spec loads into it. Logic: megatron_fusion/convert.py.
 """
 
 import sys

@@ -1,8 +1,10 @@
 """Convert a Hugging Face Llama / Mistral / Qwen2 / Phi-3 model into a Megatron run dir.
 
-    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2]
+    python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2] [--spec te|local]
 
-then train from it with ``checkpoint.load=MEG_DIR`` at that TP. Logic: megatron_fusion/convert.py.
+then train from it with ``checkpoint.load=MEG_DIR`` at that TP. ``--spec``: the layer spec whose
+parameter names the checkpoint is written in (default: te when Transformer Engine imports on a
+GPU here, else local); either loads into a model of either spec. Logic: megatron_fusion/convert.py.
 """
 
 import sys

@@ -2,7 +2,8 @@
 
     python tools/convert_megatron_to_hf.py --megatron RUN_DIR --out HF_DIR [--arch ... --dtype bfloat16]
 
-Writes safetensors shards, config.json and the tokenizer files. Logic: megatron_fusion/convert.py.
+Reads checkpoints of either layer spec (TE or local names, meta.json's layer_spec). Writes
+safetensors shards, config.json and the tokenizer files. Logic: megatron_fusion/convert.py.
 """
 
 import sys
