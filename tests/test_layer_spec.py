@@ -196,7 +196,7 @@ def _spec_ranks(rank, world, hf_dir, root, demo_data):
     from megatron_fusion.model import build_model
     from megatron_fusion.parallel import destroy_student_groups, init_student_groups
     from megatron_fusion.train import train
-    from tests.trainer_ranks import tiny_overrides
+    from tests.helpers.trainer_ranks import tiny_overrides
 
     root = Path(root)
     out = {"local_keys": {}, "local_state": {}, "sharded": {}}
@@ -252,7 +252,7 @@ def _spec_ranks(rank, world, hf_dir, root, demo_data):
 
 @pytest.fixture(scope="module")
 def spec_runs(tmp_path_factory, demo_data):
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
     from tests.test_convert import _make_hf
 
     root = tmp_path_factory.mktemp("layer_spec")
@@ -343,7 +343,7 @@ def _te_local_te(rank, world, demo_data, run_dir):
     from megatron_fusion.config import load_config
     from megatron_fusion.parallel import destroy_student_groups
     from megatron_fusion.train import train
-    from tests.trainer_ranks import plain, tiny_overrides
+    from tests.helpers.trainer_ranks import plain, tiny_overrides
 
     res = []
     for steps, impl in ((2, "transformer_engine"), (3, "local"), (4, "transformer_engine")):
@@ -367,7 +367,7 @@ def test_te_checkpoint_resumes_with_local_and_back(demo_data, tmp_path):
     import json
     from pathlib import Path
 
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     res = run_on_ranks(_te_local_te, 1, (demo_data, str(tmp_path / "run")), timeout_s=900)[0]
     assert [r["start"] for r in res] == [0, 2, 3]
@@ -409,7 +409,7 @@ def _resume_ranks(rank, world, demo_data, root):
     from megatron_fusion.config import load_config
     from megatron_fusion.parallel import destroy_student_groups
     from megatron_fusion.train import train
-    from tests.trainer_ranks import plain, tiny_overrides
+    from tests.helpers.trainer_ranks import plain, tiny_overrides
 
     def run(run_dir, steps, te):
         cfg = load_config(None, tiny_overrides(demo_data, f"{root}/{run_dir}") + [f"train.steps={steps}"])
@@ -436,7 +436,7 @@ def _resume_ranks(rank, world, demo_data, root):
 def test_resume_te_to_local_and_back_is_bit_identical(demo_data, tmp_path):
     """Steps 1-2 saved with TE names, step 3 resumed by a local model (saves local names), step 4
     by a TE model again: same losses and same weights + Adam moments as one local run."""
-    from megatron_fusion.testing import run_on_ranks
+    from megatron_fusion.local_ranks import run_on_ranks
 
     r = run_on_ranks(_resume_ranks, 1, (demo_data, str(tmp_path)), timeout_s=900)[0]
     assert [(s["start"], s["spec"]) for s in r["split"]] == [(0, "te"), (2, "local"), (3, "te")]
