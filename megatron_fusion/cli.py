@@ -1,21 +1,37 @@
-"""The `megatron-fusion` command.
+"""The `megatron-fusion` command: every tool of the project, each an argparse body here.
 
-    megatron-fusion train --config configs/tiny_cpu.yaml [--nproc N] [dotted.key=value ...]
-    megatron-fusion plan  --config configs/fuse_14b.yaml --nodes 4 --gpus-per-node 8
+    megatron-fusion train --config configs/test/tiny_cpu.yaml [--nproc N] [dotted.key=value ...]
+    megatron-fusion plan  --config configs/recipes/fuse_14b.yaml --nodes 4 --gpus-per-node 8
+    megatron-fusion precompute-topk --backend hf --teacher-model DIR --teacher-name qwen \\
+        --data sft.jsonl --pivot-tokenizer PIVOT --seq-len 4096 --out topk/qwen
+    megatron-fusion precompute-logprobs --backend hf --source-model DIR --source-name qwen \\
+        --data pairs.jsonl --seq-len 4096 --out logprobs/qwen
+    megatron-fusion convert hf-to-megatron --hf HF_DIR --out RUN_DIR [--tp 2 --pp 2] [--spec te|local]
+    megatron-fusion convert megatron-to-hf --megatron RUN_DIR --out HF_DIR [--arch ... --dtype ...]
+    megatron-fusion convert check --hf HF_DIR --megatron RUN_DIR [--tp 2 --pp 2] [--tol 1e-4]
 
 `train` starts torchrun's agent itself (``--nproc``; default: as many ranks as the config
 needs), runs ``python -m megatron_fusion.train`` on every rank, and names a rank that dies by its
-role (student, or which teacher: ``megatron_fusion.supervise``).
+role (student, or which teacher: ``megatron_fusion.supervise``). The precompute commands with
+``--backend megatron`` run under ``torchrun --nproc-per-node TP -m megatron_fusion.cli ...``:
+all ranks form one teacher TP group and rank 0 writes. ``tools/*.py`` of the same names are thin
+wrappers around these bodies.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import sys
 
+COMMANDS = ("train", "plan", "precompute-topk", "precompute-logprobs", "convert")
 
-def _train(argv: list[str]) -> int:
+
+# --- train ------------------------------------------------------------------------------------
+
+def train_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="megatron-fusion train")
     ap.add_argument("--config", required=True)
     ap.add_argument("--nproc", type=int, default=None,
@@ -37,6 +53,207 @@ def _train(argv: list[str]) -> int:
                          "--config", args.config, *overrides], cfg, nproc)
 
 
+# --- precompute: the frozen-model flags, defined once --------------------------------------------
+
+def add_backend_args(ap: argparse.ArgumentParser, what: str) -> None:
+    """The frozen-model flags of ``precompute-topk`` (``what="teacher"``) and
+    ``precompute-logprobs`` (``what="source"``); ``open_backend_from_args`` opens the model."""
+    from megatron_fusion.teachers.backends import MODEL_DTYPES
+
+    ap.add_argument("--backend", choices=["hf", "megatron"], default="hf",
+                    help=f"hf: a transformers model (--{what}-model); megatron: a megatron-fusion "
+                    "run (--checkpoint), tensor-parallel over the torchrun ranks")
+    ap.add_argument(f"--{what}-model", default=None, help="HF model directory (or the GGUF's)")
+    ap.add_argument("--checkpoint", default=None,
+                    help="--backend megatron: run dir (its latest checkpoint) or a checkpoint dir")
+    ap.add_argument("--gguf-file", default=None, help=f"GGUF file name inside --{what}-model")
+    ap.add_argument(f"--{what}-tokenizer", default=None,
+                    help=f"{what} tokenizer (default: the model directory / its GGUF; for "
+                    "--backend megatron the run's data.tokenizer)")
+    ap.add_argument("--device", default=None,
+                    help="cuda (= cuda:LOCAL_RANK), cuda:N or cpu; default: cuda when CUDA is "
+                    "available, else cpu (--backend megatron: always that default)")
+    ap.add_argument("--dtype", choices=["auto", *MODEL_DTYPES], default="auto",
+                    help="dtype the model is loaded and run in; auto: hf bf16 on CUDA, fp32 on "
+                    "CPU; megatron the run's train.precision")
+
+
+def open_backend_from_args(args, what: str):
+    """``teachers.backends.open_backend`` for the flags of ``add_backend_args``."""
+    from megatron_fusion.teachers.backends import open_backend
+
+    return open_backend(args.backend, model_dir=getattr(args, f"{what}_model"),
+                        gguf_file=args.gguf_file, checkpoint=args.checkpoint,
+                        tokenizer=getattr(args, f"{what}_tokenizer"), what=what,
+                        device=args.device, dtype=args.dtype)
+
+
+def precompute_topk_main(argv: list[str] | None = None) -> dict:
+    """``precompute-topk``: one teacher over one SFT file; returns the summary (rank 0 prints it)."""
+    from megatron_fusion.data.sft import SFTDataset
+    from megatron_fusion.teachers.backends import backend_info
+    from megatron_fusion.teachers.precompute import precompute_teacher_topk
+    from megatron_fusion.tokenizers import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="megatron-fusion precompute-topk",
+                                 description="Precompute a teacher's standardised top-K at the "
+                                 "pivot's response positions (docs/methods.md §6 shards).")
+    ap.add_argument("--data", required=True, help="SFT JSONL (prompt/response or messages)")
+    ap.add_argument("--pivot-tokenizer", required=True, help="pivot tokenizer (.model, dir, .gguf)")
+    add_backend_args(ap, "teacher")
+    ap.add_argument("--teacher-name", required=True, help="teacher name as in the fusion config")
+    ap.add_argument("--out", required=True, help="output directory for the shards")
+    ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--alignment", choices=["offset", "mined"], default="offset")
+    ap.add_argument("--shard-dtype", choices=["bfloat16", "float16"], default="bfloat16",
+                    help="dtype of the stored top-K values (the shard header's dtype)")
+    ap.add_argument("--eps", type=float, default=1e-6)
+    ap.add_argument("--samples-per-shard", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--max-teacher-len", type=int, default=None)
+    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
+    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
+    ap.add_argument("--cache-dir", default=None, help="tokenised-data cache directory")
+    ap.add_argument("--threshold", type=float, default=0.8, help="warn under this aligned fraction")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        opened = open_backend_from_args(args, "teacher")
+        backend, tok_spec, write = opened.__enter__()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        teacher_tok = load_tokenizer(tok_spec, name=args.teacher_name)
+        ds = SFTDataset(args.data, load_tokenizer(args.pivot_tokenizer), args.seq_len,
+                        cache_dir=args.cache_dir, overflow=args.overflow, empty=args.empty)
+        summary = precompute_teacher_topk(
+            ds, teacher_tok, backend, args.out, teacher=args.teacher_name, k=args.k,
+            alignment=args.alignment, eps=args.eps, dtype=args.shard_dtype,
+            samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
+            max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
+            progress=not args.no_progress)
+        summary["dataset_stats"] = ds.stats.as_dict()
+        summary.update(backend_info(backend))
+        if write:
+            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    finally:
+        opened.__exit__(None, None, None)
+    return summary
+
+
+def precompute_logprobs_main(argv: list[str] | None = None) -> dict:
+    """``precompute-logprobs``: one source model over one preference file (FPO, methods.md §5)."""
+    from megatron_fusion.data.preference import PreferenceDataset
+    from megatron_fusion.teachers.backends import backend_info
+    from megatron_fusion.teachers.source_logprobs import precompute_source_logprobs
+    from megatron_fusion.tokenizers import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="megatron-fusion precompute-logprobs",
+                                 description="Score prompt+chosen / prompt+rejected with one "
+                                 "source model and its own tokenizer (FPO, docs/methods.md §5).")
+    ap.add_argument("--data", required=True, help="preference JSONL (prompt/chosen/rejected)")
+    add_backend_args(ap, "source")
+    ap.add_argument("--source-name", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seq-len", type=int, required=True, help="max tokens per side (source)")
+    ap.add_argument("--samples-per-shard", type=int, default=1024)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
+    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    try:
+        opened = open_backend_from_args(args, "source")
+        backend, tok_spec, write = opened.__enter__()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
+                               args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
+                               empty=args.empty)
+        summary = precompute_source_logprobs(
+            ds, backend, args.out, source=args.source_name,
+            samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
+            progress=write and not args.no_progress)
+        summary.update(backend_info(backend))
+        if write:
+            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    finally:
+        opened.__exit__(None, None, None)
+    return summary
+
+
+# --- convert ------------------------------------------------------------------------------------
+
+def _convert_parser() -> argparse.ArgumentParser:
+    from megatron_fusion.convert import SUPPORTED_ARCHITECTURES
+
+    ap = argparse.ArgumentParser(prog="megatron-fusion convert",
+                                 description="HF <-> Megatron checkpoint conversion, and its check.")
+    sub = ap.add_subparsers(dest="direction", required=True)
+    h = sub.add_parser("hf-to-megatron", help="a Hugging Face Llama/Mistral/Qwen2/Phi-3 model -> a "
+                       "Megatron run dir (train from it with checkpoint.load=OUT)")
+    h.add_argument("--hf", required=True, help="HF model dir (config.json + safetensors)")
+    h.add_argument("--out", required=True, help="Megatron run dir to write")
+    h.add_argument("--tp", type=int, default=1, help="training TP (sets the vocab padding)")
+    h.add_argument("--pp", type=int, default=1, help="training PP (checked for divisibility)")
+    h.add_argument("--spec", choices=["te", "local"], default=None,
+                   help="layer spec whose parameter names the checkpoint uses (default: te when "
+                        "Transformer Engine imports on a GPU here, else local); either loads into both")
+    m = sub.add_parser("megatron-to-hf", help="a Megatron run/checkpoint -> a Hugging Face dir")
+    m.add_argument("--megatron", required=True, help="run dir, checkpoints root or iter_* dir")
+    m.add_argument("--out", required=True, help="HF dir to write")
+    m.add_argument("--arch", choices=sorted(SUPPORTED_ARCHITECTURES), default=None,
+                   help="HF architecture (default: the one the run was converted from)")
+    m.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c = sub.add_parser("check", help="max |logit difference| between an HF model and its "
+                       "Megatron conversion on random tokens (last line: max_abs_logit_diff V)")
+    c.add_argument("--hf", required=True)
+    c.add_argument("--megatron", required=True)
+    c.add_argument("--tp", type=int, default=1)
+    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--seq", type=int, default=16)
+    c.add_argument("--batch", type=int, default=2)
+    c.add_argument("--tol", type=float, default=1e-4, help="fail above this (fp32 default)")
+    return ap
+
+
+def convert_main(argv: list[str]) -> int:
+    from megatron_fusion import convert
+
+    a = _convert_parser().parse_args(argv)
+    if a.direction == "check":
+        diff = convert.check_conversion(a.hf, a.megatron, tp=a.tp, pp=a.pp, batch=a.batch, seq=a.seq)
+        ok = math.isfinite(diff) and diff <= a.tol
+        print(f"tp={a.tp} pp={a.pp} tol={a.tol}: {'OK' if ok else 'FAIL'}")
+        print(f"max_abs_logit_diff {diff:.3e}")
+        return 0 if ok else 1
+    try:
+        if a.direction == "hf-to-megatron":
+            # fail fast, before any import cost
+            arch, m = convert.model_config_from_hf(convert.read_hf_config(a.hf))
+            convert.validate_layout(m, a.tp, a.pp)
+            spec = a.spec or convert.default_layer_spec()
+            ckpt = convert.single_process(convert.hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp,
+                                          spec=spec)
+            print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab "
+                  f"{m.padded_vocab_size(a.tp)}, {spec} layer spec)")
+        else:
+            out = convert.single_process(convert.megatron_to_hf, a.megatron, a.out, arch=a.arch,
+                                         dtype=a.dtype)
+            print(f"wrote {out}")
+    except convert.ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- dispatch -----------------------------------------------------------------------------------
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -44,12 +261,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "train":
-        return _train(rest)
+        return train_main(rest)
     if cmd == "plan":
         from megatron_fusion.plan import main as plan_main
 
         return plan_main(rest)
-    print(f"megatron-fusion: unknown command {cmd!r} (train, plan)", file=sys.stderr)
+    if cmd == "precompute-topk":
+        precompute_topk_main(rest)
+        return 0
+    if cmd == "precompute-logprobs":
+        precompute_logprobs_main(rest)
+        return 0
+    if cmd == "convert":
+        return convert_main(rest)
+    print(f"megatron-fusion: unknown command {cmd!r} ({', '.join(COMMANDS)})", file=sys.stderr)
     return 2
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -629,7 +628,7 @@ def check_conversion(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 
 
 # --- CLIs -----------------------------------------------------------------------------------
 
-def _single_process_main(fn, *args, **kw):
+def single_process(fn, *args, **kw):
     """Run ``fn`` in this process as a world of one (gloo), then shut the group down."""
     import torch.distributed as dist
 
@@ -642,71 +641,3 @@ def _single_process_main(fn, *args, **kw):
         destroy_student_groups()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def hf_to_megatron_cli(argv=None) -> int:
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(description="Convert a Hugging Face Llama/Mistral/Qwen2/Phi-3 model "
-                                             "into a Megatron run dir (checkpoint.load=OUT).")
-    ap.add_argument("--hf", required=True, help="HF model dir (config.json + safetensors)")
-    ap.add_argument("--out", required=True, help="Megatron run dir to write")
-    ap.add_argument("--tp", type=int, default=1, help="training TP (sets the vocab padding)")
-    ap.add_argument("--pp", type=int, default=1, help="training PP (checked for divisibility)")
-    ap.add_argument("--spec", choices=["te", "local"], default=None,
-                    help="layer spec whose parameter names the checkpoint uses (default: te when "
-                         "Transformer Engine imports on a GPU here, else local); either loads "
-                         "into both")
-    a = ap.parse_args(argv)
-    try:
-        arch, m = model_config_from_hf(read_hf_config(a.hf))   # fail fast, before any import cost
-        validate_layout(m, a.tp, a.pp)
-        spec = a.spec or default_layer_spec()
-        ckpt = _single_process_main(hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp, spec=spec)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab {m.padded_vocab_size(a.tp)}, "
-          f"{spec} layer spec)")
-    return 0
-
-
-def megatron_to_hf_cli(argv=None) -> int:
-    import argparse
-    import sys
-
-    ap = argparse.ArgumentParser(description="Convert a Megatron run/checkpoint into a Hugging Face dir.")
-    ap.add_argument("--megatron", required=True, help="run dir, checkpoints root or iter_* dir")
-    ap.add_argument("--out", required=True, help="HF dir to write")
-    ap.add_argument("--arch", choices=sorted(SUPPORTED_ARCHITECTURES), default=None,
-                    help="HF architecture (default: the one the run was converted from)")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    a = ap.parse_args(argv)
-    try:
-        out = _single_process_main(megatron_to_hf, a.megatron, a.out, arch=a.arch, dtype=a.dtype)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
-
-
-def check_conversion_cli(argv=None) -> int:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Max |logit difference| between an HF model and its "
-                                             "Megatron conversion on random tokens.")
-    ap.add_argument("--hf", required=True)
-    ap.add_argument("--megatron", required=True)
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--tol", type=float, default=1e-4, help="fail above this (fp32 default)")
-    a = ap.parse_args(argv)
-    diff = check_conversion(a.hf, a.megatron, tp=a.tp, pp=a.pp, batch=a.batch, seq=a.seq)
-    ok = math.isfinite(diff) and diff <= a.tol
-    print(f"tp={a.tp} pp={a.pp} tol={a.tol}: {'OK' if ok else 'FAIL'}")
-    print(f"max_abs_logit_diff {diff:.3e}")
-    return 0 if ok else 1

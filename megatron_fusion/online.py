@@ -206,7 +206,7 @@ def _build_backend(tcfg: TeacherConfig, groups):
     if not tcfg.checkpoint:
         raise ConfigError(f"teacher {tcfg.name}.checkpoint", "must be set for an online teacher")
     if tcfg.backend == "hf":
-        from megatron_fusion.teacher_topk import VocabShardedBackend, open_backend, rank_device
+        from megatron_fusion.teachers.backends import VocabShardedBackend, open_backend, rank_device
 
         path = Path(tcfg.checkpoint)
         if not path.exists():  # else transformers would take the path for a Hub repo id
@@ -220,7 +220,7 @@ def _build_backend(tcfg: TeacherConfig, groups):
             pass
         backend = full if groups.tp_size == 1 else VocabShardedBackend(full, groups.tp)
         return backend, str(tok_spec)
-    from megatron_fusion.teacher_topk import MegatronTeacherBackend
+    from megatron_fusion.teachers.backends import MegatronTeacherBackend
 
     backend = MegatronTeacherBackend(tcfg.checkpoint, tp_group=groups.tp)
     return backend, tcfg.tokenizer or backend.cfg.data.tokenizer
@@ -283,7 +283,7 @@ def _error_message(text: str) -> list[torch.Tensor]:
 def run_teacher(cfg: Config, split: WorldSplit) -> dict:
     """The teacher loop on this teacher rank (module doc); returns a small summary."""
     from megatron_fusion.parallel import init_student_groups
-    from megatron_fusion.teacher_topk import compute_batch_topk
+    from megatron_fusion.teachers.topk import compute_batch_topk
     from megatron_fusion.tokenizers import load_tokenizer
     from megatron_fusion.train import SampleOrder, build_sft_dataset, build_tokenizer
 

@@ -8,7 +8,7 @@ Adapters:
 
 Offsets are *character* offsets into the encoded text. A token that ends inside a character (a
 byte-fallback or byte-level piece of a multi-byte character) gets the end of that character, so
-the last of such pieces is the one after which the text is complete (``megatron_fusion.align``
+the last of such pieces is the one after which the text is complete (``megatron_fusion.teachers.align``
 relies on it). Special tokens added by the data pipeline carry zero-width spans.
 
 ``content_hash`` is a sha256 over the bytes that define the tokenizer (the .model file, the

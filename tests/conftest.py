@@ -22,7 +22,8 @@ def fuse_data(demo_data, tmp_path_factory):
     import transformers
 
     from megatron_fusion.data.sft import SFTDataset
-    from megatron_fusion.teacher_topk import HFTeacherBackend, precompute_teacher_topk
+    from megatron_fusion.teachers.backends import HFTeacherBackend
+    from megatron_fusion.teachers.precompute import precompute_teacher_topk
     from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe, train_sentencepiece
 
     d = tmp_path_factory.mktemp("fuse")

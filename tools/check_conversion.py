@@ -4,12 +4,12 @@
 
 The last line is ``max_abs_logit_diff <value>``; exit code 1 above the tolerance. Megatron runs
 on tp*pp local gloo ranks (CPU), in the spec the trainer builds here; a checkpoint of either
-layer spec loads into it. Logic: megatron_fusion/convert.py.
+layer spec loads into it. The body is ``megatron-fusion convert check`` (megatron_fusion/cli.py); this file is a thin wrapper.
 """
 
 import sys
 
-from megatron_fusion.convert import check_conversion_cli
+from megatron_fusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(check_conversion_cli())
+    sys.exit(main(['convert', 'check', *sys.argv[1:]]))

@@ -4,12 +4,12 @@
 
 then train from it with ``checkpoint.load=MEG_DIR`` at that TP. ``--spec``: the layer spec whose
 parameter names the checkpoint is written in (default: te when Transformer Engine imports on a
-GPU here, else local); either loads into a model of either spec. Logic: megatron_fusion/convert.py.
+GPU here, else local); either loads into a model of either spec. The body is ``megatron-fusion convert hf-to-megatron`` (megatron_fusion/cli.py); this file is a thin wrapper.
 """
 
 import sys
 
-from megatron_fusion.convert import hf_to_megatron_cli
+from megatron_fusion.cli import main
 
 if __name__ == "__main__":
-    sys.exit(hf_to_megatron_cli())
+    sys.exit(main(['convert', 'hf-to-megatron', *sys.argv[1:]]))

@@ -55,7 +55,7 @@ def greedy_accuracy(run_dir: Path, valid: dict[str, str], tokenizer: str,
     import torch
 
     from megatron_fusion.data.jsonl import read_jsonl
-    from megatron_fusion.teacher_topk import open_backend
+    from megatron_fusion.teachers.backends import open_backend
     from megatron_fusion.tokenizers import load_tokenizer
 
     tok = load_tokenizer(tokenizer)

@@ -1,4 +1,4 @@
-"""Precompute one teacher's standardised top-K at the pivot's response positions (SPEC §6).
+"""Precompute one teacher's standardised top-K at the pivot's response positions (docs/methods.md §6).
 
     python tools/precompute_teacher_topk.py --data sft.jsonl --pivot-tokenizer pivot/ \
         --teacher-model teacher/ --teacher-name t0 --out runs/topk/t0 --seq-len 2048
@@ -13,11 +13,12 @@ A teacher that is a megatron-fusion run (config.yaml + checkpoint), tensor-paral
         --checkpoint runs/teacher_run --data sft.jsonl --pivot-tokenizer pivot/ \
         --teacher-name t1 --out runs/topk/t1 --seq-len 2048
 
-Resumable: re-run the same command after a kill; finished shards are skipped. Logic and the
-backend interface live in megatron_fusion/teacher_topk.py.
+Resumable: re-run the same command after a kill; finished shards are skipped. The body is ``megatron-fusion precompute-topk`` (megatron_fusion/cli.py); this file is a thin wrapper.
 """
 
-from megatron_fusion.teacher_topk import cli_main
+import sys
+
+from megatron_fusion.cli import main
 
 if __name__ == "__main__":
-    cli_main()
+    sys.exit(main(['precompute-topk', *sys.argv[1:]]))

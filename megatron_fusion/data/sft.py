@@ -10,7 +10,7 @@ is the rendered text that ``add_generation_prompt=True`` leaves out, end-of-turn
 Each segment is encoded on its own (so no token straddles the prompt/response boundary), with
 BOS first and EOS last; the EOS that ends a response is a response token. Character offsets of
 every token are kept in the coordinates of the concatenated text (``sample.text``): that is what
-``megatron_fusion.align`` uses to map teacher positions onto the pivot's (teachers encode the
+``megatron_fusion.teachers.align`` uses to map teacher positions onto the pivot's (teachers encode the
 same segments with ``encode_segments``).
 
 Layout (``seq_len`` = s; the sample's ids are ``[bos, ..., eos]`` of length n):

@@ -66,7 +66,7 @@ def collate_pairs(items: list[dict]) -> dict:
 
 def _read_store(path, expected: dict, what: str):
     """Open a SourceLogprobStore, turning its format/header errors into SourceLogprobError."""
-    from megatron_fusion.topk_store import SourceLogprobStore, TopKStoreError
+    from megatron_fusion.teachers.shards import SourceLogprobStore, TopKStoreError
 
     if not Path(path).exists():
         raise SourceLogprobError(f"{what}: log-prob file not found: {path}")
@@ -164,7 +164,7 @@ class FPOStage:
         return Path(self.f.ref_logprobs or Path(self.cfg.run.dir) / "ref_logprobs" / "pivot_ref.logp")
 
     def _ref_header(self):
-        from megatron_fusion.topk_store import LogprobHeader
+        from megatron_fusion.teachers.shards import LogprobHeader
 
         return LogprobHeader(source=REF_SOURCE, source_tokenizer_hash=self.tokenizer.content_hash,
                              dataset_hash=self.dataset.file_hash,
@@ -192,7 +192,7 @@ class FPOStage:
                                      "from step 0 or give fpo.ref_logprobs")
         scores = self.score_pairs(self.dataset, range(len(self.dataset)))        # [n, 4]
         if dist.get_rank() == 0:
-            from megatron_fusion.topk_store import SourceLogprobStore
+            from megatron_fusion.teachers.shards import SourceLogprobStore
 
             records = [(sid, *scores[i].tolist()) for i, sid in enumerate(self.sample_ids)]
             SourceLogprobStore.write(path, self._ref_header(),

@@ -42,7 +42,7 @@ class OfflineTeacher:
     """A teacher whose top-K was precomputed (tools/precompute_teacher_topk.py)."""
 
     def __init__(self, name: str, topk_dir: str, expected: dict):
-        from megatron_fusion.topk_store import TopKReader, TopKStoreError
+        from megatron_fusion.teachers.shards import TopKReader, TopKStoreError
 
         if not topk_dir:
             raise ConfigError(f"teacher {name}.topk_dir", "must be set for an offline teacher")

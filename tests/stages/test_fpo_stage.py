@@ -29,7 +29,7 @@ KEYS = ("fpo/loss", "rewards/chosen", "rewards/rejected", "fpo/margin", "fpo/cli
 
 
 def write_source(path, name: str, tok_hash: str, data_hash: str, sample_ids, seed: int, drop=()):
-    from megatron_fusion.topk_store import LogprobHeader, SourceLogprobStore
+    from megatron_fusion.teachers.shards import LogprobHeader, SourceLogprobStore
 
     rng = np.random.default_rng(seed)
     recs = []
@@ -114,7 +114,7 @@ def test_fpo_terms_are_active(traj):
     sel = [a + b for a, b in zip(_series(ref, "fpo/selected/sA"), _series(ref, "fpo/selected/sB"))]
     assert all(abs(s - 1.0) < 1e-9 for s in sel)          # max-margin picks one source per pair
     # the reference pass was stored in the SourceLogprobStore format
-    from megatron_fusion.topk_store import SourceLogprobStore
+    from megatron_fusion.teachers.shards import SourceLogprobStore
 
     store = SourceLogprobStore(Path(traj["root"]) / "tp1" / "ref_logprobs")
     assert store.header["source"] == "pivot_ref" and len(store) > 0

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from megatron_fusion.align import (aligned_fraction, mined_alignment, normalize_piece,
+from megatron_fusion.teachers.align import (aligned_fraction, mined_alignment, normalize_piece,
                                    offset_alignment, report_alignment)
 from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from megatron_fusion.local_ranks import run_on_ranks
-from megatron_fusion.topk_store import TopKReader
+from megatron_fusion.teachers.shards import TopKReader
 
 pytestmark = [pytest.mark.dist]
 
@@ -41,8 +41,9 @@ def _teacher_ranks(rank, world, data, root, sft):
     from megatron_fusion.config import load_config
     from megatron_fusion.data.sft import SFTDataset
     from megatron_fusion.parallel import destroy_student_groups, init_student_groups
-    from megatron_fusion.teacher_topk import (MegatronTeacherBackend, precompute_teacher_topk,
-                                              teacher_inputs)
+    from megatron_fusion.teachers.backends import MegatronTeacherBackend
+    from megatron_fusion.teachers.precompute import precompute_teacher_topk
+    from megatron_fusion.teachers.topk import teacher_inputs
     from megatron_fusion.tokenizers import load_tokenizer
     from megatron_fusion.train import train
     from tests.helpers.trainer_ranks import tiny_overrides

@@ -274,7 +274,7 @@ def _instrument(argv: list[str]) -> list[str]:
         if sigkill:
             argv.remove("--sigkill")
         if os.environ["RANK"] == "3":
-            import megatron_fusion.teacher_topk as tt   # run_teacher imports it at call time
+            import megatron_fusion.teachers.topk as tt   # run_teacher imports it at call time
 
             import yaml
 

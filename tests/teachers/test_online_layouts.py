@@ -52,7 +52,7 @@ def _make_assets(rank, world, data, root):
     import torch
     import transformers
 
-    from megatron_fusion.teacher_topk import cli_main
+    from megatron_fusion.cli import precompute_topk_main as cli_main
     from megatron_fusion.tokenizers import train_byte_bpe, train_sentencepiece
 
     root = Path(root)
@@ -164,7 +164,8 @@ def _hf_tp2_ranks(rank, world, data, root):
     from megatron_fusion.data.sft import SFTDataset
     from megatron_fusion.online import ALIGNMENT, EPS, _build_backend
     from megatron_fusion.parallel import init_student_groups
-    from megatron_fusion.teacher_topk import VocabShardedBackend, compute_batch_topk
+    from megatron_fusion.teachers.backends import VocabShardedBackend
+    from megatron_fusion.teachers.topk import compute_batch_topk
     from megatron_fusion.tokenizers import load_tokenizer
 
     groups = init_student_groups(tp=2)

@@ -36,7 +36,7 @@ from megatron_fusion.online import (OnlineTeacher, _error_message, _fp_to_int, _
                                     _message, _Sender, error_key, student_receivers)
 from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
 from megatron_fusion.stages.fuse import batch_fingerprint
-from megatron_fusion.teacher_topk import SampleTopK
+from megatron_fusion.teachers.topk import SampleTopK
 from megatron_fusion.local_ranks import run_on_ranks
 
 pytestmark = pytest.mark.dist

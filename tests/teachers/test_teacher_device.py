@@ -23,10 +23,10 @@ from torch.utils._pytree import tree_flatten, tree_map
 from megatron_fusion.data import PreferenceDataset, SFTDataset
 from megatron_fusion.data.synthetic import write_synthetic
 from megatron_fusion.source_logprobs import precompute_source_logprobs, score_batch
-from megatron_fusion.teacher_topk import (HFTeacherBackend, compute_batch_topk, teacher_inputs,
-                                          true_vocab_size)
+from megatron_fusion.teachers.backends import HFTeacherBackend, true_vocab_size
+from megatron_fusion.teachers.topk import compute_batch_topk, teacher_inputs
 from megatron_fusion.tokenizers import train_byte_bpe, train_sentencepiece
-from megatron_fusion.topk_store import SourceLogprobStore
+from megatron_fusion.teachers.shards import SourceLogprobStore
 
 transformers = pytest.importorskip("transformers", reason="the HF teacher backend needs transformers")
 
@@ -242,7 +242,8 @@ def test_source_logprobs_on_another_device_one_host_copy(padded):
 
 # ---------------------------------------------------------------- device / dtype flags
 def test_device_and_dtype_flags(tmp_path):
-    from megatron_fusion.teacher_topk import cli_main, model_dtype, rank_device
+    from megatron_fusion.cli import precompute_topk_main as cli_main
+    from megatron_fusion.teachers.backends import model_dtype, rank_device
 
     assert model_dtype("auto", torch.device("cpu")) == torch.float32
     assert model_dtype(None, torch.device("cpu")) == torch.float32

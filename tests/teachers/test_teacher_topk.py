@@ -16,12 +16,12 @@ from megatron_fusion.data import PreferenceDataset, SFTDataset
 from megatron_fusion.data.synthetic import write_synthetic
 from megatron_fusion.losses import standardized_topk
 from megatron_fusion.source_logprobs import precompute_source_logprobs
-from megatron_fusion.teacher_topk import (HFTeacherBackend, VocabShardedBackend,
-                                          expected_header, precompute_teacher_topk,
-                                          teacher_inputs)
+from megatron_fusion.teachers.backends import HFTeacherBackend, VocabShardedBackend
+from megatron_fusion.teachers.precompute import expected_header, precompute_teacher_topk
+from megatron_fusion.teachers.topk import teacher_inputs
 from megatron_fusion.local_ranks import run_on_ranks
 from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe, train_sentencepiece
-from megatron_fusion.topk_store import SourceLogprobStore, TopKReader
+from megatron_fusion.teachers.shards import SourceLogprobStore, TopKReader
 
 transformers = pytest.importorskip("transformers", reason="the HF teacher backend needs transformers")
 
@@ -208,11 +208,11 @@ def test_tp2_equals_tp1_and_source_logprobs(setup):
 
 
 def test_cli_tools(setup, capsys):
-    from megatron_fusion import source_logprobs, teacher_topk
+    from megatron_fusion.cli import precompute_logprobs_main, precompute_topk_main
 
     s = setup
     d = s["dir"]
-    summary = teacher_topk.cli_main([
+    summary = precompute_topk_main([
         "--data", str(s["files"]["sft"]), "--pivot-tokenizer", str(d / "pivot.model"),
         "--teacher-model", str(d / "model"), "--teacher-tokenizer", str(d / "teacher_tok"),
         "--teacher-name", "tiny", "--out", str(d / "cli"), "--seq-len", str(SEQ),
@@ -224,7 +224,7 @@ def test_cli_tools(setup, capsys):
         _run(s, d / "ref", batch_size=2)
     ref = sorted((d / "ref").iterdir())
     assert len(ref) == 3 and all(filecmp.cmp(p, d / "cli" / p.name, shallow=False) for p in ref)
-    summary = source_logprobs.cli_main([
+    summary = precompute_logprobs_main([
         "--data", str(s["files"]["preference"]), "--source-model", str(d / "model"),
         "--source-tokenizer", str(d / "teacher_tok"), "--source-name", "tiny",
         "--out", str(d / "cli_logp"), "--seq-len", str(SEQ), "--no-progress",

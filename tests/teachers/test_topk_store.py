@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from megatron_fusion.topk_store import (LogprobHeader, SourceLogprobStore, TopKHeader, TopKReader,
+from megatron_fusion.teachers.shards import (LogprobHeader, SourceLogprobStore, TopKHeader, TopKReader,
                                         TopKStoreError, TopKWriter, read_topk_header)
 
 

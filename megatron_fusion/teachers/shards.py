@@ -101,7 +101,7 @@ def _write_container(path, magic: bytes, header: dict, payload: Sequence[bytes])
     atomic_write_bytes(path, [pre, hb, *payload, h.digest()])
 
 
-def _read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.ndarray]:
+def read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.ndarray]:
     """-> (header, payload as a read-only uint8 memmap). Raises TopKStoreError naming the file."""
     path = Path(path)
     try:
@@ -138,7 +138,7 @@ def _read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.n
     return header, raw[start:start + payload_bytes]
 
 
-def _check_expected(path, header: Mapping, expected: Mapping | None) -> None:
+def check_expected(path, header: Mapping, expected: Mapping | None) -> None:
     for k, v in (expected or {}).items():
         if k not in header:
             raise TopKStoreError(f"{path}: header has no field {k!r} (the run expects {v!r})")
@@ -246,8 +246,8 @@ class TopKWriter:
 def read_topk_header(path: str | os.PathLike, expected: Mapping | None = None,
                      verify: bool = True) -> dict:
     """Validate one shard (magic, size, checksum, ``expected`` fields) and return its header."""
-    header, _ = _read_container(path, TOPK_MAGIC, verify)
-    _check_expected(path, header, expected)
+    header, _ = read_container(path, TOPK_MAGIC, verify)
+    check_expected(path, header, expected)
     return header
 
 
@@ -275,10 +275,10 @@ class TopKReader:
         common = ("teacher", "teacher_tokenizer_hash", "pivot_tokenizer_hash", "k", "dataset_hash",
                   "dtype")
         for si, p in enumerate(self.paths):
-            header, payload = _read_container(p, TOPK_MAGIC, verify_checksum)
-            _check_expected(p, header, expected)
+            header, payload = read_container(p, TOPK_MAGIC, verify_checksum)
+            check_expected(p, header, expected)
             if self.headers:  # all shards of one reader come from one teacher run
-                _check_expected(p, header, {k: self.headers[0][k] for k in common})
+                check_expected(p, header, {k: self.headers[0][k] for k in common})
             n = header["n_samples"]
             index = np.frombuffer(payload, dtype=_INDEX, count=n)
             for r, sid in enumerate(index["sample_id"].tolist()):
@@ -414,10 +414,10 @@ class SourceLogprobStore:
             raise TopKStoreError("SourceLogprobStore: no files given")
         parts, self.headers = [], []
         for p in self.paths:
-            header, payload = _read_container(p, LOGPROB_MAGIC, verify_checksum)
-            _check_expected(p, header, expected)
+            header, payload = read_container(p, LOGPROB_MAGIC, verify_checksum)
+            check_expected(p, header, expected)
             if self.headers:
-                _check_expected(p, header, {k: self.headers[0][k] for k in
+                check_expected(p, header, {k: self.headers[0][k] for k in
                                             ("source", "source_tokenizer_hash", "dataset_hash")})
             self.headers.append(header)
             parts.append(np.frombuffer(payload, dtype=_LOGPROB, count=header["n_samples"]))

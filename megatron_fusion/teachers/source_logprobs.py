@@ -1,4 +1,4 @@
-"""Offline source log-probs for FPO (SPEC §5): each source scores prompt+chosen and prompt+rejected
+"""Offline source log-probs for FPO (methods.md §5): each source scores prompt+chosen and prompt+rejected
 with its OWN tokenizer; per pair we store the summed log-prob and the token count of each response.
 
 The source encodes the preference file exactly like the pivot does (``PreferenceDataset``: BOS,
@@ -7,7 +7,7 @@ prompt, response, EOS; the EOS counts as a response token), runs ``backend.local
 ``sequence_logprobs`` (the trainer's vocab-parallel log-softmax) over the response labels.
 Shards ``{out_dir}/{source}-{index:05d}.logp`` are written atomically by TP rank 0, skipped when
 already finished. ``dataset_hash`` in the header is the sha256 of the preference file.
-CLI: ``tools/precompute_source_logprobs.py``.
+Command: ``megatron-fusion precompute-logprobs``.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from megatron_fusion.data.preference import PreferenceDataset
-from megatron_fusion.teacher_topk import to_host, true_vocab_size
-from megatron_fusion.topk_store import (LOGPROB_MAGIC, LogprobHeader, SourceLogprobStore,
-                                        TopKStoreError, _check_expected, _read_container)
+from megatron_fusion.teachers.topk import to_host
+from megatron_fusion.teachers.backends import true_vocab_size
+from megatron_fusion.teachers.shards import (LOGPROB_MAGIC, LogprobHeader, SourceLogprobStore,
+                                        TopKStoreError, check_expected, read_container)
 
 
 def score_batch(items: list[dict], backend, pad_id: int,
@@ -78,12 +79,12 @@ def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, 
         path = shard_path(out_dir, source, si)
         if path.exists():
             try:
-                header, _ = _read_container(path, LOGPROB_MAGIC)
+                header, _ = read_container(path, LOGPROB_MAGIC)
             except TopKStoreError as e:
                 warnings.warn(f"recomputing unusable shard: {e}")
             else:
                 first, last = dataset.pair(lo)[0].sample_id, dataset.pair(hi - 1)[0].sample_id
-                _check_expected(path, header, dict(expected, sample_id_start=first,
+                check_expected(path, header, dict(expected, sample_id_start=first,
                                                    sample_id_end=last + 1))
                 skipped += 1
                 if bar:
@@ -109,48 +110,3 @@ def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, 
             "pairs": n, "tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
             "stats": dataset.stats.as_dict(),
             "paths": [str(shard_path(out_dir, source, i)) for i in range(n_shards)]}
-
-
-def cli_main(argv=None) -> dict:
-    """``tools/precompute_source_logprobs.py``: one source model over one preference file."""
-    import argparse
-    import json
-
-    from megatron_fusion.teacher_topk import (add_backend_args, backend_info,
-                                              open_backend_from_args)
-    from megatron_fusion.tokenizers import load_tokenizer
-
-    ap = argparse.ArgumentParser(description="Score prompt+chosen / prompt+rejected with one "
-                                 "source model and its own tokenizer (FPO, SPEC §5).")
-    ap.add_argument("--data", required=True, help="preference JSONL (prompt/chosen/rejected)")
-    add_backend_args(ap, "source")
-    ap.add_argument("--source-name", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seq-len", type=int, required=True, help="max tokens per side (source)")
-    ap.add_argument("--samples-per-shard", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
-    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
-
-    try:
-        opened = open_backend_from_args(args, "source")
-        backend, tok_spec, write = opened.__enter__()
-    except ValueError as e:
-        ap.error(str(e))
-    try:
-        ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
-                               args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
-                               empty=args.empty)
-        summary = precompute_source_logprobs(
-            ds, backend, args.out, source=args.source_name,
-            samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
-            progress=write and not args.no_progress)
-        summary.update(backend_info(backend))
-        if write:
-            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
-    finally:
-        opened.__exit__(None, None, None)
-    return summary
