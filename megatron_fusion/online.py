@@ -167,9 +167,9 @@ class OnlineTeacher:
     def pop_metrics(self) -> dict:
         got = [self.wait_s, self.tokens, self.compute_s]
         if self.pp_group is not None:  # other stages hold zeros: the sum is the last stage's
-            vec = torch.tensor(got, dtype=torch.float64, device=self.device)
+            vec = torch.tensor(got, dtype=torch.float64).to(self.device)   # host counters
             dist.all_reduce(vec, group=self.pp_group)
-            got = vec.tolist()             # once per step, with the step's metrics
+            got = vec.cpu().tolist()       # once per step, with the step's metrics
         wait_s, tokens, compute_s = got
         self.wait_s = self.tokens = self.compute_s = 0.0
         return {"wait_s": wait_s, "tokens_per_s": tokens / compute_s if compute_s > 0 else 0.0}

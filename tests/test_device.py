@@ -73,6 +73,9 @@ class VirtualDevice(TorchDispatchMode):
         flat, _ = tree_flatten((args, kwargs))
         on_dev = [a for a in flat if isinstance(a, OnDevice)]
         host = [a for a in flat if isinstance(a, torch.Tensor) and not isinstance(a, OnDevice)]
+        if any(h.device == VDEV for h in host):  # torch.tensor(data, device=) skips the mode
+            raise DeviceMixError(f"{func}: a real meta tensor (torch.tensor(data, device=...) "
+                                 "bypasses the virtual device: build it on the host and .to() it)")
         dev_kw = kwargs.get("device")
         to_dev = dev_kw is not None and torch.device(dev_kw) == VDEV
         if to_dev:
@@ -181,8 +184,8 @@ def _configs(tmp: str, data: _PairData):
     paths = []
     for j, name in enumerate(("s1", "s2")):
         g = torch.Generator().manual_seed(10 + j)
-        recs = [(sid, float(-30 * torch.rand((), generator=g)), 10, float(-30 * torch.rand((), generator=g)), 12)
-                for sid in data.sample_ids]
+        recs = [(sid, float(-30 * torch.rand((), generator=g)), 10,
+                 float(-30 * torch.rand((), generator=g)), 12) for sid in data.sample_ids]
         path = f"{tmp}/{name}.logp"
         SourceLogprobStore.write(path, LogprobHeader(source=name, source_tokenizer_hash="t",
                                                      dataset_hash=data.file_hash), recs)
@@ -360,6 +363,30 @@ def _worker_harness(rank, world):
         assert isinstance(y, OnDevice) and y.device == VDEV
         assert y.item() == 6.0 and len(mode.syncs) == 1
         assert not isinstance(x.cpu(), OnDevice) and len(mode.syncs) == 2
+
+
+def _worker_online_metrics(rank, world):
+    import torch.distributed as dist
+
+    from megatron_fusion.online import OnlineTeacher
+    from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
+
+    spec = TeacherGroupSpec("tA", first=1, ranks=1, tp=1)
+    split = WorldSplit(world=2, rank=0, student=1, teachers=(spec,), bridge=None, store=None)
+    with VirtualDevice() as mode:
+        t = OnlineTeacher("tA", 0, split, spec, dp_rank=0, timeout_s=1.0,
+                          pp_group=dist.new_group([0]), device=VDEV)
+        t.wait_s, t.tokens, t.compute_s = 0.5, 300.0, 2.0     # as three fetches leave them
+        got = t.pop_metrics()
+        return got, t.pop_metrics(), len(mode.syncs)
+
+
+def test_online_pp_metrics_on_the_device():
+    """Student PP > 1: the teacher metrics' PP all-reduce runs on the device, one read per step."""
+    got, after, syncs = run_on_ranks(_worker_online_metrics, 1, (), timeout_s=120)[0]
+    assert got == {"wait_s": 0.5, "tokens_per_s": 150.0}
+    assert after == {"wait_s": 0.0, "tokens_per_s": 0.0}
+    assert syncs == 2                                          # one per pop_metrics call
 
 
 @pytest.mark.gpu
