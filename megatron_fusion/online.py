@@ -99,12 +99,17 @@ class OnlineTeacher:
     and the teacher's tokens / compute seconds since the last call; with ``pp_group`` (student
     PP > 1) every stage calls it and gets the last stage's numbers (only that stage fetches, and
     the metrics sink is on launch rank 0, a first-stage rank).
+
+    Devices: the bridge is gloo, so ``fetch`` receives into host tensors and returns them on
+    the host; ``FuseStage.prepare_step`` moves them to the student's device once. The PP
+    all-reduce of ``pop_metrics`` runs on ``device`` (the student's NCCL groups).
     """
 
     def __init__(self, name: str, index: int, split: WorldSplit, spec: TeacherGroupSpec,
-                 dp_rank: int, timeout_s: float, pp_group=None):
+                 dp_rank: int, timeout_s: float, pp_group=None, device=None):
         self.name, self.tag, self.bridge, self.store = name, index, split.bridge, split.store
         self.pp_group = pp_group
+        self.device = torch.device("cpu") if device is None else device  # pp_group's buffers
         self.src = spec.first + (dp_rank % spec.replicas) * spec.tp   # TP rank 0 of the replica
         self.timeout = datetime.timedelta(seconds=timeout_s)
         self.timeout_s = timeout_s
@@ -161,10 +166,12 @@ class OnlineTeacher:
         return (values.view(torch.bfloat16).float(), ids.long(), aligned.bool(), ce)
 
     def pop_metrics(self) -> dict:
-        got = torch.tensor([self.wait_s, self.tokens, self.compute_s], dtype=torch.float64)
+        got = [self.wait_s, self.tokens, self.compute_s]
         if self.pp_group is not None:  # other stages hold zeros: the sum is the last stage's
-            dist.all_reduce(got, group=self.pp_group)
-        wait_s, tokens, compute_s = got.tolist()
+            vec = torch.tensor(got, dtype=torch.float64).to(self.device)   # host counters
+            dist.all_reduce(vec, group=self.pp_group)
+            got = vec.cpu().tolist()       # once per step, with the step's metrics
+        wait_s, tokens, compute_s = got
         self.wait_s = self.tokens = self.compute_s = 0.0
         return {"wait_s": wait_s, "tokens_per_s": tokens / compute_s if compute_s > 0 else 0.0}
 
@@ -184,7 +191,8 @@ def online_sources(cfg: Config, groups) -> dict[str, OnlineTeacher]:
         i = [s.name for s in split.teachers].index(t.name)
         out[t.name] = OnlineTeacher(t.name, i, split, split.teachers[i], groups.dp_rank,
                                     cfg.fuse.timeout_s,
-                                    pp_group=groups.pp if groups.pp_size > 1 else None)
+                                    pp_group=groups.pp if groups.pp_size > 1 else None,
+                                    device=groups.device)
     return out
 
 
@@ -306,7 +314,7 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
         gb, mb = cfg.train.global_batch, cfg.train.micro_batch
         seq, k = cfg.model.seq_length, cfg.fuse.k
         per_rank = gb // dp
-        stop = torch.zeros(1)
+        stop = torch.zeros(1, device=groups.device)    # the teacher group's NCCL on GPU
         sent = 0
         while step < cfg.train.steps and not stop.item():
             for d in served:

@@ -45,6 +45,8 @@ class StudentGroups:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    device: torch.device = torch.device("cpu")  # this rank's device (``rank_device()``): the
+    # model's parameters, every tensor of the loop and stages, every collective's buffers
 
     @property
     def is_first_stage(self) -> bool:
@@ -57,6 +59,42 @@ class StudentGroups:
 
 def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+_DEVICE: torch.device | None = None
+
+
+def rank_device() -> torch.device:
+    """This rank's device, chosen once: ``cuda:LOCAL_RANK`` with CUDA, else ``cpu``.
+
+    ``init_distributed`` fixes it (and makes it the current CUDA device); ``init_student_groups``
+    hands it down in ``StudentGroups.device``, from where the loop, the stages and the online
+    teacher protocol take it (docs/methods.md, "Devices and collectives").
+    """
+    global _DEVICE
+    if _DEVICE is None:
+        _DEVICE = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+                   if torch.cuda.is_available() else torch.device("cpu"))
+    return _DEVICE
+
+
+def to_device(batch: dict, device: torch.device, host_keys: tuple = ("sample_id",)) -> dict:
+    """One micro-batch moved to ``device`` once: every tensor but ``host_keys`` (host metadata).
+
+    On CUDA the host tensors are pinned and copied with ``non_blocking=True`` (the copies overlap
+    the step's work; the stream orders them before any kernel reading them).
+    """
+    if device.type == "cpu":
+        return batch
+    pin = device.type == "cuda"
+    out = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v) and k not in host_keys and v.device != device:
+            if pin and v.device.type == "cpu":
+                v = v.pin_memory()
+            v = v.to(device, non_blocking=pin)
+        out[k] = v
+    return out
 
 
 @dataclass(frozen=True)
@@ -115,8 +153,8 @@ def init_distributed(timeout_s: float = 600.0,
     cpu_mode.enable()
     if dist.is_initialized():
         return
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if rank_device().type == "cuda":
+        torch.cuda.set_device(rank_device())
     if "RANK" not in os.environ:  # a plain `python -m ...` run: a world of one
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -158,7 +196,8 @@ def _init_split(online_teachers: list[tuple[str, int, int]], timeout) -> None:
 
 
 def init_student_groups(tp: int = 1, pp: int = 1, vpp: int | None = None) -> StudentGroups:
-    """Build Megatron's model-parallel state (order tp-cp-ep-dp-pp) and return the groups."""
+    """Build Megatron's model-parallel state (order tp-cp-ep-dp-pp) and return the groups
+    (with this rank's ``rank_device()``)."""
     from megatron.core import parallel_state as ps
 
     world = dist.get_world_size()
@@ -182,6 +221,7 @@ def init_student_groups(tp: int = 1, pp: int = 1, vpp: int | None = None) -> Stu
         tp_rank=ps.get_tensor_model_parallel_rank(),
         pp_rank=ps.get_pipeline_model_parallel_rank(),
         dp_rank=ps.get_data_parallel_rank(),
+        device=rank_device(),
     )
 
 

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError, load_config, save_config
 from megatron_fusion.errors import UserError
+from megatron_fusion.parallel import to_device
 
 
 class TrainError(UserError, RuntimeError):
@@ -66,12 +67,18 @@ def collate(items: list[dict]) -> dict:
 
 
 def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, dp: int,
-                      dp_rank: int, collate_fn=collate) -> list[dict]:
-    """This DP rank's micro-batches of the optimizer step that starts at ``consumed``."""
+                      dp_rank: int, collate_fn=collate, device: torch.device | None = None
+                      ) -> list[dict]:
+    """This DP rank's micro-batches of the optimizer step that starts at ``consumed``.
+
+    ``collate_fn`` builds host tensors; with ``device`` each micro-batch is moved there once
+    (``parallel.to_device``; ``sample_id`` stays on the host: it is metadata, never a kernel input).
+    """
     gb, mb = cfg.train.global_batch, cfg.train.micro_batch
     per_rank = gb // dp
     idx = order.indices(consumed + dp_rank * per_rank, per_rank)
-    return [collate_fn([dataset[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
+    micro = [collate_fn([dataset[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
+    return micro if device is None else [to_device(m, device) for m in micro]
 
 
 def build_tokenizer(cfg: Config):
@@ -182,21 +189,26 @@ def forward_step(stage, data_iterator, model):
 
 
 def _reduce_reports(reports: list[dict], keys: list[str], groups, stop: bool) -> tuple[dict, bool]:
-    """Sum [sum, count] per key over micro-batches, DP and PP (one all-reduce over the world)."""
-    vec = torch.zeros(2 * len(keys) + 1, dtype=torch.float64)
+    """Sum [sum, count] per key over micro-batches, DP and PP (one all-reduce over the world).
+
+    The vector lives on ``groups.device`` (the reports' device; NCCL takes no host tensor) and
+    is read back once (``tolist``): the step's one metrics sync (docs/methods.md).
+    """
+    vec = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=groups.device)
     if groups.is_last_stage and groups.tp_rank == 0:
         for rep in reports:
             for i, k in enumerate(keys):
                 if k in rep:
-                    vec[2 * i:2 * i + 2] += rep[k].detach().double().cpu()
+                    vec[2 * i:2 * i + 2] += rep[k].detach().double()
     vec[-1] = float(stop)
     dist.all_reduce(vec)
+    host = vec.cpu().tolist()
     out = {}
     for i, k in enumerate(keys):
-        s, c = vec[2 * i].item(), vec[2 * i + 1].item()
+        s, c = host[2 * i], host[2 * i + 1]
         out[k] = s / c if c > 0 else 0.0
         out[k + "_count"] = c
-    return out, vec[-1].item() > 0
+    return out, host[-1] > 0
 
 
 def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
@@ -213,7 +225,8 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
             continue
         per_rank = n // dp
         idx = list(range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank))
-        micro = [collate([ds[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
+        micro = [to_device(collate([ds[i] for i in idx[j:j + mb]]), groups.device)
+                 for j in range(0, per_rank, mb)]
         sft = stage.eval_stage() if hasattr(stage, "eval_stage") else stage
         for c in chunks:
             c.eval()
@@ -348,7 +361,7 @@ def train(cfg: Config, hooks=None) -> dict:
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         micro = rank_microbatches(train_ds, order, state.consumed, cfg, dp, groups.dp_rank,
-                                  getattr(stage, "collate", collate))
+                                  getattr(stage, "collate", collate), device=groups.device)
         stage.prepare_step(micro, groups)
         optimizer.zero_grad()
         for m in model:

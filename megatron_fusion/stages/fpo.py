@@ -37,6 +37,7 @@ import torch.distributed as dist
 from megatron_fusion.errors import UserError
 from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.losses import fpo_loss, sequence_logprobs
+from megatron_fusion.parallel import to_device
 from megatron_fusion.stages.sft import SFTStage
 
 REF_SOURCE = "pivot_ref"      # the ``source`` field of the reference file's header
@@ -102,7 +103,8 @@ class _SequenceScores:
                                   vocab_size=self.vocab_size, tp_group=self.tp_group)  # [2b], [2b]
         scores = torch.stack([lp.detach().double(), n.double()])                        # [2, 2b]
         b = batch["sample_id"].shape[0]
-        return lp.detach().sum(), torch.tensor(b, dtype=torch.int), {"scores": scores}
+        return lp.detach().sum(), torch.full((), b, dtype=torch.int, device=output.device), {
+            "scores": scores}
 
 
 class FPOStage:
@@ -216,7 +218,8 @@ class FPOStage:
         per_rank = -(-n // (mb * dp)) * mb
         mine = [indices[i] if i < n else None
                 for i in range(g.dp_rank * per_rank, (g.dp_rank + 1) * per_rank)]
-        micro = [collate_pairs([dataset[i if i is not None else indices[0]] for i in mine[j:j + mb]])
+        micro = [to_device(collate_pairs([dataset[i if i is not None else indices[0]]
+                                          for i in mine[j:j + mb]]), g.device)
                  for j in range(0, per_rank, mb)]
         chunks = self._model
         for c in chunks:
@@ -229,7 +232,7 @@ class FPOStage:
                 seq_length=self.cfg.model.seq_length, micro_batch_size=2 * mb, forward_only=True)
         for c in chunks:
             c.train()
-        out = torch.zeros(n, 4, dtype=torch.float64)
+        out = torch.zeros(n, 4, dtype=torch.float64, device=g.device)
         if g.is_last_stage and g.tp_rank == 0:
             pos = {idx: k for k, idx in enumerate(indices)}
             for j, rep in enumerate(reports):
@@ -238,7 +241,7 @@ class FPOStage:
                     if idx is not None:
                         out[pos[idx]] = torch.stack([sc[0, r], sc[1, r], sc[0, mb + r], sc[1, mb + r]])
         dist.all_reduce(out)
-        return out
+        return out.cpu()             # setup/eval only: the host tables (ℓ_ref, accuracy) read it
 
     def evaluate(self, model=None) -> dict:
         """Held-out preference accuracy: fraction of pairs with ℓ_θ(chosen) > ℓ_θ(rejected)."""
@@ -260,26 +263,27 @@ class FPOStage:
         if not groups.is_last_stage:
             return
         for mb in microbatches:
-            rows = torch.tensor([self._row[int(s)] for s in mb["sample_id"]])
-            mb["ref"] = self.ref[rows]                   # [b, 2]
-            mb["sources"] = self.sources[rows]           # [b, N, 2]
+            rows = torch.tensor([self._row[int(s)] for s in mb["sample_id"]])  # host ids
+            mb.update(to_device({"ref": self.ref[rows],                     # [b, 2]
+                                 "sources": self.sources[rows]},            # [b, N, 2]
+                                groups.device))
 
     def loss_func(self, batch: dict, output: torch.Tensor):
         b = batch["sample_id"].shape[0]
         lp, n = sequence_logprobs(output, batch["labels"], batch["loss_mask"],
                                   vocab_size=self.vocab_size, tp_group=self.groups.tp)  # [2b]
         ell = lp.double() / n.clamp_min(1).double()      # ℓ_θ, float64 like the stored ℓ_ref, ℓ_i
-        ref, src = batch["ref"].to(ell.device), batch["sources"].to(ell.device)
+        ref, src = batch["ref"], batch["sources"]        # on the device since prepare_step
         losses, m = fpo_loss(ell[:b], ell[b:], ref[:, 0], ref[:, 1], src[..., 0], src[..., 1],
                              beta=self.f.beta, ref_offset=self.f.ref_offset, fusion=self.f.fusion)
-        pairs = torch.tensor(float(b), dtype=torch.float64)
+        pairs = torch.full((), float(b), dtype=torch.float64, device=output.device)
         values = 2.0 * b * len(self.names)
         report = {"fpo/loss": torch.stack([losses.detach().sum(), pairs])}
         for k in ("rewards/chosen", "rewards/rejected", "fpo/margin", "fpo/accuracy"):
             report[k] = torch.stack([m[k].double() * b, pairs])
         report["fpo/clip_fraction"] = torch.stack(
-            [m["fpo/clip_fraction"].double() * values, torch.tensor(values, dtype=torch.float64)])
+            [m["fpo/clip_fraction"].double() * values, pairs.new_full((), values)])
         if self.f.fusion == "max_margin":
             for i, name in enumerate(self.names):
                 report[f"fpo/selected/{name}"] = torch.stack([m[f"fpo/selected/source_{i}"].double(), pairs])
-        return losses.sum().float(), torch.tensor(b, dtype=torch.int), report
+        return losses.sum().float(), torch.full((), b, dtype=torch.int, device=output.device), report

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
+from megatron_fusion.parallel import to_device
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
 
 
@@ -79,7 +80,7 @@ class FuseStage:
         static = torch.tensor([t.weight for t in f.teachers], dtype=torch.float64)
         if (static <= 0).any():
             raise ConfigError("fuse.teachers[].weight", "must be > 0")
-        self.static_w = static / static.sum()
+        self.static_w = (static / static.sum()).to(groups.device)
         self.report_keys = [REPORT_CE, "loss/uld", "loss/gld", "loss/total"]
         for n in self.names:
             self.report_keys += [f"loss/uld/{n}", f"loss/gld/{n}", f"teacher/{n}/aligned_frac",
@@ -136,29 +137,35 @@ class FuseStage:
 
     # --- per step -----------------------------------------------------------------------------
     def prepare_step(self, microbatches, groups) -> None:
+        """Teacher top-K per micro-batch, moved to ``groups.device`` once, and the step's global
+        counts (one DP all-reduce on the device, read back once: ``self._norm`` is host floats,
+        so ``loss_func`` branches on them without a sync)."""
         if not groups.is_last_stage:
             return
         seq = self.cfg.model.seq_length
         k = self.f.k
-        counts = torch.zeros(1 + 2 * len(self.teachers), dtype=torch.float64)
+        counts = torch.zeros(1 + 2 * len(self.teachers), dtype=torch.float64, device=groups.device)
         for mb in microbatches:
             resp = mb["loss_mask"] > 0
             mb["teachers"] = []
             for j, t in enumerate(self.teachers):
-                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)
+                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)   # host tensors
                 b = mb["tokens"].shape[0]
                 if values.shape != (b, seq, k) or ids.shape != (b, seq, k) or aligned.shape != (b, seq):
                     raise TeacherDataError(
                         f"teacher {t.name}: top-K shapes {tuple(values.shape)}/{tuple(ids.shape)}/"
                         f"{tuple(aligned.shape)} do not match the batch [b={b}, s={seq}, K={k}]")
-                mask = aligned & resp
-                mb["teachers"].append({"values": values, "ids": ids, "mask": mask, "ce": ce,
+                moved = to_device({"values": values, "ids": ids, "aligned": aligned, "ce": ce},
+                                  groups.device)
+                mask = moved["aligned"] & resp
+                mb["teachers"].append({"values": moved["values"], "ids": moved["ids"],
+                                       "mask": mask, "ce": moved["ce"],
                                        "fingerprint": batch_fingerprint(mb["sample_id"])})
                 counts[1 + 2 * j] += mask.sum()
                 counts[2 + 2 * j] += mask.any(dim=1).sum()
             counts[0] += resp.sum()
         dist.all_reduce(counts, group=groups.dp)
-        self._norm = counts
+        self._norm = counts.cpu().tolist()    # once per step: [N_ce, N_uld_j, N_gld_j ...]
 
     def _weights(self, batch) -> torch.Tensor:
         """[N, b] per-sample teacher weights (sum to 1 over teachers)."""
@@ -171,7 +178,7 @@ class FuseStage:
         ce = torch.where(torch.isnan(ce), torch.full_like(ce, float("inf")), ce)
         none = torch.isinf(ce).all(dim=0, keepdim=True)
         ce = torch.where(none, torch.zeros_like(ce), ce)
-        _, w = combine_teachers(torch.zeros(n, b), self.f.weighting, teacher_ce=ce)
+        _, w = combine_teachers(torch.zeros(n, b, device=ce.device), self.f.weighting, teacher_ce=ce)
         return w
 
     def loss_func(self, batch: dict, output: torch.Tensor):
@@ -186,11 +193,11 @@ class FuseStage:
                                          tp_group=self.groups.tp)
         mask_ce = batch["loss_mask"].float()                                     # [b, s]
         ce_sum, ce_count = (student.ce * mask_ce).sum(), mask_ce.sum()           # == SFTStage.ce_sum
-        n_ce = norm[0].clamp_min(1).float()
+        n_ce = max(norm[0], 1.0)
         # GLD always uses the full-vocab z-score; ULD with zscore=topk the raw top-K values.
         st_full = student.std_topk
         st_uld = st_full if f.zscore == "full" else student.raw_topk
-        w = self._weights(batch).to(output.device)                                # [N, b]
+        w = self._weights(batch)                                                  # [N, b]
         uld_total = output.new_zeros((), dtype=torch.float32)
         gld_total = output.new_zeros((), dtype=torch.float32)
         report = {REPORT_CE: torch.stack([ce_sum.detach(), ce_count])}
@@ -202,7 +209,7 @@ class FuseStage:
             g_seq, g_cnt = gld_loss(None, t["values"], t["ids"], mask, k=f.k,
                                     vocab_size=self.vocab_size, tp_group=self.groups.tp,
                                     student_topk=st_full, reduction="sequence")
-            n_uld, n_gld = norm[1 + 2 * j].float(), norm[2 + 2 * j].float()
+            n_uld, n_gld = norm[1 + 2 * j], norm[2 + 2 * j]
             if n_uld > 0:
                 uld_total = uld_total + (w[j] * u_seq).sum() / n_uld
             if n_gld > 0:
@@ -212,7 +219,7 @@ class FuseStage:
             resp = batch["loss_mask"].sum()
             report[f"teacher/{name}/aligned_frac"] = torch.stack([mask.sum().float(), resp.float()])
             report[f"teacher/{name}/weight"] = torch.stack(
-                [w[j].sum().detach().float(), torch.tensor(float(w.shape[1]))])
+                [w[j].sum().detach().float(), w.new_full((), float(w.shape[1]))])
         loss_sum = f.lambda_ce * ce_sum + n_ce * (f.lambda_uld * uld_total + f.lambda_gld * gld_total)
         report["loss/uld"] = torch.stack([(n_ce * uld_total).detach(), ce_count])
         report["loss/gld"] = torch.stack([(n_ce * gld_total).detach(), ce_count])

@@ -22,7 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from megatron_fusion.data import PreferenceDataset, SFTDataset
 from megatron_fusion.data.synthetic import write_synthetic
-from megatron_fusion.source_logprobs import precompute_source_logprobs, score_batch
+from megatron_fusion.teachers.source_logprobs import precompute_source_logprobs, score_batch
 from megatron_fusion.teachers.backends import HFTeacherBackend, true_vocab_size
 from megatron_fusion.teachers.topk import compute_batch_topk, teacher_inputs
 from megatron_fusion.tokenizers import train_byte_bpe, train_sentencepiece

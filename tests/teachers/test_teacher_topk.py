@@ -15,7 +15,7 @@ import torch
 from megatron_fusion.data import PreferenceDataset, SFTDataset
 from megatron_fusion.data.synthetic import write_synthetic
 from megatron_fusion.losses import standardized_topk
-from megatron_fusion.source_logprobs import precompute_source_logprobs
+from megatron_fusion.teachers.source_logprobs import precompute_source_logprobs
 from megatron_fusion.teachers.backends import HFTeacherBackend, VocabShardedBackend
 from megatron_fusion.teachers.precompute import expected_header, precompute_teacher_topk
 from megatron_fusion.teachers.topk import teacher_inputs
