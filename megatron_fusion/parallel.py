@@ -16,7 +16,7 @@ derives its groups from the default world size, and ``dist_checkpointing`` saves
 collectives, so teacher ranks in the student's default group would have to join every student
 checkpoint. A third group, the ``bridge`` (gloo, all launch ranks), carries only the
 point-to-point top-K messages between teachers and the student's last pipeline stage
-(``megatron_fusion.online``); top-K is a few hundred bytes per position, so it travels on the CPU
+(``megatron_fusion.teachers.online``); top-K is a few hundred bytes per position, so it travels on the CPU
 even when the models run on GPUs.
 """
 

@@ -45,7 +45,8 @@ def setup(cfg: Config) -> dict:
 
     from megatron_fusion.model import build_model
     from megatron_fusion.parallel import init_student_groups
-    from megatron_fusion.stages.fuse import FuseStage, batch_fingerprint
+    from megatron_fusion.stages.fuse import FuseStage
+    from megatron_fusion.teachers.online.protocol import batch_fingerprint
     from megatron_fusion.stages.sft import SFTStage
     from megatron_fusion.train import build_optimizer, wrap_ddp
 

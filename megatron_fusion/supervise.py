@@ -10,7 +10,7 @@ this module catches that failure and prints one line per failed rank naming its 
     error: teacher qwen_coder (launch rank 3: tp rank 1 of replica 0) was killed by SIGKILL
            (out of memory?); the student stopped; its last checkpoint is kept
 
-A teacher that raises or hangs is reported by the student itself (``megatron_fusion.online``);
+A teacher that raises or hangs is reported by the student itself (``megatron_fusion.teachers.online``);
 this covers the deaths no in-process handler sees.
 """
 

@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
-# --- online teachers: the launch's teacher ranks run the teacher loop (megatron_fusion.online) --
+# --- online teachers: the launch's teacher ranks run the teacher loop (teachers.online.server) --
 
 def _online_teachers(cfg: Config) -> list[tuple[str, int, int]]:
     return [(t.name, t.ranks, t.tp) for t in cfg.online_teachers()]
@@ -495,7 +495,7 @@ def _run_role(cfg: Config) -> None:
 
     split = world_split()
     if split is not None and split.teacher is not None:
-        from megatron_fusion.online import run_teacher
+        from megatron_fusion.teachers.online.server import run_teacher
 
         run_teacher(cfg, split)
     else:

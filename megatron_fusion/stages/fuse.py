@@ -2,7 +2,7 @@
 
 Teacher top-K arrives per micro-batch on the *last pipeline stage only* (never through the
 activation p2p): ``prepare_step`` fetches it by sample id from each teacher's source (offline
-shards, or the online teacher group: ``megatron_fusion.online.OnlineTeacher``), checks K, shape
+shards, or the online teacher group: ``megatron_fusion.teachers.online.client.OnlineTeacher``), checks K, shape
 and the batch's sample ids, and stores it in the micro-batch dict; other stages drop nothing
 because they never load it.
 
@@ -22,9 +22,6 @@ Teacher weights w_jb: ``uniform`` (the config's static weights, normalised), ``m
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import torch
 import torch.distributed as dist
 
@@ -33,40 +30,8 @@ from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
 from megatron_fusion.parallel import to_device
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
-
-
-def batch_fingerprint(sample_ids: torch.Tensor) -> str:
-    return hashlib.sha1(sample_ids.cpu().numpy().astype("<i8").tobytes()).hexdigest()[:16]
-
-
-class OfflineTeacher:
-    """A teacher whose top-K was precomputed (tools/precompute_teacher_topk.py)."""
-
-    def __init__(self, name: str, topk_dir: str, expected: dict):
-        from megatron_fusion.teachers.shards import TopKReader, TopKStoreError
-
-        if not topk_dir:
-            raise ConfigError(f"teacher {name}.topk_dir", "must be set for an offline teacher")
-        if not Path(topk_dir).is_dir():
-            raise TeacherDataError(f"teacher {name}: top-K directory not found: {topk_dir}")
-        try:
-            self.reader = TopKReader(topk_dir, expected=expected)
-        except TopKStoreError as e:
-            raise TeacherDataError(f"teacher {name}: {e}") from None
-        self.name = name
-
-    def check_covers(self, sample_ids) -> None:
-        missing = [i for i in sample_ids if i not in self.reader]
-        if missing:
-            raise TeacherDataError(
-                f"teacher {self.name}: {len(missing)} training samples have no top-K in "
-                f"{self.reader.paths[0].parent} (first: sample id {missing[0]}); re-run the precompute")
-
-    def fetch(self, sample_ids: torch.Tensor, seq_len: int):
-        """-> values [b,s,K] f32, ids [b,s,K] i64, aligned [b,s] bool, teacher_ce [b] or None."""
-        values, ids, aligned = self.reader.batch(sample_ids.tolist(), seq_len)
-        ce = self.reader.teacher_ce(sample_ids.tolist()) if hasattr(self.reader, "teacher_ce") else None
-        return values, ids, aligned, ce
+from megatron_fusion.teachers.offline import OfflineTeacher
+from megatron_fusion.teachers.online.protocol import batch_fingerprint
 
 
 class FuseStage:
@@ -91,7 +56,7 @@ class FuseStage:
             self.teachers = []
             online = {}
             if any(t.source == "online" for t in f.teachers):
-                from megatron_fusion.online import online_sources
+                from megatron_fusion.teachers.online.client import online_sources
 
                 online = online_sources(cfg, groups)
             for t in f.teachers:

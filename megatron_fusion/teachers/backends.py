@@ -206,18 +206,19 @@ MODEL_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.flo
 """``--dtype`` / ``TeacherConfig.dtype`` names -> the dtype a frozen model is loaded in."""
 
 
-def rank_device(name: str | None = None) -> torch.device:
-    """This rank's device for a frozen model: ``name`` "cuda" -> ``cuda:LOCAL_RANK``, "cuda:N",
-    "cpu"; None -> "cuda" when CUDA is available, else cpu."""
-    import os
+def resolve_device(name: str | None = None) -> torch.device:
+    """The device a ``--device`` value names: "cuda" -> ``cuda:LOCAL_RANK``, "cuda:N", "cpu";
+    None -> this rank's device (``parallel.rank_device``: cuda:LOCAL_RANK with CUDA, else cpu)."""
+    from megatron_fusion.parallel import rank_device
 
-    name = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:
+        return rank_device()
     dev = torch.device(name)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {name}: CUDA is not available on this machine")
         if dev.index is None:
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            dev = rank_device()
     elif dev.type != "cpu":
         raise ValueError(f"--device {name}: must be cuda, cuda:N or cpu")
     return dev
@@ -240,14 +241,14 @@ def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, 
 
     ``kind="hf"``: a transformers model directory (or GGUF), one process, loaded in ``dtype``
     (``MODEL_DTYPES`` name; None/"auto": bf16 on CUDA, fp32 on CPU) onto ``device`` (None: this
-    rank's, ``rank_device``). ``kind="megatron"``: a megatron-fusion run, TP over all ranks of the
+    rank's, ``resolve_device``). ``kind="megatron"``: a megatron-fusion run, TP over all ranks of the
     current (torchrun) world, on ``cuda:LOCAL_RANK`` when CUDA is available (else cpu/gloo), in
     the run's ``train.precision`` unless ``dtype`` is given; only rank 0 writes.
     Process groups this opened are torn down on exit.
     """
     own_dist = False
     try:
-        dev = rank_device(str(device) if device is not None else None)
+        dev = resolve_device(str(device) if device is not None else None)
         if kind == "hf":
             if not model_dir:
                 raise ValueError(f"--backend hf needs the {what} model directory")

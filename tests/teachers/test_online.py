@@ -246,8 +246,8 @@ def _instrument(argv: list[str]) -> list[str]:
         i = argv.index("--dump")
         out = Path(argv[i + 1])
         del argv[i:i + 2]
-        from megatron_fusion.online import OnlineTeacher
-        from megatron_fusion.stages.fuse import OfflineTeacher
+        from megatron_fusion.teachers.online.client import OnlineTeacher
+        from megatron_fusion.teachers.offline import OfflineTeacher
 
         calls = [0]
 

@@ -162,7 +162,8 @@ def _hf_tp2_ranks(rank, world, data, root):
 
     from megatron_fusion.config import TeacherConfig
     from megatron_fusion.data.sft import SFTDataset
-    from megatron_fusion.online import ALIGNMENT, EPS, _build_backend
+    from megatron_fusion.teachers.online.protocol import ALIGNMENT, EPS
+    from megatron_fusion.teachers.online.server import build_backend
     from megatron_fusion.parallel import init_student_groups
     from megatron_fusion.teachers.backends import VocabShardedBackend
     from megatron_fusion.teachers.topk import compute_batch_topk
@@ -171,7 +172,7 @@ def _hf_tp2_ranks(rank, world, data, root):
     groups = init_student_groups(tp=2)
     t = TeacherConfig(name="th", source="online", backend="hf", checkpoint=f"{root}/th", ranks=2,
                       tp=2)
-    backend, tok_spec = _build_backend(t, groups)
+    backend, tok_spec = build_backend(t, groups)
     assert isinstance(backend, VocabShardedBackend) and backend.tp_group is groups.tp
     assert tok_spec == f"{root}/th"                              # the model dir's tokenizer
     pivot, teacher_tok = load_tokenizer(data["pivot_tokenizer"]), load_tokenizer(tok_spec)
@@ -198,9 +199,9 @@ def test_hf_online_teacher_at_tp2_shards_the_vocab(layouts):
 
 def test_hf_online_teacher_without_checkpoint_is_a_config_error(tmp_path):
     from megatron_fusion.config import ConfigError, TeacherConfig
-    from megatron_fusion.online import _build_backend
+    from megatron_fusion.teachers.online.server import build_backend
 
     for ckpt, why in ((None, "must be set"), (str(tmp_path / "none"), "not found")):
         t = TeacherConfig(name="th", source="online", backend="hf", checkpoint=ckpt, ranks=1)
         with pytest.raises(ConfigError, match=f"teacher th.checkpoint: .*{why}"):
-            _build_backend(t, groups=None)
+            build_backend(t, groups=None)

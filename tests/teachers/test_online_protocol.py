@@ -1,7 +1,7 @@
-"""The online-teacher message protocol (megatron_fusion/online.py) on 2 gloo ranks, no models.
+"""The online-teacher message protocol (megatron_fusion/teachers/online/) on 2 gloo ranks, no models.
 
 Rank 0 is the student (an ``OnlineTeacher``), rank 1 a fake teacher that sends with the real
-``_Sender`` / ``_message`` / ``_error_message``. Each scenario gets its own bridge (a gloo group
+``_Sender`` / ``topk_message`` / ``error_message``. Each scenario gets its own bridge (a gloo group
 over both ranks, as ``parallel._init_split`` builds it) and its own store namespace, so a timed-out
 receive or a closed connection cannot leak into the next one. One launch runs every scenario
 (~15 s); the tests below assert on what each rank returned:
@@ -32,10 +32,12 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from megatron_fusion.online import (OnlineTeacher, _error_message, _fp_to_int, _int_to_fp,
-                                    _message, _Sender, error_key, student_receivers)
+from megatron_fusion.teachers.online.client import OnlineTeacher
+from megatron_fusion.teachers.online.protocol import (batch_fingerprint, error_key, error_message,
+                                                      fingerprint_to_int, int_to_fingerprint,
+                                                      student_receivers, topk_message)
+from megatron_fusion.teachers.online.server import _Sender
 from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
-from megatron_fusion.stages.fuse import batch_fingerprint
 from megatron_fusion.teachers.topk import SampleTopK
 from megatron_fusion.local_ranks import run_on_ranks
 
@@ -131,7 +133,7 @@ def student_round_trip(box, store):
 def teacher_round_trip(box, store):
     sender = _Sender(box[0], TAG, prefetch=2, name=NAME)
     for ids, recs, tokens, compute_s in _round_trip_batches():
-        sender.send([0], _message(recs, ids, SEQ, K, tokens, compute_s))
+        sender.send([0], topk_message(recs, ids, SEQ, K, tokens, compute_s))
     sender.drain(DRAIN)
     return {"student_gone": sender.student_gone}
 
@@ -143,7 +145,7 @@ def student_fingerprint_mismatch(box, store):
 
 def teacher_fingerprint_mismatch(box, store):
     sender = _Sender(box[0], TAG, prefetch=2, name=NAME)
-    sender.send([0], _message(_records([7, 8], [SEQ, SEQ], [1.0, 1.0]), [7, 8], SEQ, K, 10, 0.1))
+    sender.send([0], topk_message(_records([7, 8], [SEQ, SEQ], [1.0, 1.0]), [7, 8], SEQ, K, 10, 0.1))
     sender.drain(DRAIN)
 
 
@@ -163,7 +165,7 @@ def student_error_message(box, store):
 
 def teacher_error_message(box, store):
     sender = _Sender(box[0], TAG, prefetch=2, name=NAME)
-    sender.send([0], _error_message("ValueError: boom"))
+    sender.send([0], error_message("ValueError: boom"))
     sender.drain(DRAIN)
 
 
@@ -197,7 +199,7 @@ def teacher_dead_no_post(box, store):
 
 
 def _mb(i: int):
-    return [i], _message(_records([i], [SEQ], [1.0]), [i], SEQ, K, 10, 0.1)
+    return [i], topk_message(_records([i], [SEQ], [1.0]), [i], SEQ, K, 10, 0.1)
 
 
 def student_prefetch(box, store):
@@ -455,14 +457,14 @@ def test_student_receivers_follow_megatron_rank_order(ranks):
 @pytest.mark.parametrize("fp", ["0000000000000000", "0000000000000001", "7fffffffffffffff",
                                 "8000000000000000", "ffffffffffffffff", "a3c1f0e2d4b59687"])
 def test_fingerprint_int64_round_trip(fp):
-    v = _fp_to_int(fp)
+    v = fingerprint_to_int(fp)
     assert -(1 << 63) <= v < (1 << 63) and (v < 0) == (int(fp, 16) >= 1 << 63)
     wire = torch.tensor([v], dtype=torch.long).tolist()[0]     # as in the int64 header
-    assert _int_to_fp(wire) == fp
+    assert int_to_fingerprint(wire) == fp
 
 
 def test_real_fingerprints_with_the_top_bit_set_round_trip():
     for ids in (BATCH_A, BATCH_B):
         fp = batch_fingerprint(torch.tensor(ids))
-        assert fp[0] >= "8" and _fp_to_int(fp) < 0
-        assert _int_to_fp(_fp_to_int(fp)) == fp
+        assert fp[0] >= "8" and fingerprint_to_int(fp) < 0
+        assert int_to_fingerprint(fingerprint_to_int(fp)) == fp

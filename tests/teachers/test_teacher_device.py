@@ -243,18 +243,18 @@ def test_source_logprobs_on_another_device_one_host_copy(padded):
 # ---------------------------------------------------------------- device / dtype flags
 def test_device_and_dtype_flags(tmp_path):
     from megatron_fusion.cli import precompute_topk_main as cli_main
-    from megatron_fusion.teachers.backends import model_dtype, rank_device
+    from megatron_fusion.teachers.backends import model_dtype, resolve_device
 
     assert model_dtype("auto", torch.device("cpu")) == torch.float32
     assert model_dtype(None, torch.device("cpu")) == torch.float32
     assert model_dtype("bf16", torch.device("cpu")) == torch.bfloat16
-    assert rank_device("cpu") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
     if torch.cuda.is_available():
-        assert rank_device().type == "cuda"
+        assert resolve_device().type == "cuda"
         return
-    assert rank_device() == torch.device("cpu")
+    assert resolve_device() == torch.device("cpu")
     with pytest.raises(ValueError, match="--device cuda: CUDA is not available"):
-        rank_device("cuda")
+        resolve_device("cuda")
     with pytest.raises(SystemExit):   # argparse: one line naming the flag, before any loading
         cli_main(["--data", "x.jsonl", "--pivot-tokenizer", "p", "--teacher-model", "m",
                   "--teacher-name", "t", "--out", str(tmp_path), "--seq-len", "8",

@@ -368,7 +368,7 @@ def _worker_harness(rank, world):
 def _worker_online_metrics(rank, world):
     import torch.distributed as dist
 
-    from megatron_fusion.online import OnlineTeacher
+    from megatron_fusion.teachers.online.client import OnlineTeacher
     from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
 
     spec = TeacherGroupSpec("tA", first=1, ranks=1, tp=1)
