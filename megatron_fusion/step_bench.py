@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -67,7 +68,9 @@ def run_variant(config: str | None, overrides: list[str], *, variant: str, steps
                 warmup: int, run_dir: Path, nproc: int = 1, timeout_s: float | None = None,
                 log: Path | None = None) -> dict:
     """One trainer launch of ``variant``; returns medians over steps ``warmup+1..steps`` and the
-    per-step records. Raises ``BenchError`` (one line) when the launch fails."""
+    per-step records. Raises ``BenchError`` (one line) when the launch fails, or runs past
+    ``timeout_s`` before its last step was logged (killed later, in the trainer's end-of-run
+    checkpoint, its steps still count: ``killed_after_last_step``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            f"--nproc-per-node={nproc}", "-m", "megatron_fusion.train"]
     if config:
@@ -78,23 +81,30 @@ def run_variant(config: str | None, overrides: list[str], *, variant: str, steps
     env = dict(os.environ, PYTHONWARNINGS=os.environ.get("PYTHONWARNINGS", "ignore"))
     env.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
+    # own process group, so a timeout kills torchrun's workers too (they hold the GPU)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    timed_out = False
     try:
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        err = (e.stderr or b"").decode() if isinstance(e.stderr, bytes) else (e.stderr or "")
-        if log is not None:
-            log.write_text(f"$ {' '.join(cmd)}\n{out}\n{err}")
-        raise BenchError(f"{variant}: the trainer ran past {timeout_s:.0f}s") from None
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        timed_out = True
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
     wall = time.perf_counter() - t0
     if log is not None:
-        log.write_text(f"$ {' '.join(cmd)}\n# rc={p.returncode} wall={wall:.1f}s\n"
-                       f"{p.stdout}\n--- stderr ---\n{p.stderr}")
-    if p.returncode != 0:
-        raise BenchError(f"{variant}: trainer exit {p.returncode}: {_last_error(p.stderr + p.stdout)}")
+        log.write_text(f"$ {' '.join(cmd)}\n# rc={proc.returncode} wall={wall:.1f}s"
+                       f"{' (killed at the timeout)' if timed_out else ''}\n"
+                       f"{stdout}\n--- stderr ---\n{stderr}")
     metrics = Path(run_dir) / "metrics.jsonl"
     recs = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
     recs = [r for r in recs if "perf/step_s" in r]
+    if timed_out and len(recs) < steps:
+        raise BenchError(f"{variant}: the trainer ran past {timeout_s:.0f}s after {len(recs)} of "
+                         f"{steps} steps")
+    if not timed_out and proc.returncode != 0:
+        raise BenchError(f"{variant}: trainer exit {proc.returncode}: "
+                         f"{_last_error(stderr + stdout)}")
     if len(recs) <= warmup:
         raise BenchError(f"{variant}: {len(recs)} steps in {metrics}, need more than "
                          f"warmup={warmup}")
@@ -108,7 +118,9 @@ def run_variant(config: str | None, overrides: list[str], *, variant: str, steps
             "losses": [r[loss_key] for r in recs], "loss_key": loss_key,
             "loss_ce": [r.get("loss/ce") for r in recs],
             "loss_uld": [r.get("loss/uld") for r in recs],
-            "loss_gld": [r.get("loss/gld") for r in recs], "wall_s": wall}
+            "loss_gld": [r.get("loss/gld") for r in recs], "wall_s": wall,
+            # every step ran and was logged, the launch was killed after (in the final save)
+            "killed_after_last_step": timed_out}
 
 
 def bench(config: str | None, overrides: list[str], *, steps: int, warmup: int,

@@ -186,7 +186,7 @@ part_real_loop() {
   local rc=0
   "$PY" tools/bench_gpu.py --config configs/gpu_check_1b.yaml --steps 20 --warmup 3 \
     --data-dir "$DATA" --work-dir "$WORK/bench" --log-dir "$WORK/trainer_logs" \
-    --timeout "${GPU_CHECK_T_LAUNCH:-110}" --json "$WORK/real_loop.json" || rc=$?
+    --timeout "${GPU_CHECK_T_LAUNCH:-85}" --json "$WORK/real_loop.json" || rc=$?
   for f in "$WORK"/trainer_logs/*.log; do
     [ -e "$f" ] && { echo; echo "===== $f"; tail -n 200 "$f"; }
   done
