@@ -9,7 +9,7 @@
 # PYTHONPATH; nothing is fetched), makes its inputs on the machine (demo tokenizer, long SFT
 # samples, synthetic teacher top-K shards, a random-weight HF Llama: tools/make_synthetic_topk.py)
 # and runs five parts, each under its own time budget (seconds; override with the env vars):
-#   1. gpu_tests     python3 -m pytest -q -m gpu tests                        GPU_CHECK_T_TESTS=150
+#   1. gpu_tests     python3 -m pytest -q -m gpu tests                        GPU_CHECK_T_TESTS=135
 #   2. real_loop     20 steps of the REAL trainer per variant, ~1B Llama bf16 (configs/
 #                    gpu_check_1b.yaml): CE only (stage sft) vs CE+ULD+GLD (stage fuse);
 #                    step time, tokens/s, TFLOP/s, MFU (989 peak) and vs the 788 GEMM anchor
@@ -237,7 +237,7 @@ part_te_resume() {
       --config configs/tiny_cpu.yaml stage=sft parallel.tp=1 train.precision=bf16 \
       "model.transformer_impl=${spec%%:*}" "train.steps=$steps" "run.dir=$run" \
       "data.train=$DATA/train.jsonl" "data.tokenizer=$tok" "data.valid=[]" model.seq_length=256 \
-      logging.wandb_mode=disabled logging.progress=false checkpoint.interval=0 | tee "$WORK/te_$i.out"
+      logging.wandb_mode=disabled logging.progress=false checkpoint.interval=0 2>&1 | tee "$WORK/te_$i.out"
     if [ $i -gt 0 ]; then
       grep -q "resumed from .* at step $prev" "$WORK/te_$i.out" || {
         echo "te_resume: launch $i (${spec%%:*}) did not resume from step $prev"; return 1; }
@@ -248,8 +248,8 @@ part_te_resume() {
 
 export -f part_inputs part_gpu_tests part_real_loop part_bench_losses part_precompute part_te_resume
 
-run_part inputs "${GPU_CHECK_T_INPUTS:-45}" part_inputs
-run_part gpu_tests "${GPU_CHECK_T_TESTS:-150}" part_gpu_tests
+run_part inputs "${GPU_CHECK_T_INPUTS:-60}" part_inputs
+run_part gpu_tests "${GPU_CHECK_T_TESTS:-135}" part_gpu_tests
 run_part real_loop "${GPU_CHECK_T_LOOP:-180}" part_real_loop
 run_part bench_losses "${GPU_CHECK_T_LOSSES:-60}" part_bench_losses
 run_part precompute "${GPU_CHECK_T_PRE:-45}" part_precompute
