@@ -81,7 +81,11 @@ def setup_megatron():
 def make_inputs(args, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     b, s, v, k = args.batch, args.seq, args.vocab, args.k
-    logits = (torch.randn(b, s, v, generator=g, dtype=DTYPES[args.dtype]) * 2).to(device)
+    if device.type == "cuda":  # drawn on the GPU: at V=152k, s=4096 a CPU draw takes many seconds
+        gd = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(b, s, v, generator=gd, dtype=DTYPES[args.dtype], device=device) * 2
+    else:
+        logits = torch.randn(b, s, v, generator=g, dtype=DTYPES[args.dtype]) * 2
     t_vals = torch.sort(torch.randn(b, s, k, generator=g) + 1, -1, descending=True).values
     t_ids = torch.randint(0, v, (b, s, k), generator=g)
     labels = torch.randint(0, v, (b, s), generator=g)
