@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat setup.py constraints.txt | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo-setup demo demo-tiny demo-online test test-fast clean
+.PHONY: setup demo-setup demo demo-tiny demo-online test test-fast clean gpu-kit
 
 setup: $(STAMP)
 
@@ -48,3 +48,20 @@ test-fast: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# The GPU check's wheels (tools/gpu_check.sh; docs/cluster.md "GPU check"): what setup.py and the
+# tests/tools import that the lent GPU machine's image (Python 3.12, torch 2.11 cu13, no network)
+# lacks. Everything else they need is in that image (device KINDS.md's package list). Pure
+# download, no venv; the wheels travel with the working tree (the device tool's carry: [".whl"]).
+GPU_KIT_WHEELS := megatron-core==0.16.1 editdistance==0.8.1
+GPU_KIT_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+	manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+GPU_KIT_MAX_BYTES := 67108864
+
+gpu-kit:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  $(addprefix --platform ,$(GPU_KIT_PLATFORMS)) -d .whl $(GPU_KIT_WHEELS)
+	@n=$$(ls .whl/*.whl | wc -l); size=$$(cat .whl/*.whl | wc -c); \
+	  echo "gpu-kit: $$n wheels in .whl/, $$size bytes ($$((size / 1048576)) MiB; the device tool carries at most $(GPU_KIT_MAX_BYTES) with the tree)"; \
+	  ls -1 .whl; test $$size -lt $(GPU_KIT_MAX_BYTES) || { echo "error: .whl/ is $$size bytes, over 64 MiB"; exit 1; }

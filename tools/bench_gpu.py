@@ -1,11 +1,14 @@
-"""One-GPU student step: CE only vs CE + ULD + GLD (ratio), TFLOP/s and MFU, BF16 (+TE if present).
+"""One-GPU student step through the real training loop: CE only vs CE + ULD + GLD, TFLOP/s, MFU.
 
-    python tools/bench_gpu.py                       # the 1.5B default below, on one H100/H200
-    python tools/bench_gpu.py --cpu-smoke           # tiny model on CPU: checks the script runs
+    python tools/bench_gpu.py --config configs/gpu_check_1b.yaml --steps 20   # one H100/H200
+    python tools/bench_gpu.py --cpu-smoke --steps 2 --warmup 1                # tiny, on CPU
 
-Runs both variants in one process on the same model and data, steps interleaved (a ratio taken in
-one run); times are medians.
-MFU is against --peak-tflops (H100/H800 SXM dense BF16: 989).
+Makes the inputs first (``tools/make_synthetic_topk.py``: long SFT samples, the demo pivot
+tokenizer, synthetic top-K shards for the config's teachers, at the config's seq_length, k and
+vocab_size) unless ``--data-dir`` already holds them, then launches the trainer once per variant
+(``megatron_fusion.step_bench``) and reads its metrics.jsonl. MFU is against --peak-tflops
+(H100/H800/H200 SXM dense BF16: 989) and against --gemm-tflops (788: the bf16 GEMM rate measured
+on this workplace's H200).
 """
 
 from __future__ import annotations
@@ -13,48 +16,90 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-DEFAULT = ["model.num_layers=24", "model.hidden_size=2048", "model.num_attention_heads=16",
-           "model.num_query_groups=4", "model.ffn_hidden_size=5632", "model.vocab_size=151936",
-           "model.seq_length=4096", "train.micro_batch=1", "train.global_batch=4",
-           "train.precision=bf16", "fuse.k=10"]
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT, ROOT / "tools"):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=176", "model.vocab_size=1000",
-        "model.seq_length=64", "train.micro_batch=2", "train.global_batch=4", "train.precision=fp32"]
-TEACHERS = ['fuse.teachers=[{name: a, topk_dir: x}, {name: b, topk_dir: y}]']
+        "model.seq_length=64", "train.micro_batch=2", "train.global_batch=4",
+        "train.precision=fp32", "parallel.tp=1", "optim.clip_grad=0",
+        "fuse.teachers=[{name: a}, {name: b}]"]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--config", default=str(ROOT / "configs" / "gpu_check_1b.yaml"))
+    ap.add_argument("--steps", type=int, default=20, help="optimizer steps per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
+    ap.add_argument("--variants", default="ce,fusion")
+    ap.add_argument("--data-dir", default=None,
+                    help="synthetic inputs (made here when it has no manifest.json); default: a "
+                    "folder under --work-dir")
+    ap.add_argument("--samples", type=int, default=None,
+                    help="SFT samples to make (default: 2 global batches)")
+    ap.add_argument("--work-dir", default=None, help="run directories (default: a temp dir)")
+    ap.add_argument("--log-dir", default=None, help="write each trainer launch's output here")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds per trainer launch")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--cpu-smoke", action="store_true")
+    ap.add_argument("--gemm-tflops", type=float, default=788.0)
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny model, fp32, on the CPU")
     args, overrides = ap.parse_known_args(argv)
-    from megatron_fusion.parallel import init_distributed
 
-    init_distributed()
+    import tempfile
+
     import torch
 
-    if not torch.cuda.is_available() and not args.cpu_smoke:
-        print("bench_gpu: no CUDA device (use --cpu-smoke for a CPU check)", file=sys.stderr)
-        return 2
-    base = TINY if args.cpu_smoke else DEFAULT
-    from megatron_fusion.step_bench import bench
+    from make_synthetic_topk import make_synthetic_fuse_data
+    from megatron_fusion.config import ConfigError, load_config
+    from megatron_fusion.step_bench import BenchError, bench, table
 
-    r = bench(None, base + TEACHERS + ["stage=fuse", "logging.wandb_mode=disabled"] + overrides,
-              args.steps, args.warmup)
+    if not torch.cuda.is_available() and not args.cpu_smoke:
+        print("bench_gpu: needs a CUDA GPU (use --cpu-smoke for a CPU check)", file=sys.stderr)
+        return 2
+    config = str(ROOT / "configs" / "tiny_cpu.yaml") if args.cpu_smoke else args.config
+    base = TINY if args.cpu_smoke else []
+    try:
+        cfg = load_config(config, base + overrides + ["stage=fuse"])
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_gpu_"))
+    data_dir = Path(args.data_dir) if args.data_dir else work / "data"
+    manifest = data_dir / "manifest.json"
+    if manifest.exists():
+        man = json.loads(manifest.read_text())
+    else:
+        vocab = cfg.model.vocab_size
+        if vocab <= 0:
+            print("bench_gpu: model.vocab_size must be set (the synthetic top-K ids need it)",
+                  file=sys.stderr)
+            return 2
+        man = make_synthetic_fuse_data(
+            data_dir, seq_len=cfg.model.seq_length, teachers=[t.name for t in cfg.fuse.teachers],
+            samples=args.samples or 2 * cfg.train.global_batch, k=cfg.fuse.k, vocab=vocab)
+    try:
+        res = bench(config, base + overrides + man["overrides"], steps=args.steps,
+                    warmup=args.warmup, variants=tuple(args.variants.split(",")),
+                    peak_tflops=args.peak_tflops, gemm_tflops=args.gemm_tflops,
+                    work_dir=work / "runs", timeout_s=args.timeout, log_dir=args.log_dir)
+    except BenchError as e:
+        print(f"bench_gpu: {e}", file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"error": str(e)}))
+        return 1
     dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device: {dev}")
-    print("| variant | step (s) | TFLOP/s | MFU | peak GiB |")
-    print("|---|---|---|---|---|")
-    for name, key in (("CE only", "ce"), ("CE + ULD + GLD (2 teachers)", "fusion")):
-        t = r[f"tflops_{key}"]
-        print(f"| {name} | {r[key]['step_s']:.4f} | {t:.1f} | {t / args.peak_tflops:.1%} | "
-              f"{r[key]['peak_gib']:.1f} |")
-    print(f"fusion / CE step-time ratio: {r['ratio']:.3f} (medians; median of adjacent-step "
-          f"ratios {r['ratio_pairs_median']:.3f})")
-    print(json.dumps({k: v for k, v in r.items()}, default=float))
+    res.update(device=dev, torch=torch.__version__, data=str(data_dir),
+               response_fraction=man.get("response_fraction"))
+    print(f"device: {dev}; {res['tokens_per_step']} tokens/step, "
+          f"{res['flops_per_token'] / 1e9:.2f} GFLOP/token (train)")
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -21,11 +21,14 @@ Peak memory, CPU: a fresh subprocess warms every method up, then for each one re
 peak-RSS counter (VmHWM, via ``/proc/self/clear_refs``), runs forward+backward and reads the peak
 above the RSS before it; glibc is told to mmap large blocks so freed memory leaves RSS at once. (tracemalloc does not see torch's
 allocations.) GPU: ``torch.cuda.max_memory_allocated`` above the inputs, plus the fraction of HBM
-bandwidth for the bytes a loss must move (read logits in forward and backward, write the gradient).
+bandwidth for the bytes a loss must move (read logits in forward and backward, write the gradient),
+against the datasheet (``--hbm-gbps``, default the H200's 4.8 TB/s) and against a device-to-device
+copy measured in the same run (``--copy-gbps``; ``measure`` by default, about 4.3 TB/s on this
+workplace's H200, bytes read + written).
 Extra memory is also given in fp32 copies of the logits (``N * V * 4`` bytes): PERF target 2.
 
     .venv/bin/python tools/bench_losses.py                       # CPU defaults, ~1 min
-    python tools/bench_losses.py --vocab 152064 --seq 4096 --dtype bf16   # on a GPU
+    python tools/bench_losses.py --vocab 152064 --seq 4096 --dtype bf16 --device cuda   # on a GPU
 """
 
 from __future__ import annotations
@@ -53,7 +56,12 @@ def parse_args(argv=None):
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--chunk-tokens", type=int, default=None)
-    p.add_argument("--hbm-gbps", type=float, default=3350.0, help="peak HBM GB/s (H100 SXM)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when available, else cpu; cuda without a GPU is an error")
+    p.add_argument("--hbm-gbps", type=float, default=4800.0,
+                   help="datasheet HBM GB/s (H200: 4800; H100 SXM: 3350)")
+    p.add_argument("--copy-gbps", default="measure",
+                   help="measured copy GB/s (read + write) to compare with, or 'measure' (CUDA)")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads (1: steadier ratios on a shared machine)")
@@ -73,7 +81,11 @@ def setup_megatron():
 def make_inputs(args, device):
     g = torch.Generator(device="cpu").manual_seed(0)
     b, s, v, k = args.batch, args.seq, args.vocab, args.k
-    logits = (torch.randn(b, s, v, generator=g, dtype=DTYPES[args.dtype]) * 2).to(device)
+    if device.type == "cuda":  # drawn on the GPU: at V=152k, s=4096 a CPU draw takes many seconds
+        gd = torch.Generator(device=device).manual_seed(0)
+        logits = torch.randn(b, s, v, generator=gd, dtype=DTYPES[args.dtype], device=device) * 2
+    else:
+        logits = torch.randn(b, s, v, generator=g, dtype=DTYPES[args.dtype]) * 2
     t_vals = torch.sort(torch.randn(b, s, k, generator=g) + 1, -1, descending=True).values
     t_ids = torch.randint(0, v, (b, s, k), generator=g)
     labels = torch.randint(0, v, (b, s), generator=g)
@@ -161,6 +173,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def measure_copy_gbps(device, gib: float = 2.0, repeats: int = 10) -> float:
+    """Device-to-device copy rate, bytes read + written, median of ``repeats`` after warm-up."""
+    n = int(gib * 2**30) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    ts.sort()
+    return 2 * n * 4 / ts[len(ts) // 2] / 1e9
+
+
 def time_methods(methods, inp, args, device):
     runs = {m: build(m, inp, args) for m in methods}
     for m in methods:                       # warm-up (allocator, lazy init)
@@ -177,7 +210,7 @@ def time_methods(methods, inp, args, device):
             _sync(device)
             times[m].append(time.perf_counter() - t0)
     # best of the repeats: on a shared machine the noise is one-sided (other work only adds time)
-    return {m: min(v) for m, v in times.items()}
+    return {m: min(v) for m, v in times.items()}, {m: sorted(v)[len(v) // 2] for m, v in times.items()}
 
 
 def _status_mib(field: str) -> float:
@@ -228,6 +261,7 @@ def memory_cpu(methods, args):
 
 
 def memory_gpu(methods, inp, args, device):
+    """Peak MiB above the inputs per method, and the absolute peak of the whole process."""
     out = {}
     for m in methods:
         prepare, run = build(m, inp, args)
@@ -239,6 +273,7 @@ def memory_gpu(methods, inp, args, device):
         grad = run()
         torch.cuda.synchronize()
         out[m] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        out[m + "@abs"] = torch.cuda.max_memory_allocated() / 2**20
         del grad
     return out
 
@@ -247,7 +282,13 @@ def main(argv=None):
     args = parse_args(argv)
     if args.memory_of:
         return memory_cpu_child(args)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench_losses: --device cuda: needs a CUDA GPU (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     setup_megatron()
@@ -255,7 +296,11 @@ def main(argv=None):
     inp = make_inputs(args, device)
     n_tok = args.batch * args.seq
     shard_fp32_mib = n_tok * args.vocab * 4 / 2**20
-    times = time_methods(methods, inp, args, device)
+    times, medians = time_methods(methods, inp, args, device)
+    copy_gbps = None
+    if device.type == "cuda":
+        copy_gbps = (measure_copy_gbps(device) if args.copy_gbps == "measure"
+                     else float(args.copy_gbps))
     mem = memory_gpu(methods, inp, args, device) if device.type == "cuda" else memory_cpu(methods, args)
     elt = inp["logits"].element_size()
     essential_bytes = 3 * n_tok * args.vocab * elt          # read fwd, read bwd, write grad
@@ -268,7 +313,10 @@ def main(argv=None):
                  "fusion_separate": mem.get("naive_fusion")}
     head = "| method | fwd+bwd ms | time / mcore_ce | peak extra MiB | fp32 copies | naive mem / ours |"
     if device.type == "cuda":
-        head += " HBM fraction |"
+        head += " HBM fraction (spec) | of measured copy |"
+        print(f"# HBM: {args.hbm_gbps:.0f} GB/s datasheet, {copy_gbps:.0f} GB/s copy "
+              f"({'measured now' if args.copy_gbps == 'measure' else 'given'}); essential bytes "
+              f"{essential_bytes / 1e9:.2f} GB (logits read twice, gradient written)")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
     rows = {}
@@ -279,15 +327,22 @@ def main(argv=None):
         ratio_m = f"{nm / x:.1f}" if nm and x > 0 else "-"
         line = (f"| {m} | {t * 1e3:.1f} | {ratio_t} | {x:.1f} | {x / shard_fp32_mib:.2f} | "
                 f"{ratio_m} |")
-        if device.type == "cuda":
-            line += f" {essential_bytes / t / (args.hbm_gbps * 1e9):.2f} |"
-        print(line)
-        rows[m] = dict(ms=t * 1e3, time_vs_mcore_ce=t / ce_t if ce_t else None, extra_mib=x,
+        rows[m] = dict(ms=t * 1e3, ms_median=medians[m] * 1e3,
+                       time_vs_mcore_ce=t / ce_t if ce_t else None, extra_mib=x,
                        fp32_copies=x / shard_fp32_mib)
+        if device.type == "cuda":
+            gbps = essential_bytes / t / 1e9
+            line += f" {gbps / args.hbm_gbps:.2f} | {gbps / copy_gbps:.2f} |"
+            rows[m].update(gbps=gbps, hbm_fraction_spec=gbps / args.hbm_gbps,
+                           hbm_fraction_copy=gbps / copy_gbps, peak_mib=mem[m + "@abs"])
+        print(line)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(args=vars(args), device=where, rows=rows), f, indent=1)
+            json.dump(dict(args=vars(args), device=where, torch=torch.__version__, rows=rows,
+                           essential_bytes=essential_bytes, logits_mib=n_tok * args.vocab * elt / 2**20,
+                           copy_gbps=copy_gbps), f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
