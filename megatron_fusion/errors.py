@@ -15,5 +15,9 @@ class TeacherDataError(UserError, RuntimeError):
     """Teacher top-K that cannot be used for this run (wrong shard, wrong tokenizer, dead teacher)."""
 
 
+class DataError(UserError, RuntimeError):
+    """Training data that cannot be used (missing file, empty set): names the file or field."""
+
+
 def user_facing(e: BaseException) -> bool:
     return isinstance(e, (UserError, FileNotFoundError))

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError, load_config, save_config
+from megatron_fusion.data.order import SampleOrder, collate, rank_microbatches
 from megatron_fusion.errors import UserError
 from megatron_fusion.parallel import to_device
 
@@ -35,50 +36,6 @@ class TrainError(UserError, RuntimeError):
 
 
 # --- data --------------------------------------------------------------------------------------
-
-class SampleOrder:
-    """Deterministic sample order: a fresh seeded permutation per epoch.
-
-    ``indices(start, n)`` gives dataset indices of global samples start..start+n-1, so the data
-    position of a run is one integer (consumed samples) and resume needs nothing else.
-    """
-
-    def __init__(self, n: int, seed: int):
-        if n <= 0:
-            raise TrainError("data: the training set is empty")
-        self.n, self.seed, self._perms = n, seed, {}
-
-    def _perm(self, epoch: int) -> torch.Tensor:
-        if epoch not in self._perms:
-            g = torch.Generator().manual_seed(self.seed * 1000003 + epoch)
-            self._perms = {epoch: torch.randperm(self.n, generator=g)}
-        return self._perms[epoch]
-
-    def indices(self, start: int, n: int) -> list[int]:
-        return [int(self._perm(i // self.n)[i % self.n]) for i in range(start, start + n)]
-
-
-def collate(items: list[dict]) -> dict:
-    out = {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
-    out["sample_id"] = torch.tensor([int(it["sample_id"]) for it in items])
-    b, s = out["tokens"].shape
-    out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
-    return out
-
-
-def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, dp: int,
-                      dp_rank: int, collate_fn=collate, device: torch.device | None = None
-                      ) -> list[dict]:
-    """This DP rank's micro-batches of the optimizer step that starts at ``consumed``.
-
-    ``collate_fn`` builds host tensors; with ``device`` each micro-batch is moved there once
-    (``parallel.to_device``; ``sample_id`` stays on the host: it is metadata, never a kernel input).
-    """
-    gb, mb = cfg.train.global_batch, cfg.train.micro_batch
-    per_rank = gb // dp
-    idx = order.indices(consumed + dp_rank * per_rank, per_rank)
-    micro = [collate_fn([dataset[i] for i in idx[j:j + mb]]) for j in range(0, per_rank, mb)]
-    return micro if device is None else [to_device(m, device) for m in micro]
 
 
 def build_tokenizer(cfg: Config):

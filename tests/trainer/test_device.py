@@ -7,7 +7,7 @@ gloo collectives give real numbers, but an op that mixes an ``OnDevice`` tensor 
 tensor raises ``DeviceMixError`` (stricter than CUDA, which tolerates 0-dim host operands in
 elementwise ops; copies between the devices are allowed), and every read of device values to
 the host (``.item()``, ``.tolist()``, ``.cpu()``) is recorded as a sync. The stages get
-``StudentGroups(device=meta)``, the micro-batches come from ``train.rank_microbatches(...,
+``StudentGroups(device=meta)``, the micro-batches come from ``data.order.rank_microbatches(...,
 device=)`` (the loop's own path) and the model output is ``OnDevice``: the batch is on the host
 until the loop moves it, as on a GPU rank. Results are compared with the same calls on plain CPU.
 
@@ -203,7 +203,8 @@ def _check_on(t: torch.Tensor, device: torch.device, what: str) -> None:
 def _drive(stage, cfg, groups, data, collate_fn, mode=None) -> dict:
     """rank_microbatches(device=) -> prepare_step -> loss_func + backward per micro-batch ->
     _reduce_reports; checks every tensor the stage hands back is on ``groups.device``."""
-    from megatron_fusion.train import SampleOrder, _reduce_reports, rank_microbatches
+    from megatron_fusion.data.order import SampleOrder, rank_microbatches
+    from megatron_fusion.train import _reduce_reports
 
     dev = groups.device
     syncs = (lambda: len(mode.syncs)) if mode is not None else (lambda: 0)
@@ -263,7 +264,7 @@ def _all_stages(tmp: str, groups, mode=None) -> dict:
     from megatron_fusion.stages.fpo import FPOStage, _SequenceScores, collate_pairs
     from megatron_fusion.stages.fuse import FuseStage
     from megatron_fusion.stages.sft import SFTStage
-    from megatron_fusion.train import collate
+    from megatron_fusion.data.order import collate
 
     sft_data, pair_data = _SFTData(8), _PairData(8)
     fuse_cfgs, fpo_cfg = _configs(tmp, pair_data)

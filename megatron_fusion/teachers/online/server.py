@@ -110,7 +110,8 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
     from megatron_fusion.parallel import init_student_groups
     from megatron_fusion.teachers.topk import compute_batch_topk
     from megatron_fusion.tokenizers import load_tokenizer
-    from megatron_fusion.train import SampleOrder, build_sft_dataset, build_tokenizer
+    from megatron_fusion.data.order import SampleOrder, step_microbatch_indices
+    from megatron_fusion.train import build_sft_dataset, build_tokenizer
 
     spec = split.teacher
     tag = list(split.teachers).index(spec)
@@ -130,14 +131,12 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
         step, consumed = start_position(cfg)
         gb, mb = cfg.train.global_batch, cfg.train.micro_batch
         seq, k = cfg.model.seq_length, cfg.fuse.k
-        per_rank = gb // dp
         stop = torch.zeros(1, device=groups.device)    # the teacher group's NCCL on GPU
         sent = 0
         while step < cfg.train.steps and not stop.item():
             for d in served:
-                idx = order.indices(consumed + d * per_rank, per_rank)
-                for j in range(0, per_rank, mb):
-                    samples = [ds.sample(i) for i in idx[j:j + mb]]
+                for micro in step_microbatch_indices(order, consumed, gb, mb, dp, d):
+                    samples = [ds.sample(i) for i in micro]
                     t0 = time.perf_counter()
                     res = compute_batch_topk(samples, backend, teacher_tok, pivot_tok, seq, k=k,
                                              eps=EPS, alignment=ALIGNMENT, max_teacher_len=None)
