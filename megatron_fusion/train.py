@@ -26,7 +26,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError, load_config, save_config
+from megatron_fusion.data.build import build_sft_dataset, build_tokenizer
 from megatron_fusion.data.order import SampleOrder, collate, rank_microbatches
+from megatron_fusion.stages import build_stage, stage_class
 from megatron_fusion.errors import UserError
 from megatron_fusion.parallel import to_device
 
@@ -36,34 +38,6 @@ class TrainError(UserError, RuntimeError):
 
 
 # --- data --------------------------------------------------------------------------------------
-
-
-def build_tokenizer(cfg: Config):
-    from megatron_fusion.tokenizers import load_tokenizer
-
-    if not cfg.data.tokenizer:
-        raise ConfigError("data.tokenizer", "must be set")
-    if not Path(cfg.data.tokenizer).exists():
-        raise TrainError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
-    return load_tokenizer(cfg.data.tokenizer)
-
-
-def build_dataset(cfg: Config, path: str, tokenizer, dataset_cls=None):
-    """A JSONL file encoded with the pivot tokenizer, cached under the run (SFT by default)."""
-    if dataset_cls is None:
-        from megatron_fusion.data.sft import SFTDataset as dataset_cls
-
-    if not path:
-        raise ConfigError("data.train", "must be set")
-    if not Path(path).is_file():
-        raise TrainError(f"data: file not found: {path}")
-    cache = cfg.data.cache_dir or str(Path(cfg.run.dir) / "cache")
-    return dataset_cls(path, tokenizer, cfg.model.seq_length, cache_dir=cache,
-                       overflow=cfg.data.overflow)
-
-
-def build_sft_dataset(cfg: Config, path: str, tokenizer):
-    return build_dataset(cfg, path, tokenizer)
 
 
 # --- model, optimizer, schedule ----------------------------------------------------------------
@@ -123,22 +97,6 @@ def _on_signal(signum, frame):  # Slurm sends SIGUSR1/SIGTERM before preemption
     _Stop.requested = True
 
 
-def make_stage(cfg: Config, groups, vocab_size: int, dataset=None, tokenizer=None):
-    if cfg.stage == "sft":
-        from megatron_fusion.stages.sft import SFTStage
-
-        return SFTStage(vocab_size, groups.tp)
-    if cfg.stage == "fuse":
-        from megatron_fusion.stages.fuse import FuseStage
-
-        return FuseStage(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
-    if cfg.stage == "fpo":
-        from megatron_fusion.stages.fpo import FPOStage
-
-        return FPOStage(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
-    raise ConfigError("stage", f"unknown stage {cfg.stage!r}")
-
-
 def forward_step(stage, data_iterator, model):
     batch = next(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None)  # causal mask built inside
@@ -184,7 +142,7 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
         idx = list(range(groups.dp_rank * per_rank, (groups.dp_rank + 1) * per_rank))
         micro = [to_device(collate([ds[i] for i in idx[j:j + mb]]), groups.device)
                  for j in range(0, per_rank, mb)]
-        sft = stage.eval_stage() if hasattr(stage, "eval_stage") else stage
+        sft = stage.eval_stage()
         for c in chunks:
             c.eval()
         with torch.no_grad():
@@ -198,7 +156,7 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
         red, _ = _reduce_reports(reports or [], ["loss/ce"], groups, False)
         out[f"eval/{name}/ce"] = red["loss/ce"]
         out[f"eval/{name}/ppl"] = math.exp(min(red["loss/ce"], 50.0))
-    if hasattr(stage, "evaluate"):  # a stage's own held-out metrics (FPO: preference accuracy)
+    if stage.has_evaluate:  # a stage's own held-out metrics (FPO: preference accuracy)
         out.update(stage.evaluate(chunks))
     return out
 
@@ -242,7 +200,7 @@ def train(cfg: Config, hooks=None) -> dict:
                                               f"{tokenizer.vocab_size} ({cfg.data.tokenizer})")
     if is_rank0:
         save_config(cfg, run_dir / "config.yaml")
-    train_ds = stage_dataset(cfg, tokenizer)
+    train_ds = stage_class(cfg.stage).build_dataset(cfg, tokenizer)
     valid = {Path(p).stem: build_sft_dataset(cfg, p, tokenizer) for p in cfg.data.valid}
     order = SampleOrder(len(train_ds), cfg.train.seed)
 
@@ -272,7 +230,7 @@ def train(cfg: Config, hooks=None) -> dict:
         tcfg.no_sync_func = model[0].no_sync
     else:
         tcfg.no_sync_func = [m.no_sync for m in model]
-    stage = make_stage(cfg, groups, cfg.model.vocab_size, train_ds, tokenizer)
+    stage = build_stage(cfg, cfg.model.vocab_size, groups, train_ds, tokenizer)
 
     layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "dp": dp}
     state = TrainState()
@@ -288,10 +246,9 @@ def train(cfg: Config, hooks=None) -> dict:
 
     # A stage whose samples are several sequences (FPO: chosen + rejected) says so; the p2p
     # shapes of the pipeline schedule are per sequence.
-    seqs_per_micro = cfg.train.micro_batch * getattr(stage, "sequences_per_sample", 1)
-    if hasattr(stage, "setup"):  # e.g. FPO's reference log-prob pass over the data, once
-        stage.setup(model=model, groups=groups, dp=dp, resumed=latest is not None,
-                    forward_step=forward_step)
+    seqs_per_micro = cfg.train.micro_batch * stage.sequences_per_sample
+    stage.setup(model=model, groups=groups, dp=dp, resumed=latest is not None,  # FPO: the
+                forward_step=forward_step)                                    # reference pass
 
     sink = MetricsSink(run_dir, total_steps=cfg.train.steps, start_step=state.step,
                        wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
@@ -306,19 +263,19 @@ def train(cfg: Config, hooks=None) -> dict:
     extra = lambda: {"consumed": state.consumed, "layout": layout,  # noqa: E731
                      "global_batch": cfg.train.global_batch}
     summary: dict = {"start_step": state.step}
-    has_eval = bool(valid) or hasattr(stage, "evaluate")
+    has_eval = bool(valid) or stage.has_evaluate
     eval_before = evaluate(cfg, model, stage, valid, groups, dp) if has_eval else {}
     if eval_before:
         sink.log(state.step, eval_before)
     summary["eval_before"] = eval_before
-    tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * getattr(stage, "sequences_per_sample", 1)
+    tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * stage.sequences_per_sample
     t_start = time.perf_counter()
     steps_run = 0
     stopped_early = False
     while state.step < cfg.train.steps:
         t0 = time.perf_counter()
         micro = rank_microbatches(train_ds, order, state.consumed, cfg, dp, groups.dp_rank,
-                                  getattr(stage, "collate", collate), device=groups.device)
+                                  stage.collate, device=groups.device)
         stage.prepare_step(micro, groups)
         optimizer.zero_grad()
         for m in model:
@@ -343,11 +300,11 @@ def train(cfg: Config, hooks=None) -> dict:
         steps_run += 1
         dt = time.perf_counter() - t0
         metrics = {k: v for k, v in red.items() if not k.endswith("_count")}
-        if "loss/total" not in metrics and "loss/ce" in metrics and cfg.stage == "sft":
-            metrics["loss/total"] = metrics["loss/ce"]
+        if "loss/total" not in metrics and stage.total_alias in metrics:
+            metrics["loss/total"] = metrics[stage.total_alias]
         metrics.update({"lr": optimizer.param_groups[0]["lr"], "perf/step_s": dt,
                         "perf/tokens_per_s": tokens_per_step / dt})
-        metrics.update(getattr(stage, "step_metrics", lambda: {})())
+        metrics.update(stage.step_metrics())
         if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0 and has_eval:
             metrics.update(evaluate(cfg, model, stage, valid, groups, dp))
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps:
@@ -377,14 +334,6 @@ def train(cfg: Config, hooks=None) -> dict:
     if is_rank0:
         _print_summary(cfg, summary)
     return summary
-
-
-def stage_dataset(cfg: Config, tokenizer):
-    if cfg.stage == "fpo":
-        from megatron_fusion.stages.fpo import build_preference_dataset
-
-        return build_preference_dataset(cfg, tokenizer)
-    return build_sft_dataset(cfg, cfg.data.train, tokenizer)
 
 
 def _print_summary(cfg: Config, s: dict) -> None:

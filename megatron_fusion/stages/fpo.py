@@ -38,6 +38,8 @@ from megatron_fusion.errors import UserError
 from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.losses import fpo_loss, sequence_logprobs
 from megatron_fusion.parallel import to_device
+from megatron_fusion.data.build import build_preference_dataset
+from megatron_fusion.stages.base import Stage, register
 from megatron_fusion.stages.sft import SFTStage
 
 REF_SOURCE = "pivot_ref"      # the ``source`` field of the reference file's header
@@ -45,14 +47,6 @@ REF_SOURCE = "pivot_ref"      # the ``source`` field of the reference file's hea
 
 class SourceLogprobError(UserError, RuntimeError):
     """Source or reference log-probs that do not fit the run: names the file (and field/pair)."""
-
-
-def build_preference_dataset(cfg: Config, tokenizer, path: str | None = None):
-    """The training (or a held-out) preference file, encoded with the pivot tokenizer."""
-    from megatron_fusion.data.preference import PreferenceDataset
-    from megatron_fusion.train import build_dataset
-
-    return build_dataset(cfg, path or cfg.data.train, tokenizer, PreferenceDataset)
 
 
 def collate_pairs(items: list[dict]) -> dict:
@@ -107,14 +101,15 @@ class _SequenceScores:
             "scores": scores}
 
 
-class FPOStage:
+@register("fpo")
+class FPOStage(Stage):
     sequences_per_sample = 2
+    has_evaluate = True
 
     def __init__(self, cfg: Config, vocab_size: int, groups, *, dataset=None, tokenizer=None):
         self.cfg, self.f, self.groups = cfg, cfg.fpo, groups
         self.vocab_size, self.dataset, self.tokenizer = vocab_size, dataset, tokenizer
         self.sft = SFTStage(vocab_size, groups.tp)
-        self.collate = collate_pairs
         if not self.f.sources_logprobs:
             raise ConfigError("fpo.sources_logprobs", "stage 'fpo' needs at least one source "
                               "log-prob file (tools/precompute_source_logprobs.py)")
@@ -242,6 +237,17 @@ class FPOStage:
                         out[pos[idx]] = torch.stack([sc[0, r], sc[1, r], sc[0, mb + r], sc[1, mb + r]])
         dist.all_reduce(out)
         return out.cpu()             # setup/eval only: the host tables (ℓ_ref, accuracy) read it
+
+    @classmethod
+    def build_dataset(cls, cfg: Config, tokenizer):
+        return build_preference_dataset(cfg, tokenizer)
+
+    @classmethod
+    def build(cls, cfg: Config, vocab_size: int, groups, dataset, tokenizer) -> "FPOStage":
+        return cls(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_pairs(items)
 
     def evaluate(self, model=None) -> dict:
         """Held-out preference accuracy: fraction of pairs with ℓ_θ(chosen) > ℓ_θ(rejected)."""

@@ -29,12 +29,14 @@ from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
 from megatron_fusion.parallel import to_device
+from megatron_fusion.stages.base import Stage, register
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
 from megatron_fusion.teachers.offline import OfflineTeacher
 from megatron_fusion.teachers.online.protocol import batch_fingerprint
 
 
-class FuseStage:
+@register("fuse")
+class FuseStage(Stage):
     def __init__(self, cfg: Config, vocab_size: int, groups, *, dataset=None, tokenizer=None,
                  teachers: list | None = None):
         f = cfg.fuse
@@ -83,6 +85,10 @@ class FuseStage:
             raise ConfigError("fuse.weighting", f"{f.weighting} needs teacher CE in the top-K "
                               "shards (re-run tools/precompute_teacher_topk.py)")
         self._norm = None
+
+    @classmethod
+    def build(cls, cfg: Config, vocab_size: int, groups, dataset, tokenizer) -> "FuseStage":
+        return cls(cfg, vocab_size, groups, dataset=dataset, tokenizer=tokenizer)
 
     def eval_stage(self):
         return self.sft

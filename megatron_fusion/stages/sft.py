@@ -5,19 +5,23 @@ from __future__ import annotations
 import torch
 
 from megatron_fusion.losses import token_logprobs
+from megatron_fusion.stages.base import Stage, register
 
 REPORT_CE = "loss/ce"
 
 
-class SFTStage:
+@register("sft")
+class SFTStage(Stage):
     report_keys = [REPORT_CE]
+    total_alias = REPORT_CE
 
     def __init__(self, vocab_size: int, tp_group):
         self.vocab_size = vocab_size
         self.tp_group = tp_group
 
-    def prepare_step(self, microbatches, groups) -> None:
-        return None
+    @classmethod
+    def build(cls, cfg, vocab_size: int, groups, dataset, tokenizer) -> "SFTStage":
+        return cls(vocab_size, groups.tp)
 
     def ce_sum(self, batch: dict, output: torch.Tensor):
         """Sum of masked token CE and the number of masked-in tokens of one micro-batch."""

@@ -111,7 +111,7 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
     from megatron_fusion.teachers.topk import compute_batch_topk
     from megatron_fusion.tokenizers import load_tokenizer
     from megatron_fusion.data.order import SampleOrder, step_microbatch_indices
-    from megatron_fusion.train import build_sft_dataset, build_tokenizer
+    from megatron_fusion.data.build import build_sft_dataset, build_tokenizer
 
     spec = split.teacher
     tag = list(split.teachers).index(spec)
