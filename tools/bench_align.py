@@ -17,7 +17,7 @@ import platform
 import tempfile
 import time
 
-from megatron_fusion.align import aligned_fraction, mined_alignment, offset_alignment
+from megatron_fusion.teachers.align import aligned_fraction, mined_alignment, offset_alignment
 from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe
 
 

@@ -211,7 +211,7 @@ part_precompute() {
 import json, os, sys
 from megatron_fusion.data.sft import SFTDataset
 from megatron_fusion.tokenizers import load_tokenizer
-from megatron_fusion.topk_store import TopKReader
+from megatron_fusion.teachers.shards import TopKReader
 tok = load_tokenizer(sys.argv[1])
 ds = SFTDataset(os.path.join(os.environ["DATA"], "train.jsonl"), tok, 4096)
 r = TopKReader(os.path.join(os.environ["WORK"], "hf_topk"),

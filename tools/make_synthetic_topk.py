@@ -62,7 +62,7 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
     from megatron_fusion.data.sft import SFTDataset
     from megatron_fusion.demo_data import make_demo_data
     from megatron_fusion.tokenizers import load_tokenizer
-    from megatron_fusion.topk_store import TopKHeader, TopKWriter
+    from megatron_fusion.teachers.shards import TopKHeader, TopKWriter
 
     if seq_len < 2 or samples < 1 or k < 1 or not teachers:
         raise ValueError("make_synthetic_topk: needs --seq-len >= 2, --samples >= 1, --k >= 1 and "

@@ -174,7 +174,7 @@ class _Teacher:
 def _configs(tmp: str, data: _PairData):
     from megatron_fusion.config import (Config, FPOConfig, FuseConfig, ModelConfig, RunConfig,
                                         TeacherConfig, TrainConfig)
-    from megatron_fusion.topk_store import LogprobHeader, SourceLogprobStore
+    from megatron_fusion.teachers.shards import LogprobHeader, SourceLogprobStore
 
     common = dict(run=RunConfig(dir=tmp), model=ModelConfig(seq_length=SEQ, vocab_size=VOCAB),
                   train=TrainConfig(global_batch=4, micro_batch=2))
