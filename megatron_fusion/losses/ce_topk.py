@@ -22,6 +22,13 @@ the sum-exp relative to the local max. Collectives per token (forward only):
 The separate path issues one all-gather and three all-reduces (MAX of 1, SUM of 2, SUM of 2).
 Values, ids and the CE are identical on every TP rank; backward communicates nothing.
 
+The hybrid cross-tokenizer loss (docs/methods.md §8, ``losses/hybrid.py``) runs in the same
+Function (``cross_entropy_topk_and_match``): given the teacher's matched pivot ids ``j_i`` and
+probabilities ``p_t(i)`` it also returns ``lse``, ``sum_i p_t(i) z[j_i]`` and (tail bucket)
+``sum_i softmax(z)[j_i]``, the owned ids summed per rank and carried as one (two) more scalars in
+the same all-reduce; their gradients ``d lse -> softmax``, ``scatter p_t at j_i`` and
+``scatter softmax_j at j_i - sm * softmax`` go into the same single gradient buffer.
+
     from megatron_fusion.losses import cross_entropy_and_topk
     out = cross_entropy_and_topk(logits, labels, k, vocab_size=V, tp_group=groups.tp)
     ce_sum = (out.ce * loss_mask).sum()
