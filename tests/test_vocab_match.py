@@ -163,3 +163,20 @@ def test_matched_mass_fraction(toks):
     assert matched_mass_fraction(probs, ids, m, mask) == pytest.approx(0.6 / 0.8)
     assert matched_mass_fraction(probs, ids, m, torch.zeros(1, 2)) == 0.0
     assert m.matched_fraction == 0.5
+
+
+def test_real_sentencepiece_to_trained_byte_level(toks):
+    """Mistral v1 (real SentencePiece, 32,000) as the teacher of the byte-level BPE trained here."""
+    mistral_common = pytest.importorskip("mistral_common",
+                                         reason="mistral-common ships the real SP v1 model")
+    import os
+
+    from megatron_fusion.tokenizers import load_tokenizer
+
+    sp = load_tokenizer(os.path.join(os.path.dirname(mistral_common.__file__), "data",
+                                     "tokenizer.model.v1"))
+    bpe = toks["bpe"]
+    d = VocabMatch.build(sp, bpe).dense()
+    assert d[_id(sp, "\u2581function")] == _id(bpe, "\u0120function")
+    assert d[_id(sp, "<0x0A>")] == _id(bpe, "\u010a")
+    assert d[_id(sp, "<s>")] == -1 and d[_id(sp, "</s>")] == -1
