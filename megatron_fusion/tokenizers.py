@@ -151,6 +151,16 @@ class SentencePieceTokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.id_to_piece(int(i))
 
+    def vocab_pieces(self) -> list[tuple[str, str]]:
+        """Every id's ``(piece, kind)``: kind ``"special"`` (control/unknown), ``"byte"`` (a
+        ``<0xNN>`` byte-fallback piece) or ``"text"`` (``▁`` marks a word boundary)."""
+        out = []
+        for i in range(self.vocab_size):
+            kind = ("special" if self.sp.is_control(i) or self.sp.is_unknown(i)
+                    else "byte" if self.sp.is_byte(i) else "text")
+            out.append((self.sp.id_to_piece(i), kind))
+        return out
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return _render_chat(self.chat_template, messages, add_generation_prompt,
                             "", "", self.name)
@@ -222,6 +232,38 @@ class HFTokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self.tk.id_to_token(int(i))
+
+    def vocab_pieces(self) -> list[tuple[str, str]]:
+        """Every id's ``(piece, kind)``: kind ``"special"`` (an added special token),
+        ``"byte_level"`` (GPT-2 byte-to-unicode pieces: ``Ġ`` = space, ``Ċ`` = newline),
+        ``"byte"`` (a ``<0xNN>`` byte-fallback piece) or ``"text"`` (``▁`` = word boundary)."""
+        spec = json.loads(self.tk.to_str())
+
+        def has_byte_level(node) -> bool:
+            if isinstance(node, dict):
+                return node.get("type") == "ByteLevel" or any(map(has_byte_level, node.values()))
+            if isinstance(node, list):
+                return any(map(has_byte_level, node))
+            return False
+
+        byte_level = has_byte_level(spec.get("pre_tokenizer")) or has_byte_level(
+            spec.get("decoder"))
+        byte_fallback = bool((spec.get("model") or {}).get("byte_fallback"))
+        special = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        out = []
+        for i in range(self.vocab_size):
+            piece = self.tk.id_to_token(i) or ""
+            if i in special:
+                kind = "special"
+            elif byte_level:
+                kind = "byte_level"
+            elif byte_fallback and len(piece) == 6 and piece.startswith("<0x") \
+                    and piece.endswith(">"):
+                kind = "byte"
+            else:
+                kind = "text"
+            out.append((piece, kind))
+        return out
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         return _render_chat(self.chat_template, messages, add_generation_prompt,

@@ -22,6 +22,13 @@ the sum-exp relative to the local max. Collectives per token (forward only):
 The separate path issues one all-gather and three all-reduces (MAX of 1, SUM of 2, SUM of 2).
 Values, ids and the CE are identical on every TP rank; backward communicates nothing.
 
+The hybrid cross-tokenizer loss (docs/methods.md §9, ``losses/hybrid.py``) runs in the same
+Function (``cross_entropy_topk_and_match``): given the teacher's matched pivot ids ``j_i`` and
+probabilities ``p_t(i)`` it also returns ``lse``, ``sum_i p_t(i) z[j_i]`` and (tail bucket)
+``sum_i softmax(z)[j_i]``, the owned ids summed per rank and carried as one (two) more scalars in
+the same all-reduce; their gradients ``d lse -> softmax``, ``scatter p_t at j_i`` and
+``scatter softmax_j at j_i - sm * softmax`` go into the same single gradient buffer.
+
     from megatron_fusion.losses import cross_entropy_and_topk
     out = cross_entropy_and_topk(logits, labels, k, vocab_size=V, tp_group=groups.tp)
     ce_sum = (out.ce * loss_mask).sum()
@@ -63,7 +70,8 @@ class CETopK(NamedTuple):
 
 class _VocabParallelCETopK(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits_local, labels, k, vocab_size, tp_group, eps, chunk_tokens):
+    def forward(ctx, logits_local, labels, k, vocab_size, tp_group, eps, chunk_tokens,
+                match_ids=None, match_probs=None, tail_bucket=False):
         lay, lead, x = flat_shard(logits_local, k, vocab_size, tp_group)   # x [N, v_local]
         lab = labels.reshape(-1).long()
         if lab.shape[0] != x.shape[0]:
@@ -78,15 +86,25 @@ class _VocabParallelCETopK(torch.autograd.Function):
         cands = LocalCandidates(n_tok, k, lay, cdt, dev)
         lmax = torch.full((n_tok,), -torch.inf, dtype=cdt, device=dev)
         sum_exp = torch.zeros(n_tok, dtype=cdt, device=dev)
-        # per token, the one all-reduce: [sum-exp, target, sum z, sum z^2] in float64
-        stats = torch.zeros((n_tok, 4), dtype=torch.float64, device=dev)
+        # per token, the one all-reduce: [sum-exp, target, sum z, sum z^2] in float64, plus for
+        # the hybrid loss [sum_M p_t z_j] and, with the tail bucket, [sum_M exp(z_j - max)]
+        hybrid = match_ids is not None
+        n_stats = 4 + int(hybrid) + int(hybrid and tail_bucket)
+        stats = torch.zeros((n_tok, n_stats), dtype=torch.float64, device=dev)
+        m_col = m_owned = m_p = None
+        if hybrid:   # matched teacher entries -> pivot ids (-1: unmatched); this rank's share
+            m_ids = match_ids.reshape(n_tok, -1).long()
+            m_col, m_owned = owned_columns(m_ids, lay)
+            m_p = torch.where(m_ids >= 0, match_probs.reshape(m_ids.shape).to(cdt), 0.0)
+            z_m = torch.where(m_owned, x.gather(1, m_col).to(cdt), 0.0)          # [N, Kt]
+            stats[:, 4] = (m_p * z_m).sum(-1)
         for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, dev):
             xc = x[sl, :nv]
             lmax[sl] = cands.add(sl, xc)        # the local top-1 is the row max: no amax pass
             if nv > 0:                          # a padding-only shard contributes zeros
                 # bf16 - fp32 promotes to fp32: the conversion rides on the subtraction
                 sum_exp[sl] = torch.sub(xc, lmax[sl, None]).exp_().sum(-1)
-                stats[sl, 2:] = shifted_moments(xc, cdt)
+                stats[sl, 2:4] = shifted_moments(xc, cdt)
         raw, ids = cands.merge(x, chunk_tokens)                        # all-gather of k*tp keys
         raw = raw.to(cdt)
         gmax = raw[:, 0]                                               # global max of the logits
@@ -94,23 +112,43 @@ class _VocabParallelCETopK(torch.autograd.Function):
             sum_exp *= torch.exp(lmax - gmax)   # exp(-inf - gmax) = 0 for a padding-only shard
         stats[:, 0] = sum_exp
         stats[:, 1] = target
-        all_reduce_(stats, lay)                                        # the one all-reduce (4)
+        if hybrid and tail_bucket:   # the global max is known from the all-gather already
+            stats[:, 5] = torch.where(m_owned, (z_m - gmax[:, None]).exp(), 0.0).sum(-1)
+        all_reduce_(stats, lay)                                        # the one all-reduce
         lse = gmax + stats[:, 0].to(cdt).log()
         ce = lse - stats[:, 1].to(cdt)
-        mu, sigma = zscore_stats(stats[:, 2:], lay.vocab_size, cdt)
+        mu, sigma = zscore_stats(stats[:, 2:4], lay.vocab_size, cdt)
         values = (raw - mu[:, None]) / (sigma[:, None] + eps)
-        ctx.save_for_backward(logits_local, lab_col, lab_owned, lse, ids, values, mu, sigma)
+        zt = stats[:, 4].to(cdt) if hybrid else torch.zeros_like(lse)
+        # student mass on the matched ids: sum_M exp(z_j - max) / sum exp(z - max)
+        sm = (stats[:, 5] / stats[:, 0]).to(cdt) if hybrid and tail_bucket \
+            else torch.zeros_like(lse)
+        ctx.save_for_backward(logits_local, lab_col, lab_owned, lse, ids, values, mu, sigma,
+                              m_col, m_owned, m_p, sm)
         ctx.lay, ctx.eps, ctx.chunk_tokens = lay, eps, chunk_tokens
+        ctx.hybrid, ctx.tail = hybrid, hybrid and tail_bucket
         ctx.mark_non_differentiable(ids)
-        return ce.view(labels.shape), values.view(*lead, k), raw.view(*lead, k), ids.view(*lead, k)
+        if not hybrid:
+            ctx.mark_non_differentiable(zt)
+        if not ctx.tail:
+            ctx.mark_non_differentiable(sm)
+        return (ce.view(labels.shape), values.view(*lead, k), raw.view(*lead, k),
+                ids.view(*lead, k), lse.view(labels.shape), zt.view(labels.shape),
+                sm.view(labels.shape))
 
     @staticmethod
-    def backward(ctx, grad_ce, grad_values, grad_raw, _grad_ids):
-        logits_local, lab_col, lab_owned, lse, ids, values, mu, sigma = ctx.saved_tensors
+    def backward(ctx, grad_ce, grad_values, grad_raw, _grad_ids, grad_lse, grad_zt, grad_sm):
+        (logits_local, lab_col, lab_owned, lse, ids, values, mu, sigma,
+         m_col, m_owned, m_p, sm) = ctx.saved_tensors
         lay: ShardLayout = ctx.lay
         nv = lay.n_valid
-        none = (None,) * 6
-        if nv == 0 or (grad_ce is None and grad_values is None and grad_raw is None):
+        none = (None,) * 9
+        if not ctx.hybrid:
+            grad_zt = None
+        if not ctx.tail:
+            grad_sm = None
+        if nv == 0 or all(g is None for g in (grad_ce, grad_values, grad_raw, grad_lse, grad_zt,
+                                              grad_sm)):
             return torch.zeros(logits_local.shape, dtype=logits_local.dtype,
                                device=logits_local.device), *none
         # the ONE shard-sized tensor of this backward; real columns are all written below
@@ -129,18 +167,38 @@ class _VocabParallelCETopK(torch.autograd.Function):
         if grad_raw is not None:
             src = src + grad_raw.reshape(ids.shape).to(cdt)
         src = torch.where(topk_owned, src, torch.zeros_like(src))
+        # the softmax coefficient per token: CE (d lse), lse itself, and the tail bucket's
+        # sm = sum_M softmax_j (d sm / d z = [scatter softmax_j at M] - sm * softmax)
+        g_soft = None
         if grad_ce is not None:
             g_ce = grad_ce.reshape(-1).to(cdt)                          # [N]
             onehot = torch.where(lab_owned, -g_ce, torch.zeros_like(g_ce))[:, None]
+            g_soft = g_ce
+        if grad_lse is not None:
+            g_lse = grad_lse.reshape(-1).to(cdt)
+            g_soft = g_lse if g_soft is None else g_soft + g_lse
+        m_src = None
+        if grad_zt is not None or grad_sm is not None:
+            # matched entries this rank owns: d zt / d z_j = p_t; d sm / d z_j = softmax_j
+            m_src = torch.zeros(m_p.shape, dtype=cdt, device=x.device)
+            if grad_zt is not None:
+                m_src = m_src + grad_zt.reshape(-1, 1).to(cdt) * m_p
+            if grad_sm is not None:
+                g_sm = grad_sm.reshape(-1).to(cdt)
+                soft_m = (x.gather(1, m_col).to(cdt) - lse[:, None]).exp()
+                m_src = m_src + g_sm[:, None] * torch.where(m_owned, soft_m, 0.0)
+                # sm is the forward's output: sum_M softmax over all ranks (replicated)
+                g_soft = (-g_sm * sm) if g_soft is None else g_soft - g_sm * sm
+            m_src = torch.where(m_owned, m_src, torch.zeros_like(m_src))
         direct = logits_local.dtype == cdt                               # fp32/fp64: in place
         for sl in token_chunks(x.shape[0], lay.v_local, ctx.chunk_tokens, x.device):
             xc = x[sl, :nv]
             gc = grad2[sl, :nv] if direct else torch.empty(
                 (sl.stop - sl.start, nv), dtype=cdt, device=x.device)
-            if grad_ce is not None:
-                # g_ce * softmax_j, softmax recomputed from the saved logsumexp
+            if g_soft is not None:
+                # g_soft * softmax_j, softmax recomputed from the saved logsumexp
                 torch.sub(xc, lse[sl, None], out=gc)
-                gc.exp_().mul_(g_ce[sl, None])
+                gc.exp_().mul_(g_soft[sl, None])
                 if bias is not None:
                     gc.addcmul_(xc, slope[sl, None]).add_(bias[sl, None])
             elif bias is not None:
@@ -148,6 +206,8 @@ class _VocabParallelCETopK(torch.autograd.Function):
             else:
                 gc.zero_()
             gc.scatter_add_(1, topk_col[sl], src[sl])                   # top-K entries, in place
+            if m_src is not None:
+                gc.scatter_add_(1, m_col[sl], m_src[sl])                # matched teacher entries
             if grad_ce is not None:
                 gc.scatter_add_(1, lab_col[sl, None], onehot[sl])        # - g_ce at the label
             if not direct:
@@ -178,4 +238,54 @@ def cross_entropy_and_topk(logits_local: torch.Tensor, labels: torch.Tensor, k: 
     of four float64 scalars; backward none.
     """
     return CETopK(*_VocabParallelCETopK.apply(logits_local, labels, k, vocab_size, tp_group, eps,
-                                              chunk_tokens))
+                                              chunk_tokens)[:4])
+
+
+class CETopKMatch(NamedTuple):
+    """Outputs of :func:`cross_entropy_topk_and_match` (identical on every TP rank)."""
+
+    ce: torch.Tensor            # [b, s] as CETopK.ce
+    values: torch.Tensor        # [b, s, k] as CETopK.values
+    raw_values: torch.Tensor    # [b, s, k] as CETopK.raw_values
+    ids: torch.Tensor           # [b, s, k] as CETopK.ids
+    lse: torch.Tensor           # [b, s] logsumexp of the student logits over the true vocab
+    matched_z: torch.Tensor     # [b, s] sum_i p_t(i) z_s[j_i] over the matched entries
+    matched_mass: torch.Tensor  # [b, s] sum_i p_s(j_i) over the matched entries (0 without tail)
+
+    @property
+    def std_topk(self):
+        return self.values, self.ids
+
+    @property
+    def raw_topk(self):
+        return self.raw_values, self.ids
+
+
+def cross_entropy_topk_and_match(logits_local: torch.Tensor, labels: torch.Tensor, k: int, *,
+                                 match_ids: torch.Tensor, match_probs: torch.Tensor,
+                                 tail_bucket: bool = False, eps: float = 1e-6,
+                                 vocab_size: int | None = None, tp_group=None,
+                                 chunk_tokens: int | None = None) -> CETopKMatch:
+    """:func:`cross_entropy_and_topk` plus the student quantities of the hybrid loss (§9).
+
+    Args:
+        match_ids: ``[b, s, Kt]`` int pivot (student) id of each teacher top-K entry, -1 where
+            the teacher token has no pivot match. The matched ids of one position must be
+            distinct (``megatron_fusion.losses.hybrid`` checks it).
+        match_probs: ``[b, s, Kt]`` the teacher's probability of each entry (constants; entries
+            with ``match_ids == -1`` are ignored).
+        tail_bucket: also return ``matched_mass`` (one more all-reduced scalar per token).
+        Others as :func:`cross_entropy_and_topk`.
+    Returns:
+        :class:`CETopKMatch`; ``lse``, ``matched_z`` and ``matched_mass`` are differentiable and
+        their gradients land in the same single shard-sized gradient as the CE and the top-K.
+    Communication (forward, per token and rank): the same ONE all-gather of k int64 keys and ONE
+    float64 all-reduce, now of 5 scalars (6 with the tail bucket); backward none.
+    """
+    if match_ids.shape != match_probs.shape or match_ids.shape[:-1] != logits_local.shape[:-1]:
+        raise ValueError(f"cross_entropy_topk_and_match: match_ids {tuple(match_ids.shape)} and "
+                         f"match_probs {tuple(match_probs.shape)} must both be [b, s, Kt] with "
+                         f"[b, s] = {tuple(logits_local.shape[:-1])}")
+    return CETopKMatch(*_VocabParallelCETopK.apply(
+        logits_local, labels, k, vocab_size, tp_group, eps, chunk_tokens,
+        match_ids, match_probs.detach(), bool(tail_bucket)))
