@@ -8,7 +8,7 @@ and at TP 2/4 on gloo ranks (one launch per world size running every case), plus
 (same tokenizer), the teacher log-prob recovery, the communication contract (no new collective,
 the one all-reduce two scalars wider) and the one shard-sized gradient.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_hybrid_loss.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/losses/test_hybrid_loss.py
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def _rank_checks(rank, world, cases):
     from megatron_fusion.parallel import init_student_groups
 
     try:
-        from tests.test_losses_dist import CommRecorder
+        from tests.losses.test_losses_dist import CommRecorder
     except ImportError:
         from test_losses_dist import CommRecorder
     tp = init_student_groups(tp=world).tp

@@ -3,7 +3,7 @@
 (SentencePiece unigram with byte fallback, byte-level BPE), the checked cache and the matched
 top-K mass.
 
-    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/test_vocab_match.py
+    PYTHONPATH=$PWD .venv/bin/python -m pytest -q tests/teachers/test_vocab_match.py
 """
 
 from __future__ import annotations
