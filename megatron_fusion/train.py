@@ -74,12 +74,17 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
 
 
 def build_tokenizer(cfg: Config):
+    """The pivot tokenizer. The tiny recipe's data (``runs/demo_data``, configs/tiny_cpu.yaml) is
+    made here on first use; a missing file of another demo directory names the command that
+    makes it."""
+    from megatron_fusion.demo_data import ensure_demo_data, missing_data_hint
     from megatron_fusion.tokenizers import load_tokenizer
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer", "must be set")
-    if not Path(cfg.data.tokenizer).exists():
-        raise TrainError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    if not Path(cfg.data.tokenizer).exists() and not ensure_demo_data(cfg.data.tokenizer):
+        raise TrainError(f"data.tokenizer: file not found: {cfg.data.tokenizer}"
+                         f"{missing_data_hint(cfg.data.tokenizer)}")
     return load_tokenizer(cfg.data.tokenizer)
 
 
