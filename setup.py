@@ -8,6 +8,8 @@ setup(
     description="InfiFusion / InfiGFusion / InfiFPO model fusion on Megatron-Core (TP/PP/DP)",
     packages=find_packages(include=["megatron_fusion", "megatron_fusion.*"]),
     python_requires=">=3.10",
+    # Core = everything the training path imports (tokenizers.py, data/, align.py, metrics.py,
+    # checkpoint.py); tests/test_packaging.py trains in a venv holding only these.
     install_requires=[
         "torch>=2.6",
         "megatron-core>=0.16.1",
@@ -15,6 +17,9 @@ setup(
         "packaging",
         "pyyaml",
         "sentencepiece",
+        "protobuf",    # sentencepiece's encode(return_type="proto"): the token offsets
+        "tokenizers",  # HF tokenizer.json / tokenizer directories (pivots, teachers)
+        "jinja2",      # chat templates of `messages` data
         "editdistance",
         "tqdm",
         "psutil",  # megatron-core dist_checkpointing writer needs it

@@ -14,12 +14,17 @@ from megatron_fusion.errors import DataError
 
 
 def build_tokenizer(cfg: Config):
+    """The pivot tokenizer. The tiny recipe's data (``runs/demo_data``, configs/test/tiny_cpu.yaml)
+    is made here on first use; a missing file of another demo directory names the command that
+    makes it."""
+    from megatron_fusion.data.synthetic import ensure_demo_data, missing_data_hint
     from megatron_fusion.tokenizers import load_tokenizer
 
     if not cfg.data.tokenizer:
         raise ConfigError("data.tokenizer", "must be set")
-    if not Path(cfg.data.tokenizer).exists():
-        raise DataError(f"data.tokenizer: file not found: {cfg.data.tokenizer}")
+    if not Path(cfg.data.tokenizer).exists() and not ensure_demo_data(cfg.data.tokenizer):
+        raise DataError(f"data.tokenizer: file not found: {cfg.data.tokenizer}"
+                        f"{missing_data_hint(cfg.data.tokenizer)}")
     return load_tokenizer(cfg.data.tokenizer)
 
 
