@@ -31,14 +31,14 @@ $(DEMO_STAMP):
 	touch $@
 
 demo: demo-setup
-	$(VPY) -m megatron_fusion.demo_real
+	$(VPY) -m demos.real
 
 demo-tiny: setup
-	$(VPY) -m megatron_fusion.demo --tiny
+	$(VPY) -m demos.tiny --tiny
 
 # the tiny demo with online teachers: student TP2 + 2 teacher groups x TP2 (6 ranks)
 demo-online: setup
-	$(VPY) -m megatron_fusion.demo --tiny --online --out runs/demo_online
+	$(VPY) -m demos.tiny --tiny --online --out runs/demo_online
 
 test: setup
 	$(VPY) -m pytest -q tests

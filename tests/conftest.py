@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    from megatron_fusion.demo_data import make_demo_data
+    from megatron_fusion.data.tiny import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("demo_data"), n_train=200, n_valid=16)
 

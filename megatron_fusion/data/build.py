@@ -17,7 +17,7 @@ def build_tokenizer(cfg: Config):
     """The pivot tokenizer. The tiny recipe's data (``runs/demo_data``, configs/test/tiny_cpu.yaml)
     is made here on first use; a missing file of another demo directory names the command that
     makes it."""
-    from megatron_fusion.data.synthetic import ensure_demo_data, missing_data_hint
+    from megatron_fusion.data.tiny import ensure_demo_data, missing_data_hint
     from megatron_fusion.tokenizers import load_tokenizer
 
     if not cfg.data.tokenizer:

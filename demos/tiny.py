@@ -1,6 +1,6 @@
 """The CPU fusion demo (``make demo``): two single-skill teachers -> one fused pivot, at TP=2.
 
-    python -m megatron_fusion.demo [--out runs/demo] [--fuse-steps 120] [--teacher-steps 300]
+    python -m demos.tiny [--out runs/demo] [--fuse-steps 120] [--teacher-steps 300]
                                    [--tiny] [--online]
 
 1. synthetic tasks with checkable answers (arithmetic word problems, string manipulation) and a
@@ -23,34 +23,15 @@ Re-running reuses finished pieces (data, teachers, top-K shards) and resumes the
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from megatron_fusion.data.jsonl import read_jsonl, write_jsonl
-from megatron_fusion.demo_data import make_demo_data
+from megatron_fusion.data.tiny import make_demo_data
 
-ROOT = Path(__file__).resolve().parents[1]
+from demos.common import eval_table, print_results, run, train
 
-
-def _env() -> dict:
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-
-
-def _run(cmd: list[str], what: str, quiet: bool = False) -> None:
-    print(f"\n==> {what}\n    {' '.join(cmd)}", flush=True)
-    p = subprocess.run(cmd, env=_env(), cwd=ROOT,
-                       stdout=subprocess.DEVNULL if quiet else None)
-    if p.returncode != 0:
-        raise SystemExit(f"demo: step failed ({what}), exit code {p.returncode}")
-
-
-def _train(config: str, nproc: int, overrides: list[str], what: str) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-          "-m", "megatron_fusion.train", "--config", config, *overrides], what)
 
 
 def prepare(out: Path, teacher_steps: int, precompute: bool = True) -> dict:
@@ -75,13 +56,13 @@ def prepare(out: Path, teacher_steps: int, precompute: bool = True) -> dict:
         if not path.exists():
             write_jsonl(path, rows)
         run_dir = tdir / name
-        _train("configs/demo_teacher.yaml", 1,
+        train("configs/demo_teacher.yaml", 1,
                [f"run.dir={run_dir}", f"data.train={path}", f"data.tokenizer={toks[name]}",
                 f"train.steps={teacher_steps}", "logging.progress=true"],
                f"teacher '{name}': {len(rows)} {name} samples, own tokenizer {toks[name].name}")
         if not precompute:
             continue
-        _run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "megatron",
+        run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "megatron",
               "--checkpoint", str(run_dir), "--teacher-tokenizer", str(toks[name]),
               "--teacher-name", name, "--data", data["train"],
               "--pivot-tokenizer", data["pivot_tokenizer"], "--seq-len", "128",
@@ -99,13 +80,13 @@ def run_fpo(out: Path, data: dict, fused: Path, steps: int) -> dict:
         write_jsonl(valid_pref, preference_pairs(64, seed=424242))
     toks = {"arith": out / "teachers" / "arith_tok", "string": out / "teachers" / "string.model"}
     for name, tok in toks.items():
-        _run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "megatron",
+        run([sys.executable, "tools/precompute_source_logprobs.py", "--backend", "megatron",
               "--checkpoint", str(out / "teachers" / name), "--source-tokenizer", str(tok),
               "--source-name", name, "--data", data["preference"], "--seq-len", "128",
               "--out", str(out / "logprobs" / name), "--batch-size", "16", "--no-progress"],
              f"source '{name}': sequence log-probs of chosen and rejected answers", quiet=True)
     fpo_dir = out / "fpo"
-    _train("configs/demo_cpu_fpo.yaml", 2, [
+    train("configs/demo_cpu_fpo.yaml", 2, [
         f"run.dir={fpo_dir}", f"train.steps={steps}", f"checkpoint.load={fused}",
         f"data.train={data['preference']}", f"data.tokenizer={data['pivot_tokenizer']}",
         f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
@@ -113,31 +94,7 @@ def run_fpo(out: Path, data: dict, fused: Path, steps: int) -> dict:
         f"fpo.source_tokenizers=[{toks['arith']},{toks['string']}]",
         f"fpo.valid_preference={valid_pref}", f"train.eval_interval={max(steps // 3, 1)}"],
         "InfiFPO on preference pairs (fused-source reference, max-margin) at TP=2")
-    return _eval_table(fpo_dir / "metrics.jsonl")
-
-
-def _eval_table(metrics_file: Path) -> dict:
-    recs = [json.loads(x) for x in metrics_file.read_text().splitlines()]
-    evals = [r for r in recs if any(k.startswith("eval/") for k in r)]
-    return {"before": evals[0], "after": evals[-1]} if evals else {}
-
-
-def print_results(table: dict, fpo_table: dict, fused: Path, fpo: Path) -> None:
-    """The demos' closing table: held-out CE per domain, preference accuracy, where things are."""
-    nan = float("nan")
-    print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
-    for dom in ("valid_arith", "valid_string"):
-        b = table.get("before", {}).get(f"eval/{dom}/ce", nan)
-        a = table.get("after", {}).get(f"eval/{dom}/ce", nan)
-        p = table.get("after", {}).get(f"eval/{dom}/ppl", nan)
-        print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
-    b = fpo_table.get("before", {}).get("eval/pref_accuracy", nan)
-    a = fpo_table.get("after", {}).get("eval/pref_accuracy", nan)
-    print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")
-    print(f"{'valid_preference':20s} {b:10.3f} {a:10.3f}")
-    print(f"metrics:     {fused / 'metrics.jsonl'}  and  {fpo / 'metrics.jsonl'}")
-    print(f"checkpoints: {fused / 'checkpoints'}  and  {fpo / 'checkpoints'}")
-    print(f"W&B (offline): {fused / 'wandb'}  (wandb sync {fused / 'wandb'}/offline-run-* to upload)")
+    return eval_table(fpo_dir / "metrics.jsonl")
 
 
 def main(argv=None) -> int:
@@ -163,17 +120,17 @@ def main(argv=None) -> int:
                  f"fuse.teachers.1.tokenizer={out}/teachers/string.model",
                  f"train.eval_interval={max(args.fuse_steps // 3, 1)}"]
     if args.online:   # megatron-fusion train starts student + teacher ranks (6) by itself
-        _run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
+        run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
               "configs/demo_cpu_online.yaml", *overrides,
               f"fuse.teachers.0.checkpoint={out}/teachers/arith",
               f"fuse.teachers.1.checkpoint={out}/teachers/string"],
              "fusing the pivot at TP=2 with two online teacher groups (2 x TP=2), 6 ranks")
     else:
-        _train("configs/demo_cpu.yaml", 2, overrides + [
+        train("configs/demo_cpu.yaml", 2, overrides + [
             f"fuse.teachers.0.topk_dir={out}/topk/arith",
             f"fuse.teachers.1.topk_dir={out}/topk/string"],
             "fusing the pivot at TP=2 (CE + ULD + GLD)")
-    table = _eval_table(fused / "metrics.jsonl")
+    table = eval_table(fused / "metrics.jsonl")
     fpo_table = run_fpo(out, data, fused, args.fpo_steps)
     print("\n" + "=" * 64)
     print(f"megatron-fusion demo finished in {time.time() - t0:.0f}s")

@@ -1,6 +1,6 @@
 """Demo/test data made on the spot: synthetic SFT tasks and a tiny pivot tokenizer.
 
-    python -m megatron_fusion.demo_data --out runs/demo_data
+    python -m demos.data --out runs/demo_data
 
 Writes ``train.jsonl`` (arithmetic + string tasks), held-out ``valid_arith.jsonl`` and
 ``valid_string.jsonl``, ``preference.jsonl``, and ``pivot.model`` (SentencePiece unigram trained
@@ -11,7 +11,6 @@ calls ``ensure_demo_data`` when that recipe's tokenizer is missing.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import json
 import os
@@ -25,7 +24,7 @@ from megatron_fusion.data.synthetic import arithmetic_problems, preference_pairs
 # Demo directories the recipes in configs/ read (relative to the repository root, where README's
 # commands run) and what makes each: runs/demo_data appears on first use, the others take a demo run.
 DEMO_DATA_DIR = Path("runs/demo_data")
-DEMO_MAKERS = {DEMO_DATA_DIR: "`python -m megatron_fusion.demo_data` makes runs/demo_data",
+DEMO_MAKERS = {DEMO_DATA_DIR: "`python -m demos.data` makes runs/demo_data",
                Path("runs/demo"): "`make demo-tiny` makes runs/demo (data, teachers, top-K, fused pivot)",
                Path("runs/demo_real"): "`make demo` makes runs/demo_real (the real-model demo)"}
 
@@ -52,7 +51,7 @@ def make_demo_data(out: str | Path, *, n_train: int = 2000, n_valid: int = 64, s
         fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes, also if we crash
         if not done():
             if verbose:
-                print(f"demo data: making {out} (first use; python -m megatron_fusion.demo_data "
+                print(f"demo data: making {out} (first use; python -m demos.data "
                       f"--out {out})", file=sys.stderr, flush=True)
             stamp.unlink(missing_ok=True)
             _write(paths, n_train, n_valid, seed, pivot_vocab)
@@ -81,7 +80,7 @@ def _under(path: Path, root: Path) -> bool:
 
 
 def ensure_demo_data(tokenizer_path: str | Path) -> bool:
-    """Make ``runs/demo_data`` (the defaults of ``python -m megatron_fusion.demo_data``, the same
+    """Make ``runs/demo_data`` (the defaults of ``python -m demos.data``, the same
     bytes) if ``tokenizer_path`` is its missing ``pivot.model``; True if it is there now."""
     path = Path(tokenizer_path)
     if path.name != "pivot.model" or path.parent.resolve() != DEMO_DATA_DIR.resolve():
@@ -96,17 +95,3 @@ def missing_data_hint(path: str | Path) -> str:
         if _under(Path(path), root):
             return f"; {maker}"
     return ""
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default=str(DEMO_DATA_DIR))
-    ap.add_argument("--n-train", type=int, default=2000)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    for k, v in make_demo_data(args.out, n_train=args.n_train, seed=args.seed).items():
-        print(f"{k}: {v}")
-
-
-if __name__ == "__main__":
-    main()
