@@ -21,6 +21,10 @@ q = a*d, k = g*d, F ffn, V padded vocab, L layers, t tp, p pp, P parameters on t
   logits shard (last stage) s*b*V/t * (2 bf16 + 4 fp32 CE + 2 grad [+ 4 fusion losses])
   teacher top-K buffers (last stage) and a fixed runtime reserve (CUDA context, NCCL, cuBLAS).
 A GPU fits when the total is at most ``USABLE_FRACTION`` of its memory (allocator fragmentation).
+
+Balance (``teacher_balance``): each online teacher's forward compute per step on its busiest
+replica over the student's training compute per step; a replica serves whole student DP ranks,
+so it prints the replicas (ranks) that hide each teacher and says ``balanced`` when all do.
 """
 
 from __future__ import annotations
@@ -589,21 +593,86 @@ def _render_student(plan: Plan, sm: StudentMemory) -> list[str]:
     ]
 
 
+@dataclass
+class TeacherBalance:
+    """One online teacher's compute per optimizer step against the student's (equal FLOP/s per
+    GPU, perfect TP scaling). A replica (``tp`` ranks) serves the student DP ranks ``d`` with
+    ``d % replicas == replica`` (``megatron_fusion.online``), so the busiest one serves
+    ``ceil(dp / replicas)`` of them and replicas beyond dp idle."""
+
+    name: str
+    tp: int
+    replicas: int
+    ratio: float                 # busiest replica's forward time / student step time
+    replicas_needed: Optional[int]   # fewest replicas with ratio <= 1 at this tp; None: none do
+    larger_tp: Optional[tuple[int, int]]  # then: (smallest tp that can hide it, fewest replicas)
+
+    @property
+    def hidden(self) -> bool:
+        return self.ratio <= 1.0
+
+
+def teacher_balance(plan: Plan) -> list[TeacherBalance]:
+    """Per online teacher: is it hidden behind the student (ratio <= 1), and how many replicas
+    would hide it. ``fuse.prefetch`` does not enter: a teacher computes at most that many
+    micro-batches ahead, a buffer that absorbs jitter and the first micro-batch's wait, so a
+    teacher slower than the student on average still makes it wait every step (ratio > 1)."""
+    cfg = plan.cfg
+    s = cfg.model.seq_length
+    seqs = 2 if cfg.stage == "fpo" else 1
+    tokens = cfg.train.global_batch * seqs * s
+    recompute = 4 / 3 if plan.layout.recompute == "full" else 1
+    student_time = 3 * forward_flops_per_token(cfg.model, s) * recompute * tokens / plan.student_ranks
+    per_dp = tokens / plan.dp                   # tokens one student DP rank consumes per step
+    out = []
+    for tp in plan.teachers:
+        if tp.source != "online":
+            continue
+        work = forward_flops_per_token(tp.model, s) * per_dp     # one DP rank's share, one GPU
+
+        def ratio(replicas: int, t: int) -> float:
+            return -(-plan.dp // replicas) * work / t / student_time
+
+        def fewest(t: int) -> Optional[int]:
+            return next((r for r in range(1, plan.dp + 1) if ratio(r, t) <= 1.0), None)
+
+        replicas = max(tp.ranks // tp.tp, 1)
+        needed = fewest(tp.tp)
+        larger = None
+        if needed is None:
+            larger = next(((t, fewest(t)) for t in _divisors(plan.gpus_per_node)
+                           if t > tp.tp and _teacher_tp_ok(tp.model, t) and fewest(t)), None)
+        out.append(TeacherBalance(tp.name, tp.tp, replicas, ratio(replicas, tp.tp), needed, larger))
+    return out
+
+
 def _render_balance(plan: Plan, tokens: int) -> list[str]:
     """Online teachers vs the student, assuming equal FLOP/s per GPU: > 1 means the student waits."""
-    cfg = plan.cfg
-    online = [tp for tp in plan.teachers if tp.source == "online"]
-    if not online:
+    balance = teacher_balance(plan)
+    if not balance:
         return []
-    s = cfg.model.seq_length
-    student = 3 * forward_flops_per_token(cfg.model, s) * (4 / 3 if plan.layout.recompute == "full" else 1)
-    student_time = student * tokens / plan.student_ranks
-    parts = []
-    for tp in online:
-        ratio = forward_flops_per_token(tp.model, s) * tokens / tp.ranks / student_time
-        parts.append(f"{tp.name} {ratio:.2f}")
     out = ["teacher/student compute time per step (equal FLOP/s per GPU; > 1: student waits): "
-           + ", ".join(parts)]
+           + ", ".join(f"{b.name} {b.ratio:.2f}" for b in balance)]
+    for b in balance:
+        if b.replicas_needed is not None:
+            need = (f"needs >= {b.replicas_needed} replica(s) = {b.replicas_needed * b.tp} ranks "
+                    f"at tp={b.tp} to hide behind the student")
+        elif b.larger_tp is not None:
+            t, r = b.larger_tp
+            need = (f"no replica count hides it at tp={b.tp} (a replica serves whole DP ranks, "
+                    f"dp={plan.dp}); at tp={t}: >= {r} replica(s) = {r * t} ranks")
+        else:
+            need = f"cannot be hidden behind {plan.student_ranks} student ranks at any tp"
+        idle = (f"; {b.replicas - plan.dp} replica(s) idle (more than dp={plan.dp})"
+                if b.replicas > plan.dp else "")
+        out.append(f"  {b.name}: {b.replicas} replica(s) x tp={b.tp}, ratio {b.ratio:.2f} "
+                   f"({'hidden' if b.hidden else 'student waits'}); {need}{idle}")
+    slow = [b.name for b in balance if not b.hidden]
+    prefetch = plan.cfg.fuse.prefetch
+    out.append("balance: " + (f"balanced (every online teacher hidden; prefetch={prefetch} "
+                              "micro-batches absorb jitter)" if not slow else
+                              f"NOT balanced: the student waits for {', '.join(slow)} every step "
+                              f"(prefetch={prefetch} only absorbs jitter)"))
     return out
 
 

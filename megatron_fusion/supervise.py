@@ -16,10 +16,12 @@ this covers the deaths no in-process handler sees.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
 from megatron_fusion.config import Config
+from megatron_fusion.run_guard import PARENT_PID_ENV
 
 
 def rank_roles(cfg: Config, world: int) -> list[str]:
@@ -68,6 +70,9 @@ def run_torchrun(torchrun_args: list[str], cfg: Config, world: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # the agent runs here and starts the ranks as our children: a rank's run_guard.die_with_parent
+    # checks that its parent is still this process (we may die before its prctl)
+    os.environ[PARENT_PID_ENV] = str(os.getpid())
     try:
         run(parse_args(torchrun_args))
     except ChildFailedError as e:

@@ -135,7 +135,7 @@ def test_teacher_that_does_not_fit_gets_a_larger_tp(capsys):
     ("parallel.tp=4", "parallel.tp"),                       # Phi-4 has 10 KV heads
     ("parallel.pp=3", "parallel.pp"),                       # 40 layers / 3 stages
     ("train.global_batch=66", "train.global_batch"),        # not a multiple of micro*dp = 4
-    ("fuse.teachers.2.ranks=7", "fuse.teachers.2.ranks"),   # not a multiple of the teacher's tp=2
+    ("fuse.teachers.2.ranks=7", "fuse.teachers.2.ranks"),   # not a multiple of the teacher's tp=4
     ("fuse.teachers.0.tp=3", "fuse.teachers.0.tp"),         # does not divide 40 heads
     ("fuse.teachers.1.model.vocab_size=0", "fuse.teachers.1.model.vocab_size"),
 ])
@@ -148,23 +148,38 @@ def test_bad_layout_is_one_line_naming_the_field(capsys, override, field):
 
 def test_teacher_nodes_split_follows_forward_flops():
     cfg = load_config(FUSE)
-    expected = {1: [2, 2, 4], 2: [4, 4, 8], 4: [9, 9, 14]}   # the table in configs/fuse_14b.yaml
+    expected = {1: [2, 2, 4], 2: [4, 4, 8], 4: [8, 8, 16]}   # the table in configs/fuse_14b.yaml
     for teacher_nodes, ranks in expected.items():
         got = plan.split_teacher_ranks(cfg, teacher_nodes * 8)
         assert got == ranks
         assert all(r % tc.tp == 0 for r, tc in zip(got, cfg.fuse.teachers))
     with pytest.raises(ConfigError, match="--teacher-nodes"):
-        plan.split_teacher_ranks(cfg, 3)                    # cannot hold tp 1 + 1 + 2 ... and more
+        plan.split_teacher_ranks(cfg, 3)                    # cannot hold tp 2 + 2 + 4
     with pytest.raises(ConfigError, match="--teacher-nodes"):
         plan.teacher_rank_overrides(cfg, 4, 4, 8)           # no node left for the student
 
 
-@pytest.mark.parametrize("nodes", [2, 4, 8])
-def test_documented_layouts_fit(capsys, nodes):
+def balance_ratios(out: str) -> dict[str, float]:
+    line = next(x for x in out.splitlines() if x.startswith("teacher/student compute time"))
+    return {name: float(r) for name, r in re.findall(r"(\S+) ([\d.]+)(?:,|$)", line.split(": ", 1)[1])}
+
+
+@pytest.mark.parametrize("nodes,teacher_nodes", [(3, 2), (6, 4)])
+def test_documented_fuse_layouts_fit_and_are_balanced(capsys, nodes, teacher_nodes):
+    """The layouts in configs/fuse_14b.yaml (and launch/fuse_14b.sh's default split): every
+    online teacher's compute per step is at most the student's."""
     rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", str(nodes), "--gpus-per-node", "8",
-                            "--teacher-nodes", str(nodes // 2))
+                            "--teacher-nodes", str(teacher_nodes))
     assert rc == 0, out + err
-    assert f"online teachers: {nodes * 4} ranks = {nodes // 2} nodes" in out
+    assert f"online teachers: {teacher_nodes * 8} ranks = {teacher_nodes} nodes" in out
+    ratios = balance_ratios(out)
+    assert len(ratios) == 3 and max(ratios.values()) <= 1.0, ratios
+    assert re.search(r"^balance: balanced ", out, re.M), out
+    assert "(student waits)" not in out
+
+
+@pytest.mark.parametrize("nodes", [2, 4, 8])
+def test_documented_fpo_layouts_fit(capsys, nodes):
     rc, out, err = run_plan(capsys, "--config", FPO, "--nodes", str(nodes), "--gpus-per-node", "8")
     assert rc == 0, out + err
     assert "tokens per step: 524,288 (64 samples x 2 sequence(s) x 4096)" in out
@@ -192,3 +207,65 @@ def test_launcher_layout_check_needs_no_sizes():
         check_layout(cfg, 1, 5)
     with pytest.raises(ConfigError, match="model.vocab_size"):
         make_plan(cfg, 1, 6, 80)
+
+
+def test_balance_says_how_many_replicas_hide_each_teacher(capsys):
+    """Half of 4 nodes for the teachers: the student waits; plan names, per teacher, the replicas
+    (ranks) that would hide it, and giving them those ranks makes the line say hidden."""
+    rc, out, _ = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                          "--teacher-nodes", "2")
+    assert rc == 0                                           # it fits; balance is a report
+    assert re.search(r"^balance: NOT balanced: the student waits for qwen2.5-coder", out, re.M)
+    assert balance_ratios(out)["qwen2.5-coder-14b-instruct"] == pytest.approx(4 / 3, abs=0.01)
+    assert ("qwen2.5-coder-14b-instruct: 2 replica(s) x tp=2, ratio 1.33 (student waits); "
+            "needs >= 4 replica(s) = 8 ranks at tp=2") in out
+    assert "mistral-small-24b-instruct-2501: 2 replica(s) x tp=4, ratio 1.05 (student waits); " \
+           "needs >= 4 replica(s) = 16 ranks at tp=4" in out
+    # the old recipe (Qwen at tp=1): no replica count helps, one replica serves a whole DP rank
+    rc, out, _ = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                          "fuse.teachers.0.tp=1")
+    assert ("qwen2.5-coder-14b-instruct: 4 replica(s) x tp=1, ratio 1.33 (student waits); no "
+            "replica count hides it at tp=1 (a replica serves whole DP ranks, dp=4); at tp=2: "
+            ">= 4 replica(s) = 8 ranks") in out
+    # follow the advice for the coder (8 ranks at tp=2) on 5 nodes: that teacher is hidden
+    rc, out, _ = run_plan(capsys, "--config", FUSE, "--nodes", "5", "--gpus-per-node", "8",
+                          "fuse.teachers.0.ranks=8", "fuse.teachers.2.ranks=12")
+    assert "qwen2.5-coder-14b-instruct: 4 replica(s) x tp=2, ratio 0.67 (hidden)" in out
+
+
+def test_teacher_balance_against_hand_computed_flops():
+    """ratio = ceil(dp / replicas) * F_teacher * (tokens / dp) / tp over the student's
+    3 * F_student * tokens / student_ranks, with F = 2 * matmul weights + 2 * L * s * a * d."""
+    cfg = load_config(FUSE, ["fuse.teachers.0.ranks=6", "fuse.teachers.0.tp=2",
+                             "fuse.teachers.1.ranks=2", "fuse.teachers.2.ranks=16"])
+    p = plan.make_plan(cfg, 5, 8, 80)                        # 40 ranks - 24 teacher = 16 student
+    assert (p.student_ranks, p.dp) == (16, 4)
+    s, tokens = 4096, 64 * 4096
+
+    def flops(m):
+        pc = plan.param_count(m)
+        matmul = (pc.per_layer - pc.layer_norms) * m.num_layers + pc.output
+        return 2 * matmul + 2 * m.num_layers * s * m.num_attention_heads * m.head_dim
+
+    qwen, _, mistral = plan.teacher_models(cfg)
+    student = 3 * flops(cfg.model) * tokens / 16
+    got = {b.name: b for b in plan.teacher_balance(p)}
+    coder, qw, mi = (got[n] for n in ("qwen2.5-coder-14b-instruct", "qwen2.5-14b-instruct",
+                                      "mistral-small-24b-instruct-2501"))
+    # coder: 3 replicas of tp 2 for dp 4: the busiest serves 2 DP ranks
+    assert coder.replicas == 3
+    assert coder.ratio == pytest.approx(2 * flops(qwen) * tokens / 4 / 2 / student, rel=1e-12)
+    assert coder.replicas_needed == 4 and not coder.hidden
+    # qwen: 1 replica of tp 2 serves all 4 DP ranks
+    assert qw.ratio == pytest.approx(4 * flops(qwen) * tokens / 4 / 2 / student, rel=1e-12)
+    # mistral: 4 replicas of tp 4, one DP rank each
+    assert mi.ratio == pytest.approx(flops(mistral) * tokens / 4 / 4 / student, rel=1e-12)
+    assert mi.hidden and mi.replicas_needed == 4
+    assert flops(qwen) == plan.forward_flops_per_token(qwen, s)
+
+
+def test_replicas_beyond_dp_are_reported_idle(capsys):
+    rc, out, _ = run_plan(capsys, "--config", FUSE, "--nodes", "4", "--gpus-per-node", "8",
+                          "--teacher-nodes", "3")             # student: 8 ranks, dp 2
+    assert re.search(r"mistral-small-24b-instruct-2501: (\d+) replica\(s\).*; (\d+) replica\(s\) "
+                     r"idle \(more than dp=2\)", out), out

@@ -29,7 +29,7 @@ PACKAGE = "megatron_fusion"
 
 # (layer name, module-name prefixes). Order = rank, lowest first.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("errors", "config", "cpu_mode", "parallel", "local_ranks", "tokenizers", "metrics")),
+    ("base", ("errors", "config", "cpu_mode", "parallel", "local_ranks", "tokenizers", "metrics", "run_guard")),
     ("data", ("data",)),
     ("losses", ("losses",)),
     ("models", ("model", "checkpoint", "convert")),

@@ -9,7 +9,15 @@ weights, node counts may differ): Mémoli's first lower bound of the GW_1 distan
 
 Batched: all sequences (and both models) at once, each padded to its s*k possible nodes, so every
 shape is known on the host and nothing is read back from the device: no host sync and a fixed
-number of kernels per call, whatever the batch size (tests/test_losses_gld.py checks both).
+number of kernels per call, whatever the batch size (tests/losses/test_losses_gld.py checks both).
+
+Deterministic, forward and backward, on CUDA too: no op here sums with atomics. The per-node sum
+is an accumulating ``index_put`` (on CUDA a stable radix sort of the indices, then each node's
+entries summed in entry order by one thread; on CPU a serial loop), not ``index_add`` /
+``scatter_add`` (atomic adds: the order of a node's additions varies from run to run). W1 reads
+the quantile cells by advanced indexing, not ``gather``: the backward of ``gather`` is a
+``scatter_add``, that of indexing the same sorted accumulating ``index_put``. The test checks the
+op list of forward + backward for every atomic-add op.
 
 Vocab-parallel: the student's (values, ids) come from the distributed top-K and are identical on
 every TP rank, so everything here is replicated, plain torch, no collective.
@@ -71,7 +79,10 @@ def wasserstein_1d_batched(x: torch.Tensor, n: torch.Tensor, y: torch.Tensor,
     # may point past the valid cells, so clamp the cell index into the row
     ix = (starts // m1).clamp_max(size_x - 1)
     iy = (starts // n1).clamp_max(size_y - 1)
-    diff = xs.gather(1, ix) - ys.gather(1, iy)
+    # indexing, not gather: gather's backward is an atomic scatter_add on CUDA; indexing's is a
+    # sorted accumulating index_put (deterministic), see the module docstring
+    rows = torch.arange(b, device=dev)[:, None]                             # [b, 1]
+    diff = xs[rows, ix] - ys[rows, iy]
     total = ((ends - starts).to(diff.dtype) * diff.abs()).sum(-1)
     # divide in float64: n*m is exact there (a bf16 n*m would round)
     return (total.double() / nm[:, 0]).to(diff.dtype)
@@ -93,9 +104,10 @@ def eccentricity_padded(values: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
         ``n_nodes [b]`` (0 for a sequence with no masked-in position).
 
     A node is a distinct id of one sequence: sorting each row's ``s*k`` ids (masked-out
-    entries keyed past every id) numbers them, and one index_add over all entries, in (sequence,
-    position, slot) order, sums ``a_t[u] S_t`` per node -- the order of the unpadded scatter, so
-    the sums round alike in any dtype. Masked-out entries add 0 to a dump slot.
+    entries keyed past every id) numbers them, and one accumulating index_put over all entries, in
+    (sequence, position, slot) order, sums ``a_t[u] S_t`` per node -- the order of the unpadded
+    scatter, so the sums round alike in any dtype, and (no atomics) alike from run to run on
+    CUDA. Masked-out entries add 0 to a dump slot.
     """
     b, s, k = values.shape
     slots = s * k
@@ -118,7 +130,9 @@ def eccentricity_padded(values: torch.Tensor, ids: torch.Tensor, mask: torch.Ten
     node_sorted = torch.where(id_sorted != _NO_NODE, first.cumsum(-1) - 1, slots)  # dump: slots
     node_sorted = node_sorted + rows[:, None] * (slots + 1)            # index in [b*(slots+1)]
     flat = torch.empty_like(key_sorted).scatter_(0, order, node_sorted.flatten())  # entry order
-    node_sum = contrib.new_zeros(b * (slots + 1)).index_add(0, flat, contrib.flatten())
+    # accumulate=True: sorted, in entry order, no atomics (index_add would use atomics on CUDA)
+    node_sum = contrib.new_zeros(b * (slots + 1)).index_put((flat,), contrib.flatten(),
+                                                            accumulate=True)
     node_sum = node_sum.view(b, slots + 1)[:, :slots]                  # drop the dump slot
     ecc = node_sum / (n_pos * n_nodes).clamp_min(1).to(node_sum.dtype)[:, None]
     return ecc, n_nodes

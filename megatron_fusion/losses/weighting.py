@@ -1,8 +1,12 @@
 """Multi-teacher weights (SPEC §2 unified fusion): ``L = sum_j w_j * term_j``.
 
-``uniform``: w_j = 1/N. ``minCE``: one-hot on the teacher with the lowest CE on the gold response
-(per sample when CE is per sample; ties to the lower index). ``avgCE``: softmax(-CE_j) over
-teachers (FuseLLM). Weights are detached: the CE only chooses, it is not trained through here.
+``uniform``: w_j = 1/N. ``minCE``: all weight on the teacher with the lowest CE on the gold
+response (per sample when CE is per sample; tied lowest teachers share it equally). ``avgCE``:
+softmax(-CE_j) over teachers (FuseLLM). Weights are detached: the CE only chooses, it is not
+trained through here.
+
+A CE that is not finite (NaN: the teacher had no response token in that sample; inf) means "not
+scored": that teacher gets no weight there. A sample that no teacher scored gets equal weights.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 WEIGHT_MODES = ("uniform", "minCE", "avgCE")
 
@@ -44,8 +47,14 @@ def combine_teachers(per_teacher_terms: Sequence[torch.Tensor] | torch.Tensor, m
             raise ValueError(f"combine_teachers: {n} teachers' terms but teacher_ce has "
                              f"{ce.shape[0]} rows")
         ce = ce.reshape(ce.shape + (1,) * (terms.dim() - ce.dim())).expand_as(terms)
+        scored = torch.isfinite(ce)                                        # [N, *S]
         if mode == "minCE":
-            weights = F.one_hot(ce.argmin(0), n).movedim(-1, 0).to(terms.dtype)
+            # (not argmin: it picks a NaN, and it breaks ties by teacher order)
+            best = torch.where(scored, ce, float("inf")).amin(0, keepdim=True)
+            hit = (scored & (ce == best)).to(terms.dtype)
+            weights = hit / hit.sum(0, keepdim=True).clamp_min(1)
         else:
-            weights = torch.softmax(-ce, dim=0)
+            weights = torch.softmax(torch.where(scored, -ce, float("-inf")), dim=0)
+        # no teacher scored this sample: equal weights (the softmax above is NaN there)
+        weights = torch.where(scored.any(0, keepdim=True), weights, 1.0 / n)
     return (weights * terms).sum(0), weights

@@ -307,3 +307,50 @@ def test_gld_from_topk_has_no_host_sync_and_constant_op_count():
     assert _syncs(ops8) == [], _syncs(ops8)
     assert ops8 == ops1                   # batched: the same ops for 1 sequence or 8
     assert len(ops8) < 200, len(ops8)     # fwd + bwd, both models (the loop: ~20 per sequence)
+
+
+# ============================================================ deterministic on CUDA
+# ops that add with atomics on CUDA, so that a sum's order (and its rounding) changes from run to
+# run; ``gather`` shows up here too, by its backward (a scatter_add). An accumulating
+# ``index_put`` (also the backward of advanced indexing) sorts its indices and sums in order.
+ATOMIC_OPS = {"index_add", "scatter_add", "scatter_reduce", "index_reduce", "put",
+              "embedding_dense_backward", "_embedding_bag_backward", "histc"}
+
+
+def test_gld_from_topk_uses_no_atomic_add():
+    """Forward + backward of both models: no op that sums with atomics on CUDA (the old
+    index_add and gather -> scatter_add fail this), so GLD is bitwise reproducible there."""
+    c = _case(2, 4, 16, 10, torch.float32, 60, 90, empty=(1,))
+    sv = c["sv"].clone().requires_grad_()
+    tv = c["tv"].clone().requires_grad_()
+    with _OpLog() as log:
+        out = gld_from_topk(sv, c["si"], tv, c["ti"], c["mask"])
+        torch.autograd.grad((out * c["w"]).sum(), (sv, tv))
+    atomic = sorted({o for o in log.ops if o.rstrip("_") in ATOMIC_OPS})
+    assert atomic == [], atomic
+    assert any(o.startswith("index_put") for o in log.ops)    # the sorted segment sum is there
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gld_cuda_bitwise_reproducible_and_sync_free():
+    """On CUDA: many duplicate ids (small vocab, long rows) so atomics would collide; five runs of
+    forward + backward are bitwise equal, match the CPU result, and read nothing back (sync debug
+    mode "error" raises on any synchronising op)."""
+    c = _case(9, 8, 512, 10, torch.float32, 64, 48)
+    cuda = {key: v.cuda() for key, v in c.items()}
+    runs = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(5):
+            runs.append(_run(gld_from_topk, cuda, torch.float32))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    (out0, g0), rest = runs[0], runs[1:]
+    for out, g in rest:
+        assert torch.equal(out, out0)
+        assert all(torch.equal(a, b) for a, b in zip(g, g0))
+    want, want_g = _run(gld_from_topk, c, torch.float32)
+    _close(out0.cpu(), want, torch.float32, "cuda vs cpu forward")
+    for gg, wg in zip(g0, want_g):
+        _close(gg.cpu(), wg, torch.float32, "cuda vs cpu gradient")

