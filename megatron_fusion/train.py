@@ -161,179 +161,243 @@ def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
     return out
 
 
-def train(cfg: Config, hooks=None) -> dict:
-    """Run (or resume) training; returns the final summary on every rank.
+class Trainer:
+    """One run of the loop, split the way torchtitan splits its trainer:
+
+    ``Trainer(cfg)`` sets up (layout checks, process groups, data, model, optimizer, stage,
+    checkpoint, metrics sink), ``train_step()`` takes one optimizer step, ``finish()`` saves the
+    final checkpoint and evaluates; ``run()`` is the three in order.
 
     ``hooks`` (tests, tools) may define ``before_optimizer_step(step, model_chunks)``, called
     with gradients final (after ``finalize_model_grads``) and before the update.
     """
-    from megatron.core import tensor_parallel
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_fusion import checkpoint as ckpt
-    from megatron_fusion.metrics import MetricsSink
-    from megatron_fusion.model import build_model, check_fp8
-    from megatron_fusion.parallel import init_student_groups, launch_world_size
+    def __init__(self, cfg: Config, hooks=None):
+        from megatron_fusion import run_guard
+        from megatron_fusion.model import check_fp8
+        from megatron_fusion.parallel import init_student_groups, launch_world_size
 
-    world = launch_world_size()  # student + online teacher ranks (validate_layout subtracts them)
-    dp = cfg.validate_layout(world)
-    if cfg.optim.clip_grad > 0 and not torch.cuda.is_available():
-        raise ConfigError("optim.clip_grad", "gradient clipping needs CUDA in megatron-core 0.16; "
-                                             "set optim.clip_grad=0 on CPU")
-    if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
-        raise ConfigError("parallel.distributed_optimizer", "megatron-core 0.16's distributed "
-                          "optimizer asserts CUDA tensor types; set it false on CPU")
-    check_fp8(cfg)
-    groups = init_student_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
-    run_dir = Path(cfg.run.dir)
-    is_rank0 = dist.get_rank() == 0
-    if is_rank0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        self.cfg, self.hooks = cfg, hooks
+        world = launch_world_size()  # student + online teacher ranks (validate_layout subtracts)
+        self.dp = cfg.validate_layout(world)
+        if cfg.optim.clip_grad > 0 and not torch.cuda.is_available():
+            raise ConfigError("optim.clip_grad", "gradient clipping needs CUDA in megatron-core "
+                                                 "0.16; set optim.clip_grad=0 on CPU")
+        if cfg.parallel.distributed_optimizer and not torch.cuda.is_available():
+            raise ConfigError("parallel.distributed_optimizer", "megatron-core 0.16's distributed "
+                              "optimizer asserts CUDA tensor types; set it false on CPU")
+        check_fp8(cfg)
+        self.groups = init_student_groups(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
+        self.run_dir = Path(cfg.run.dir)
+        self.is_rank0 = dist.get_rank() == 0
+        self.lock = None
+        if self.is_rank0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.lock = run_guard.RunDirLock(self.run_dir)  # one live run per run.dir
+        try:
+            self._setup_data()
+            self._setup_model()
+            self._setup_run()
+        except BaseException:
+            self.release()
+            raise
 
-    # data (all ranks read the same files; each takes its DP slice)
-    tokenizer = build_tokenizer(cfg)
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocab "
-                                              f"{tokenizer.vocab_size} ({cfg.data.tokenizer})")
-    if is_rank0:
-        save_config(cfg, run_dir / "config.yaml")
-    train_ds = stage_class(cfg.stage).build_dataset(cfg, tokenizer)
-    valid = {Path(p).stem: build_sft_dataset(cfg, p, tokenizer) for p in cfg.data.valid}
-    order = SampleOrder(len(train_ds), cfg.train.seed)
+    def _setup_data(self) -> None:
+        """Tokenizer and datasets (all ranks read the same files; each takes its DP slice)."""
+        cfg = self.cfg
+        self.tokenizer = build_tokenizer(cfg)
+        if cfg.model.vocab_size == 0:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        elif cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} < tokenizer vocab "
+                                                  f"{self.tokenizer.vocab_size} ({cfg.data.tokenizer})")
+        if self.is_rank0:
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.train_ds = stage_class(cfg.stage).build_dataset(cfg, self.tokenizer)
+        self.valid = {Path(p).stem: build_sft_dataset(cfg, p, self.tokenizer) for p in cfg.data.valid}
+        self.order = SampleOrder(len(self.train_ds), cfg.train.seed)
 
-    # model
-    torch.manual_seed(cfg.train.seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
-    # The embedding keeps the padded vocab of the checkpoint we start from (a run converted or
-    # saved at another TP); any TP that divides it loads, padded columns never count.
-    ckpt_root = run_dir / "checkpoints"
-    latest = ckpt.latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
-    init_from = latest or cfg.checkpoint.load
-    padded = cfg.model.padded_vocab_size(cfg.parallel.tp)
-    if init_from:
-        saved = ckpt.saved_padded_vocab(init_from, cfg.model)
-        if saved != padded:
-            if saved % cfg.parallel.tp:
-                raise ConfigError("parallel.tp", f"{cfg.parallel.tp} does not divide the padded "
-                                  f"vocab {saved} of {init_from}")
-            padded = saved
-    chunks = build_model(cfg, vocab_size=padded)
-    tcfg = chunks[0].config
-    model = wrap_ddp(cfg, chunks, tcfg)
-    optimizer, scheduler = build_optimizer(cfg, model)
-    tcfg.finalize_model_grads_func = finalize_model_grads
-    tcfg.grad_scale_func = optimizer.scale_loss
-    if len(model) == 1:
-        tcfg.no_sync_func = model[0].no_sync
-    else:
-        tcfg.no_sync_func = [m.no_sync for m in model]
-    stage = build_stage(cfg, cfg.model.vocab_size, groups, train_ds, tokenizer)
+    def _setup_model(self) -> None:
+        """Model, DDP, optimizer, schedule, stage; weights from the latest checkpoint or ``load``."""
+        from megatron.core import tensor_parallel
+        from megatron.core.distributed import finalize_model_grads
 
-    layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp, "dp": dp}
-    state = TrainState()
-    if latest is not None:
-        meta = ckpt.load_checkpoint(latest, model, optimizer, scheduler, layout=layout)
-        state = TrainState(step=meta["step"], consumed=meta["consumed"])
-        if meta.get("global_batch") not in (None, cfg.train.global_batch):
-            raise ConfigError("train.global_batch", f"{cfg.train.global_batch} differs from the "
-                              f"checkpoint's {meta['global_batch']} ({latest})")
-    elif cfg.checkpoint.load:
-        ckpt.load_checkpoint(cfg.checkpoint.load, model, optimizer, scheduler, layout=layout,
-                             load_optimizer=False)
+        from megatron_fusion import checkpoint as ckpt
+        from megatron_fusion.model import build_model
 
-    # A stage whose samples are several sequences (FPO: chosen + rejected) says so; the p2p
-    # shapes of the pipeline schedule are per sequence.
-    seqs_per_micro = cfg.train.micro_batch * stage.sequences_per_sample
-    stage.setup(model=model, groups=groups, dp=dp, resumed=latest is not None,  # FPO: the
-                forward_step=forward_step)                                    # reference pass
+        cfg = self.cfg
+        torch.manual_seed(cfg.train.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(cfg.train.seed)
+        # The embedding keeps the padded vocab of the checkpoint we start from (a run converted or
+        # saved at another TP); any TP that divides it loads, padded columns never count.
+        self.ckpt_root = self.run_dir / "checkpoints"
+        latest = ckpt.latest_checkpoint(self.ckpt_root) if cfg.checkpoint.resume else None
+        init_from = latest or cfg.checkpoint.load
+        padded = cfg.model.padded_vocab_size(cfg.parallel.tp)
+        if init_from:
+            saved = ckpt.saved_padded_vocab(init_from, cfg.model)
+            if saved != padded:
+                if saved % cfg.parallel.tp:
+                    raise ConfigError("parallel.tp", f"{cfg.parallel.tp} does not divide the "
+                                      f"padded vocab {saved} of {init_from}")
+                padded = saved
+        chunks = build_model(cfg, vocab_size=padded)
+        tcfg = chunks[0].config
+        self.model = wrap_ddp(cfg, chunks, tcfg)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model)
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.grad_scale_func = self.optimizer.scale_loss
+        tcfg.no_sync_func = (self.model[0].no_sync if len(self.model) == 1
+                             else [m.no_sync for m in self.model])
+        self.stage = build_stage(cfg, cfg.model.vocab_size, self.groups, self.train_ds, self.tokenizer)
+        self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
+                       "dp": self.dp}
+        self.state, self.latest = TrainState(), latest
+        if latest is not None:
+            meta = ckpt.load_checkpoint(latest, self.model, self.optimizer, self.scheduler,
+                                        layout=self.layout)
+            self.state = TrainState(step=meta["step"], consumed=meta["consumed"])
+            if meta.get("global_batch") not in (None, cfg.train.global_batch):
+                raise ConfigError("train.global_batch", f"{cfg.train.global_batch} differs from "
+                                  f"the checkpoint's {meta['global_batch']} ({latest})")
+        elif cfg.checkpoint.load:
+            ckpt.load_checkpoint(cfg.checkpoint.load, self.model, self.optimizer, self.scheduler,
+                                 layout=self.layout, load_optimizer=False)
 
-    sink = MetricsSink(run_dir, total_steps=cfg.train.steps, start_step=state.step,
-                       wandb_mode=cfg.logging.wandb_mode, wandb_project=cfg.logging.wandb_project,
-                       wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name,
-                       config=cfg.to_dict(), progress=cfg.logging.progress, enabled=is_rank0)
-    if latest is not None:
-        sink.print(f"resumed from {latest} at step {state.step}")
-    for sig in (signal.SIGUSR1, signal.SIGTERM):
-        signal.signal(sig, _on_signal)
+    def _setup_run(self) -> None:
+        """The stage's one-off setup, the metrics sink, signals, and the held-out eval before."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    fb = get_forward_backward_func()
-    extra = lambda: {"consumed": state.consumed, "layout": layout,  # noqa: E731
-                     "global_batch": cfg.train.global_batch}
-    summary: dict = {"start_step": state.step}
-    has_eval = bool(valid) or stage.has_evaluate
-    eval_before = evaluate(cfg, model, stage, valid, groups, dp) if has_eval else {}
-    if eval_before:
-        sink.log(state.step, eval_before)
-    summary["eval_before"] = eval_before
-    tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * stage.sequences_per_sample
-    t_start = time.perf_counter()
-    steps_run = 0
-    stopped_early = False
-    while state.step < cfg.train.steps:
+        from megatron_fusion.metrics import MetricsSink
+
+        cfg, stage = self.cfg, self.stage
+        stage.setup(model=self.model, groups=self.groups, dp=self.dp,  # FPO: the reference pass
+                    resumed=self.latest is not None, forward_step=forward_step)
+        self.sink = MetricsSink(self.run_dir, total_steps=cfg.train.steps,
+                                start_step=self.state.step, wandb_mode=cfg.logging.wandb_mode,
+                                wandb_project=cfg.logging.wandb_project,
+                                wandb_entity=cfg.logging.wandb_entity, run_name=cfg.run.name,
+                                config=cfg.to_dict(), progress=cfg.logging.progress,
+                                enabled=self.is_rank0)
+        if self.latest is not None:
+            self.sink.print(f"resumed from {self.latest} at step {self.state.step}")
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, _on_signal)
+        self.fb = get_forward_backward_func()
+        # the pipeline's p2p shapes are per sequence (FPO: chosen + rejected per sample)
+        self.seqs_per_micro = cfg.train.micro_batch * stage.sequences_per_sample
+        self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * stage.sequences_per_sample
+        self.has_eval = bool(self.valid) or stage.has_evaluate
+        self.summary: dict = {"start_step": self.state.step, "eval_before": self.evaluate()}
+        if self.summary["eval_before"]:
+            self.sink.log(self.state.step, self.summary["eval_before"])
+        self.steps_run, self.stopped_early = 0, False
+
+    def evaluate(self) -> dict:
+        if not self.has_eval:
+            return {}
+        return evaluate(self.cfg, self.model, self.stage, self.valid, self.groups, self.dp)
+
+    def train_step(self) -> bool:
+        """One optimizer step (forward/backward over this rank's micro-batches, update, metrics,
+        eval and checkpoint when due); True when a stop signal asks the run to end here."""
+        from megatron_fusion import checkpoint as ckpt
+
+        cfg, stage, model, state = self.cfg, self.stage, self.model, self.state
         t0 = time.perf_counter()
-        micro = rank_microbatches(train_ds, order, state.consumed, cfg, dp, groups.dp_rank,
-                                  stage.collate, device=groups.device)
-        stage.prepare_step(micro, groups)
-        optimizer.zero_grad()
+        micro = rank_microbatches(self.train_ds, self.order, state.consumed, cfg, self.dp,
+                                  self.groups.dp_rank, stage.collate, device=self.groups.device)
+        stage.prepare_step(micro, self.groups)
+        self.optimizer.zero_grad()
         for m in model:
             m.zero_grad_buffer()
-        reports = fb(forward_step_func=partial(forward_step, stage),
-                     data_iterator=[iter(micro) for _ in model] if len(model) > 1 else iter(micro),
-                     model=model if len(model) > 1 else model[0],
-                     num_microbatches=len(micro), seq_length=cfg.model.seq_length,
-                     micro_batch_size=seqs_per_micro, forward_only=False)
-        red, stop = _reduce_reports(reports or [], stage.report_keys, groups, _Stop.requested)
+        reports = self.fb(forward_step_func=partial(forward_step, stage),
+                          data_iterator=[iter(micro) for _ in model] if len(model) > 1 else iter(micro),
+                          model=model if len(model) > 1 else model[0],
+                          num_microbatches=len(micro), seq_length=cfg.model.seq_length,
+                          micro_batch_size=self.seqs_per_micro, forward_only=False)
+        red, stop = _reduce_reports(reports or [], stage.report_keys, self.groups, _Stop.requested)
         bad = [k for k in stage.report_keys if not math.isfinite(red[k])]
         if bad:
-            last = ckpt.latest_checkpoint(ckpt_root)
+            last = ckpt.latest_checkpoint(self.ckpt_root)
             raise TrainError(f"non-finite {bad[0]}={red[bad[0]]} at step {state.step + 1}; "
                              f"stopping without saving (last good checkpoint: {last or 'none'})")
-        if hooks is not None and hasattr(hooks, "before_optimizer_step"):
-            hooks.before_optimizer_step(state.step + 1, model)
-        ok, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        if self.hooks is not None and hasattr(self.hooks, "before_optimizer_step"):
+            self.hooks.before_optimizer_step(state.step + 1, model)
+        self.optimizer.step()
+        self.scheduler.step(increment=1)
         state.step += 1
         state.consumed += cfg.train.global_batch
-        steps_run += 1
+        self.steps_run += 1
         dt = time.perf_counter() - t0
         metrics = {k: v for k, v in red.items() if not k.endswith("_count")}
         if "loss/total" not in metrics and stage.total_alias in metrics:
             metrics["loss/total"] = metrics[stage.total_alias]
-        metrics.update({"lr": optimizer.param_groups[0]["lr"], "perf/step_s": dt,
-                        "perf/tokens_per_s": tokens_per_step / dt})
+        metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "perf/step_s": dt,
+                        "perf/tokens_per_s": self.tokens_per_step / dt})
         metrics.update(stage.step_metrics())
-        if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0 and has_eval:
-            metrics.update(evaluate(cfg, model, stage, valid, groups, dp))
+        if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
+            metrics.update(self.evaluate())
         if state.step % cfg.logging.interval == 0 or state.step == cfg.train.steps:
-            sink.log(state.step, metrics)
+            self.sink.log(state.step, metrics)
         else:
-            sink.advance(state.step)
-        summary["last"] = metrics
+            self.sink.advance(state.step)
+        self.summary["last"] = metrics
         if cfg.checkpoint.interval and state.step % cfg.checkpoint.interval == 0:
-            ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler,
-                                 extra=extra(), keep=cfg.checkpoint.keep)
-        if stop:
-            stopped_early = True
-            break
-    elapsed = time.perf_counter() - t_start
-    final = ckpt.latest_checkpoint(ckpt_root)
-    if final is None or not final.name.endswith(f"{state.step:07d}"):
-        final = ckpt.save_checkpoint(ckpt_root, state.step, model, optimizer, scheduler,
-                                     extra=extra(), keep=cfg.checkpoint.keep)
-    eval_after = evaluate(cfg, model, stage, valid, groups, dp) if has_eval else {}
-    if eval_after:
-        sink.log(state.step, eval_after)
-    summary.update(step=state.step, steps_run=steps_run, elapsed_s=elapsed,
-                   eval_after=eval_after, checkpoint=str(final), stopped_early=stopped_early,
-                   metrics_file=str(run_dir / "metrics.jsonl"), wandb_dir=sink.wandb_dir)
-    sink.summary({k: v for k, v in eval_after.items()})
-    sink.close()
-    if is_rank0:
-        _print_summary(cfg, summary)
-    return summary
+            self.save()
+        if self.lock is not None:
+            self.lock.heartbeat()
+        return stop
+
+    def save(self):
+        from megatron_fusion import checkpoint as ckpt
+
+        extra = {"consumed": self.state.consumed, "layout": self.layout,
+                 "global_batch": self.cfg.train.global_batch}
+        return ckpt.save_checkpoint(self.ckpt_root, self.state.step, self.model, self.optimizer,
+                                    self.scheduler, extra=extra, keep=self.cfg.checkpoint.keep)
+
+    def finish(self, elapsed: float) -> dict:
+        """The final checkpoint (unless this step's is saved), the held-out eval after, the summary."""
+        from megatron_fusion import checkpoint as ckpt
+
+        final = ckpt.latest_checkpoint(self.ckpt_root)
+        if final is None or not final.name.endswith(f"{self.state.step:07d}"):
+            final = self.save()
+        eval_after = self.evaluate()
+        if eval_after:
+            self.sink.log(self.state.step, eval_after)
+        self.summary.update(step=self.state.step, steps_run=self.steps_run, elapsed_s=elapsed,
+                            eval_after=eval_after, checkpoint=str(final),
+                            stopped_early=self.stopped_early,
+                            metrics_file=str(self.run_dir / "metrics.jsonl"),
+                            wandb_dir=self.sink.wandb_dir)
+        self.sink.summary(dict(eval_after))
+        self.sink.close()
+        if self.is_rank0:
+            _print_summary(self.cfg, self.summary)
+        return self.summary
+
+    def run(self) -> dict:
+        try:
+            t_start = time.perf_counter()
+            while self.state.step < self.cfg.train.steps:
+                if self.train_step():
+                    self.stopped_early = True
+                    break
+            return self.finish(time.perf_counter() - t_start)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+
+def train(cfg: Config, hooks=None) -> dict:
+    """Run (or resume) training; returns the final summary on every rank (``Trainer``)."""
+    return Trainer(cfg, hooks).run()
 
 
 def _print_summary(cfg: Config, s: dict) -> None:
@@ -354,6 +418,10 @@ def _print_summary(cfg: Config, s: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "LOCAL_RANK" in os.environ:  # a torchrun rank: it dies with its launcher (run_guard)
+        from megatron_fusion import run_guard
+
+        run_guard.die_with_parent()
     ap = argparse.ArgumentParser(prog="megatron_fusion.train", description="megatron-fusion trainer")
     ap.add_argument("--config", required=True, help="YAML recipe (configs/*.yaml)")
     args, overrides = ap.parse_known_args(argv)
