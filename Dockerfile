@@ -34,6 +34,6 @@ RUN pip install --no-cache-dir --no-deps -c /tmp/image-constraints.txt -e . && \
     python -c "import torch, megatron.core, transformer_engine, megatron_fusion; \
 print('torch', torch.__version__, '| megatron-core', megatron.core.__version__, \
 '| transformer-engine', transformer_engine.__version__)" && \
-    megatron-fusion plan --config configs/fuse_14b.yaml --nodes 4 --gpus-per-node 8 --teacher-nodes 2 > /dev/null
+    megatron-fusion plan --config configs/recipes/fuse_14b.yaml --nodes 4 --gpus-per-node 8 --teacher-nodes 2 > /dev/null
 
 CMD ["bash"]

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
               "logging.wandb_mode=disabled", "logging.progress=false", "checkpoint.interval=0",
               f"train.eval_interval={args.steps}", "train.eval_batches=8"]
     if not (out / "init" / "checkpoints" / "latest").exists():  # a step-0 checkpoint cannot be resumed
-        train("configs/demo_cpu.yaml", 2, common + [f"run.dir={out}/init", "train.steps=0", "stage=sft"],
+        train("configs/demo/tiny_fuse.yaml", 2, common + [f"run.dir={out}/init", "train.steps=0", "stage=sft"],
                "shared pivot init (step 0)")
     results = {}
     for arm, extra in arms.items():
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
         if args.seed is not None:
             extra = extra + [f"train.seed={args.seed}"]
             run_dir = run_dir.with_name(f"{run_dir.name}_s{args.seed}")
-        train("configs/demo_cpu.yaml", 2, common + extra + [
+        train("configs/demo/tiny_fuse.yaml", 2, common + extra + [
             f"run.dir={run_dir}", f"train.steps={args.steps}", f"checkpoint.load={out}/init"],
             f"pivot arm '{arm}' ({args.steps} steps)")
         results[arm] = final_eval(run_dir)

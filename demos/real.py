@@ -11,10 +11,10 @@
 3. the teacher, Gemma-3-270M (Gemma3, SentencePiece 262,144 — another tokenizer), stays frozen in
    transformers: its standardised top-K over the pivot's SFT set is computed once
    (``tools/precompute_teacher_topk.py --backend hf``) and aligned to pivot positions;
-4. fuse: CE + ULD + GLD from the converted pivot (``configs/demo_real_fuse.yaml``), held-out CE
+4. fuse: CE + ULD + GLD from the converted pivot (``configs/demo/real_fuse.yaml``), held-out CE
    on arithmetic / string tasks before and after;
 5. FPO from the fused pivot on preference pairs (correct vs wrong answer), Gemma scoring them as
-   the source (``tools/precompute_source_logprobs.py --backend hf``; ``configs/demo_real_fpo.yaml``),
+   the source (``tools/precompute_source_logprobs.py --backend hf``; ``configs/demo/real_fpo.yaml``),
    held-out preference accuracy before and after;
 6. a summary table.
 Every expensive piece (HF folders, converted pivot, top-K, log-probs) is cached under OUT; a
@@ -146,10 +146,10 @@ def plan(args) -> list[str]:
         f"preference pairs (+{args.n_valid} held-out), seq_length {args.seq_len} -> {out}/data",
         f"teacher top-K: Gemma-3-270M (HF backend, frozen) over the SFT set -> {out}/topk/gemma3 (cached)",
         f"fuse: {args.fuse_steps} steps at TP={args.tp} from the converted pivot "
-        f"(configs/demo_real_fuse.yaml) -> {out}/fused",
+        f"(configs/demo/real_fuse.yaml) -> {out}/fused",
         f"source log-probs: Gemma-3-270M (HF backend) over the pairs -> {out}/logprobs/gemma3 (cached)",
         f"fpo: {args.fpo_steps} steps at TP={args.tp} from the fused pivot "
-        f"(configs/demo_real_fpo.yaml) -> {out}/fpo",
+        f"(configs/demo/real_fpo.yaml) -> {out}/fpo",
         "table: held-out CE before/after fusing, held-out preference accuracy before/after FPO",
     ]
 
@@ -204,14 +204,14 @@ def main(argv=None) -> int:
     common = [f"parallel.tp={args.tp}", f"model.seq_length={args.seq_len}", f"data.tokenizer={pivot}",
               "logging.progress=false"]
     shutil.rmtree(fused, ignore_errors=True)
-    train("configs/demo_real_fuse.yaml", args.tp, common + [
+    train("configs/demo/real_fuse.yaml", args.tp, common + [
         f"run.dir={fused}", f"train.steps={args.fuse_steps}", f"checkpoint.load={pivot}",
         f"data.train={data['train']}", f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
         f"fuse.teachers.0.tokenizer={gemma}", f"fuse.teachers.0.topk_dir={out}/topk/gemma3"],
         f"fusing SmolLM2-135M with Gemma-3-270M's top-K at TP={args.tp} (CE + ULD + GLD)")
     t_fuse = time.time()
     shutil.rmtree(fpo, ignore_errors=True)
-    train("configs/demo_real_fpo.yaml", args.tp, common + [
+    train("configs/demo/real_fpo.yaml", args.tp, common + [
         f"run.dir={fpo}", f"train.steps={args.fpo_steps}", f"checkpoint.load={fused}",
         f"data.train={data['preference']}", f"fpo.sources_logprobs=[{out}/logprobs/gemma3]",
         f"fpo.source_tokenizers=[{gemma}]", f"fpo.valid_preference={data['valid_preference']}"],

@@ -9,13 +9,13 @@
    (arithmetic: byte-level BPE; strings: SentencePiece BPE);
 3. their standardised top-K precomputed over the pivot's training set
    (tools/precompute_teacher_topk.py, Megatron backend), aligned to pivot positions;
-4. the pivot trained with CE + ULD + GLD at TP=2 over gloo (configs/demo_cpu.yaml);
+4. the pivot trained with CE + ULD + GLD at TP=2 over gloo (configs/demo/tiny_fuse.yaml);
 5. InfiFPO from the fused pivot on preference pairs (correct vs wrong answer), the two teachers
-   scoring them as sources with their own tokenizers (configs/demo_cpu_fpo.yaml);
+   scoring them as sources with their own tokenizers (configs/demo/tiny_fpo.yaml);
 6. a before/after table: held-out CE per domain, held-out preference accuracy, and where the
    metrics and W&B files are.
 ``--online`` (``make demo-online``): step 3 is skipped and step 4 runs
-``megatron-fusion train --config configs/demo_cpu_online.yaml``: the two teachers run as teacher
+``megatron-fusion train --config configs/demo/tiny_online.yaml``: the two teachers run as teacher
 ranks (2 x TP2) beside the student (TP2), six ranks in all, streaming top-K while it trains.
 Re-running reuses finished pieces (data, teachers, top-K shards) and resumes the fused run.
 """
@@ -56,7 +56,7 @@ def prepare(out: Path, teacher_steps: int, precompute: bool = True) -> dict:
         if not path.exists():
             write_jsonl(path, rows)
         run_dir = tdir / name
-        train("configs/demo_teacher.yaml", 1,
+        train("configs/demo/tiny_teacher.yaml", 1,
                [f"run.dir={run_dir}", f"data.train={path}", f"data.tokenizer={toks[name]}",
                 f"train.steps={teacher_steps}", "logging.progress=true"],
                f"teacher '{name}': {len(rows)} {name} samples, own tokenizer {toks[name].name}")
@@ -86,7 +86,7 @@ def run_fpo(out: Path, data: dict, fused: Path, steps: int) -> dict:
               "--out", str(out / "logprobs" / name), "--batch-size", "16", "--no-progress"],
              f"source '{name}': sequence log-probs of chosen and rejected answers", quiet=True)
     fpo_dir = out / "fpo"
-    train("configs/demo_cpu_fpo.yaml", 2, [
+    train("configs/demo/tiny_fpo.yaml", 2, [
         f"run.dir={fpo_dir}", f"train.steps={steps}", f"checkpoint.load={fused}",
         f"data.train={data['preference']}", f"data.tokenizer={data['pivot_tokenizer']}",
         f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--fpo-steps", type=int, default=60)
     ap.add_argument("--tiny", action="store_true", help="a 3-minute version (CI-sized)")
     ap.add_argument("--online", action="store_true",
-                    help="fuse with online teacher ranks (configs/demo_cpu_online.yaml)")
+                    help="fuse with online teacher ranks (configs/demo/tiny_online.yaml)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.teacher_steps, args.fuse_steps, args.fpo_steps = 60, 30, 15
@@ -121,12 +121,12 @@ def main(argv=None) -> int:
                  f"train.eval_interval={max(args.fuse_steps // 3, 1)}"]
     if args.online:   # megatron-fusion train starts student + teacher ranks (6) by itself
         run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
-              "configs/demo_cpu_online.yaml", *overrides,
+              "configs/demo/tiny_online.yaml", *overrides,
               f"fuse.teachers.0.checkpoint={out}/teachers/arith",
               f"fuse.teachers.1.checkpoint={out}/teachers/string"],
              "fusing the pivot at TP=2 with two online teacher groups (2 x TP=2), 6 ranks")
     else:
-        train("configs/demo_cpu.yaml", 2, overrides + [
+        train("configs/demo/tiny_fuse.yaml", 2, overrides + [
             f"fuse.teachers.0.topk_dir={out}/topk/arith",
             f"fuse.teachers.1.topk_dir={out}/topk/string"],
             "fusing the pivot at TP=2 (CE + ULD + GLD)")

@@ -1,6 +1,6 @@
 """Typed run configuration: dataclasses loaded from YAML recipes plus dotted overrides.
 
-    cfg = load_config("configs/tiny_cpu.yaml", ["parallel.tp=2", "train.steps=10"])
+    cfg = load_config("configs/test/tiny_cpu.yaml", ["parallel.tp=2", "train.steps=10"])
 
 Every field has a docstring-style comment; ``__post_init__`` checks what a field can check
 alone, ``Config.validate_layout(world_size)`` checks what needs the world (divisibility).

@@ -74,7 +74,7 @@ def render(env: Mapping[str, str], extra: list[str]) -> NodeLaunch:
     """The torchrun command for one node, from the launcher's environment and extra overrides."""
     config = env.get("CONFIG", "")
     if not config:
-        raise ConfigError("CONFIG", "must name a config file (e.g. configs/fuse_14b.yaml)")
+        raise ConfigError("CONFIG", "must name a config file (e.g. configs/recipes/fuse_14b.yaml)")
     nodes = _int(env, "NODES", _int(env, "SLURM_JOB_NUM_NODES", _int(env, "SLURM_NNODES", 1)))
     gpus = _gpus_on_node(env)
     overrides: list[str] = []

@@ -1,6 +1,6 @@
 """Plan a cluster run before submitting it: layout checks, parameter counts, per-GPU memory.
 
-    megatron-fusion plan --config configs/fuse_14b.yaml --nodes 4 --gpus-per-node 8 \\
+    megatron-fusion plan --config configs/recipes/fuse_14b.yaml --nodes 4 --gpus-per-node 8 \\
                          [--gpu-mem-gb 80] [--teacher-nodes 2] [dotted.key=value ...]
 
 CPU only, nothing is allocated. Exit 0: every GPU fits; 1: something does not fit (a layout

@@ -1,7 +1,7 @@
 """The trainer: megatron-core GPTModel under any TP x PP x DP layout, one loop for every stage.
 
-    torchrun --nproc-per-node 2 -m megatron_fusion.train --config configs/tiny_cpu.yaml parallel.tp=2
-    megatron-fusion train --config configs/tiny_cpu.yaml --nproc 2        # starts torchrun itself
+    torchrun --nproc-per-node 2 -m megatron_fusion.train --config configs/test/tiny_cpu.yaml parallel.tp=2
+    megatron-fusion train --config configs/test/tiny_cpu.yaml --nproc 2        # starts torchrun itself
 
 Flow per optimizer step: this DP rank's micro-batches -> stage.prepare_step -> Megatron's
 forward/backward schedule (1F1B under PP) with ``forward_step -> (output, partial(loss_func))``

@@ -64,10 +64,6 @@ def test_checker_resolves_relative_imports_and_peers(tmp_path):
     assert not any("cycle" in p for p in problems), problems
 
 
-import pytest
-
-
-@pytest.mark.xfail(strict=True, reason="the reshape (issue 14) is in progress; removed when it lands")
 def test_package_import_graph_is_layered_and_acyclic():
     problems = _checker().check(ROOT)
     assert problems == [], "\n".join(problems)

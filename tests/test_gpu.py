@@ -33,15 +33,12 @@ SMALL = ["model.num_layers=4", "model.hidden_size=1024", "model.num_attention_he
          "model.seq_length=1024", "train.micro_batch=2", "train.global_batch=4",
          "train.precision=bf16", "parallel.tp=1", "optim.lr=1e-3", "optim.warmup_steps=0",
          "optim.decay=constant"]
-BASE = str(Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml")
+BASE = str(Path(__file__).resolve().parents[1] / "configs" / "test/tiny_cpu.yaml")
 
 
 def _small_inputs(tmp_path) -> list[str]:
     """Synthetic SFT data, pivot tokenizer and 2 teachers' top-K at SMALL's shape: overrides."""
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-    from make_synthetic_topk import make_synthetic_fuse_data
+    from tools.make_synthetic_topk import make_synthetic_fuse_data
 
     man = make_synthetic_fuse_data(tmp_path / "data", seq_len=1024, samples=8, teachers=["a", "b"],
                                    k=10, vocab=32000)
@@ -51,7 +48,7 @@ def _small_inputs(tmp_path) -> list[str]:
 @needs_te
 def test_fp8_steps_track_bf16_within_1_percent(tmp_path):
     """The real loop, fuse stage, 5 steps: FP8 (TE, delayed scaling) losses within 1% of bf16."""
-    from megatron_fusion.step_bench import run_variant
+    from tools.step_bench import run_variant
 
     ov = _small_inputs(tmp_path) + ["model.transformer_impl=transformer_engine"]
     bf16 = run_variant(BASE, ov, variant="fusion", steps=5, warmup=0,
@@ -90,7 +87,7 @@ def test_bench_gpu_real_loop_is_measured(tmp_path):
     falling CE) and the benchmark derives tokens/s, TFLOP/s and the ratio from their metrics."""
     import math
 
-    from megatron_fusion.step_bench import bench
+    from tools.step_bench import bench
 
     res = bench(BASE, _small_inputs(tmp_path), steps=4, warmup=1,
                 work_dir=tmp_path / "runs")

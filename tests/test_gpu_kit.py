@@ -19,7 +19,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def _env(**kw) -> dict:
@@ -65,10 +64,11 @@ def test_make_gpu_kit_names_the_pinned_wheels():
 
 
 def test_synthetic_topk_passes_the_trainers_reader(tmp_path):
-    from make_synthetic_topk import make_synthetic_fuse_data
+    from tools.make_synthetic_topk import make_synthetic_fuse_data
 
     from megatron_fusion.data.sft import SFTDataset
-    from megatron_fusion.stages.fuse import OfflineTeacher, TeacherDataError
+    from megatron_fusion.errors import TeacherDataError
+    from megatron_fusion.teachers.offline import OfflineTeacher
     from megatron_fusion.tokenizers import load_tokenizer
 
     man = make_synthetic_fuse_data(tmp_path / "d", seq_len=96, samples=5, teachers=["t0", "t1"],
@@ -102,7 +102,7 @@ def test_synthetic_topk_passes_the_trainers_reader(tmp_path):
     # the overrides point a config at exactly these files
     from megatron_fusion.config import load_config
 
-    cfg = load_config(str(ROOT / "configs" / "gpu_check_1b.yaml"), man["overrides"])
+    cfg = load_config(str(ROOT / "configs" / "test/gpu_check_1b.yaml"), man["overrides"])
     assert [t.topk_dir for t in cfg.fuse.teachers] == [man["topk_dirs"]["t0"], man["topk_dirs"]["t1"]]
     assert (cfg.model.seq_length, cfg.fuse.k, cfg.model.vocab_size) == (96, 4, 700)
 
@@ -110,9 +110,9 @@ def test_synthetic_topk_passes_the_trainers_reader(tmp_path):
 def test_gpu_check_1b_config_is_a_1b_llama():
     from megatron_fusion.config import load_config
     from megatron_fusion.plan import param_count
-    from megatron_fusion.step_bench import train_flops_per_token
+    from tools.step_bench import train_flops_per_token
 
-    cfg = load_config(str(ROOT / "configs" / "gpu_check_1b.yaml"))
+    cfg = load_config(str(ROOT / "configs" / "test/gpu_check_1b.yaml"))
     m = cfg.model
     assert cfg.stage == "fuse" and cfg.train.precision == "bf16" and len(cfg.fuse.teachers) == 2
     assert m.seq_length == 4096 and m.vocab_size == 151936 and m.swiglu and m.normalization == "RMSNorm"

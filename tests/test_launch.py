@@ -89,7 +89,7 @@ def test_fuse_14b_renders_srun_and_torchrun(slurm_env):
                             "--rdzv-endpoint=gpu-a01:24242", "--rdzv-id=4242", "--max-restarts=0",
                             f"--log-dir={log_dir}/torchrun"]
     cmd = torchrun[torchrun.index("-m"):]
-    assert cmd[:4] == ["-m", "megatron_fusion.train", "--config", "configs/fuse_14b.yaml"]
+    assert cmd[:4] == ["-m", "megatron_fusion.train", "--config", "configs/recipes/fuse_14b.yaml"]
     overrides = cmd[4:]
     assert overrides[-2:] == ["run.dir=/scratch/runs/f14", "train.steps=50"]
     assert {"stage=fuse", "logging.wandb_mode=online", "logging.wandb_project=fusion-prod",
@@ -97,7 +97,7 @@ def test_fuse_14b_renders_srun_and_torchrun(slurm_env):
     teacher = {o.split("=")[0]: int(o.split("=")[1]) for o in overrides if o.startswith("fuse.teachers.")}
     assert teacher == {"fuse.teachers.0.ranks": 4, "fuse.teachers.1.ranks": 4, "fuse.teachers.2.ranks": 8}
     # what the trainer will load is a valid 32-rank layout with the teachers on the last 2 nodes
-    cfg = load_config(REPO / "configs/fuse_14b.yaml", overrides)
+    cfg = load_config(REPO / "configs/recipes/fuse_14b.yaml", overrides)
     assert cfg.validate_layout(32) == 4 and cfg.student_world_size(32) == 16
     assert cfg.run.dir == "/scratch/runs/f14"
     exports = dict(line[len("export "):].split("=", 1) for line in r.stdout.splitlines()
@@ -144,7 +144,7 @@ def test_fpo_14b_gives_every_node_to_the_student(slurm_env):
     assert r.returncode == 0, r.stderr
     (torchrun,) = [shlex.split(line) for line in r.stdout.splitlines() if line.startswith("torchrun ")]
     assert "--nnodes=2" in torchrun and "--config" in torchrun
-    assert torchrun[torchrun.index("--config") + 1] == "configs/fpo_14b.yaml"
+    assert torchrun[torchrun.index("--config") + 1] == "configs/recipes/fpo_14b.yaml"
     assert "stage=fpo" in torchrun and not any(a.startswith("fuse.teachers.") for a in torchrun)
 
 
@@ -161,7 +161,7 @@ def test_bad_teacher_nodes_is_a_one_line_error(slurm_env):
 
 
 def test_run_local_is_standalone(slurm_env):
-    env = {**slurm_env, "DRY_RUN": "1", "GPUS_PER_NODE": "8", "CONFIG": "configs/fpo_14b.yaml",
+    env = {**slurm_env, "DRY_RUN": "1", "GPUS_PER_NODE": "8", "CONFIG": "configs/recipes/fpo_14b.yaml",
            "RUN_DIR": "runs/local"}
     r = run_script("run_local.sh", env, "train.steps=3")
     assert r.returncode == 0, r.stderr
@@ -172,7 +172,7 @@ def test_run_local_is_standalone(slurm_env):
 
 
 def test_wandb_run_id_survives_requeues_and_differs_per_run_dir():
-    base = {"CONFIG": "configs/fuse_14b.yaml", "NODES": "4", "GPUS_PER_NODE": "8", "TEACHER_NODES": "2",
+    base = {"CONFIG": "configs/recipes/fuse_14b.yaml", "NODES": "4", "GPUS_PER_NODE": "8", "TEACHER_NODES": "2",
             "MASTER_ADDR": "gpu-a01", "MASTER_PORT": "24242", "RUN_DIR": "/scratch/runs/a"}
     first = launcher.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "0"}, [])
     requeued = launcher.render({**base, "SLURM_JOB_ID": "100", "SLURM_RESTART_COUNT": "3"}, [])
@@ -198,7 +198,7 @@ def test_run_local_trains_for_real_on_cpu(slurm_env, demo_data, tmp_path):
 
     run_dir = tmp_path / "run"
     over = [o for o in tiny_overrides(demo_data, str(run_dir)) if not o.startswith("logging.wandb")]
-    env = {**slurm_env, "GPUS_PER_NODE": "2", "CONFIG": "configs/tiny_cpu.yaml",
+    env = {**slurm_env, "GPUS_PER_NODE": "2", "CONFIG": "configs/test/tiny_cpu.yaml",
            "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "RUN_NAME": "local-smoke-7"}
     r = run_script("run_local.sh", env, *over, "train.steps=2", timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -230,5 +230,5 @@ def test_dockerfile_matches_the_repo():
     for need in ("setup.py", "megatron_fusion", "configs", "launch", "tools"):
         assert need in copied, need
         assert need not in ignored, need
-    assert (REPO / "configs/fuse_14b.yaml").exists()
+    assert (REPO / "configs/recipes/fuse_14b.yaml").exists()
     assert "-c /tmp/image-constraints.txt" in text       # the image's torch/TE are never replaced

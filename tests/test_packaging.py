@@ -74,7 +74,7 @@ def test_core_install_trains_the_tiny_recipe(tmp_path):
     work = tmp_path / "work"                     # not the clone: `-m` would import its source
     work.mkdir()
     out = _run([str(venv / "bin/megatron-fusion"), "train", "--config",
-                str(src / "configs/tiny_cpu.yaml"), "train.steps=1"], work, env, 600)
+                str(src / "configs/test/tiny_cpu.yaml"), "train.steps=1"], work, env, 600)
     assert "run runs/tiny: step 1" in out, out[-3000:]
     assert (work / "runs/tiny/checkpoints/iter_0000001").is_dir()
     assert "core check ok" in _run([str(venv / "bin/python"), "-c", CORE_CHECK], work, env, 300)

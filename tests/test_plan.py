@@ -10,8 +10,8 @@ import pytest
 from megatron_fusion import plan
 from megatron_fusion.config import ConfigError, ModelConfig, load_config
 
-FUSE = "configs/fuse_14b.yaml"
-FPO = "configs/fpo_14b.yaml"
+FUSE = "configs/recipes/fuse_14b.yaml"
+FPO = "configs/recipes/fpo_14b.yaml"
 
 
 def run_plan(capsys, *argv):
@@ -148,7 +148,7 @@ def test_bad_layout_is_one_line_naming_the_field(capsys, override, field):
 
 def test_teacher_nodes_split_follows_forward_flops():
     cfg = load_config(FUSE)
-    expected = {1: [2, 2, 4], 2: [4, 4, 8], 4: [8, 8, 16]}   # the table in configs/fuse_14b.yaml
+    expected = {1: [2, 2, 4], 2: [4, 4, 8], 4: [8, 8, 16]}   # the table in configs/recipes/fuse_14b.yaml
     for teacher_nodes, ranks in expected.items():
         got = plan.split_teacher_ranks(cfg, teacher_nodes * 8)
         assert got == ranks
@@ -166,7 +166,7 @@ def balance_ratios(out: str) -> dict[str, float]:
 
 @pytest.mark.parametrize("nodes,teacher_nodes", [(3, 2), (6, 4)])
 def test_documented_fuse_layouts_fit_and_are_balanced(capsys, nodes, teacher_nodes):
-    """The layouts in configs/fuse_14b.yaml (and launch/fuse_14b.sh's default split): every
+    """The layouts in configs/recipes/fuse_14b.yaml (and launch/fuse_14b.sh's default split): every
     online teacher's compute per step is at most the student's."""
     rc, out, err = run_plan(capsys, "--config", FUSE, "--nodes", str(nodes), "--gpus-per-node", "8",
                             "--teacher-nodes", str(teacher_nodes))
@@ -196,12 +196,12 @@ def test_fpo_counts_chosen_and_rejected_in_activations():
 
 def test_launcher_layout_check_needs_no_sizes():
     """The launcher runs check_layout on every node: a config whose vocab comes from the tokenizer
-    and whose online teachers give no `model` (configs/demo_cpu_online.yaml) passes it; plan
+    and whose online teachers give no `model` (configs/demo/tiny_online.yaml) passes it; plan
     itself still asks for the sizes it estimates with."""
     from megatron_fusion.config import ConfigError, load_config
     from megatron_fusion.plan import check_layout, make_plan
 
-    cfg = load_config("configs/demo_cpu_online.yaml", [])
+    cfg = load_config("configs/demo/tiny_online.yaml", [])
     assert check_layout(cfg, 1, 6) == 1                    # student TP2 + 2 teachers x 2 ranks
     with pytest.raises(ConfigError, match=r"fuse.teachers.0.tp: 2 must divide gpus per node \(5\)"):
         check_layout(cfg, 1, 5)

@@ -80,7 +80,7 @@ def readme_paths(text: str | None = None) -> list[str]:
 
 
 # Files README names that are not in the repository, and why.
-NOT_IN_REPO = {"SPEC.md": "the team docs' math contract (README says so), not shipped here"}
+NOT_IN_REPO: dict[str, str] = {}
 
 
 # --- what is run, what is checked ---------------------------------------------------------------
@@ -122,9 +122,9 @@ def _after_tiny_cli(clone: Path) -> None:
 
 # Run as written, in README order; then the check after it (None: the exit code is the check).
 RUN = {
-    "torchrun --nproc-per-node 4 -m megatron_fusion.train --config configs/tiny_cpu.yaml "
+    "torchrun --nproc-per-node 4 -m megatron_fusion.train --config configs/test/tiny_cpu.yaml "
     "parallel.tp=2 parallel.pp=2": _after_tiny_torchrun,
-    "megatron-fusion train --config configs/tiny_cpu.yaml --nproc 2 train.steps=100": _after_tiny_cli,
+    "megatron-fusion train --config configs/test/tiny_cpu.yaml --nproc 2 train.steps=100": _after_tiny_cli,
     "python -m demos.data": None,          # reuses what the trainer made
 }
 
@@ -159,15 +159,15 @@ def _flags_in_help(clone: Path, cmd: str) -> None:
 _DEMO_RECIPE_CHECK = r"""
 import sys
 from megatron_fusion.config import load_config
-from megatron_fusion.train import TrainError, build_tokenizer
+from megatron_fusion.data.build import build_tokenizer
+from megatron_fusion.errors import DataError
 config, nproc, overrides = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 cfg = load_config(config, overrides)
-nproc = nproc or (cfg.parallel.tp * cfg.parallel.pp
-                  + sum(t.ranks for t in cfg.fuse.teachers if t.source == "online"))
+nproc = nproc or cfg.parallel.tp * cfg.parallel.pp + cfg.online_teacher_ranks()
 cfg.validate_layout(nproc)
 try:
     build_tokenizer(cfg)
-except TrainError as e:
+except DataError as e:
     print(e)
 else:
     sys.exit("the demo data is there already: this check expects a clean clone")
@@ -218,11 +218,11 @@ CHECKED = {
     "python tools/precompute_source_logprobs.py --backend hf --source-model QWEN_DIR --source-name "
     "qwen --data pairs.jsonl --seq-len 4096 --out logprobs/qwen":
         ("placeholders for your models and data: --help lists every flag", _flags_in_help),
-    "megatron-fusion train --config configs/demo_cpu.yaml --nproc 2":
+    "megatron-fusion train --config configs/demo/tiny_fuse.yaml --nproc 2":
         ("reads runs/demo from make demo-tiny", _demo_recipe),
-    "megatron-fusion train --config configs/demo_cpu_online.yaml":
+    "megatron-fusion train --config configs/demo/tiny_online.yaml":
         ("reads runs/demo from make demo-tiny", _demo_recipe),
-    "megatron-fusion train --config configs/demo_cpu_fpo.yaml --nproc 2":
+    "megatron-fusion train --config configs/demo/tiny_fpo.yaml --nproc 2":
         ("reads runs/demo from make demo-tiny", _demo_recipe),
     "megatron-fusion plan": ("named without its arguments (docs/cluster.md): --help",
                              lambda clone, cmd: _sh(clone, "megatron-fusion plan --help", 120)),
@@ -250,7 +250,7 @@ def test_readme_parser_sees_blocks_spans_and_continuations():
 
 def test_every_readme_command_is_listed():
     cmds = readme_commands()
-    assert "megatron-fusion train --config configs/tiny_cpu.yaml --nproc 2 train.steps=100" in cmds
+    assert "megatron-fusion train --config configs/test/tiny_cpu.yaml --nproc 2 train.steps=100" in cmds
     assert not set(RUN) & set(CHECKED)
     unlisted = [c for c in cmds if c not in RUN and c not in CHECKED]
     assert not unlisted, f"README commands in neither RUN nor CHECKED of {__file__}: {unlisted}"
@@ -260,7 +260,7 @@ def test_every_readme_command_is_listed():
 
 def test_every_file_readme_names_exists():
     paths = readme_paths()
-    assert "configs/tiny_cpu.yaml" in paths and "docs/methods.md" in paths
+    assert "configs/test/tiny_cpu.yaml" in paths and "docs/methods.md" in paths
     missing = [p for p in paths if p not in NOT_IN_REPO and not (ROOT / p).exists()]
     assert not missing, f"README names files that are not in the repository: {missing}"
 
@@ -289,15 +289,15 @@ def _digests(d: Path) -> dict[str, str]:
 
 
 def test_tiny_recipe_data_appears_on_first_use(tmp_path, monkeypatch):
-    """configs/tiny_cpu.yaml run where runs/demo_data is missing: the trainer's tokenizer step
+    """configs/test/tiny_cpu.yaml run where runs/demo_data is missing: the trainer's tokenizer step
     makes it, byte-identical to `python -m demos.data`; a stamp left without a
     file (an interrupted or pruned directory) is made again."""
     from megatron_fusion.config import load_config
     from demos.data import main as demo_data_main
-    from megatron_fusion.train import build_tokenizer
+    from megatron_fusion.data.build import build_tokenizer
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [])
+    cfg = load_config(ROOT / "configs/test/tiny_cpu.yaml", [])
     assert build_tokenizer(cfg).path == "runs/demo_data/pivot.model"
     assert Path("runs/demo_data/DONE").exists()
     demo_data_main(["--out", str(tmp_path / "by_hand")])
@@ -325,11 +325,12 @@ def test_first_use_data_from_concurrent_ranks(tmp_path):
                                          ("runs/demo_real/pivot_tp3", "`make demo`")])
 def test_missing_demo_run_data_names_the_command(tmp_path, monkeypatch, path, maker):
     from megatron_fusion.config import load_config
-    from megatron_fusion.train import TrainError, build_tokenizer
+    from megatron_fusion.data.build import build_tokenizer
+    from megatron_fusion.errors import DataError
 
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [f"data.tokenizer={path}"])
-    with pytest.raises(TrainError) as e:
+    cfg = load_config(ROOT / "configs/test/tiny_cpu.yaml", [f"data.tokenizer={path}"])
+    with pytest.raises(DataError) as e:
         build_tokenizer(cfg)
     assert str(e.value).startswith(f"data.tokenizer: file not found: {path}; {maker} makes ")
     assert "\n" not in str(e.value) and not (tmp_path / "runs").exists()

@@ -1,12 +1,12 @@
 """One-GPU student step through the real training loop: CE only vs CE + ULD + GLD, TFLOP/s, MFU.
 
-    python tools/bench_gpu.py --config configs/gpu_check_1b.yaml --steps 20   # one H100/H200
+    python tools/bench_gpu.py --config configs/test/gpu_check_1b.yaml --steps 20   # one H100/H200
     python tools/bench_gpu.py --cpu-smoke --steps 2 --warmup 1                # tiny, on CPU
 
 Makes the inputs first (``tools/make_synthetic_topk.py``: long SFT samples, the demo pivot
 tokenizer, synthetic top-K shards for the config's teachers, at the config's seq_length, k and
 vocab_size) unless ``--data-dir`` already holds them, then launches the trainer once per variant
-(``megatron_fusion.step_bench``) and reads its metrics.jsonl. MFU is against --peak-tflops
+(``tools/step_bench.py``) and reads its metrics.jsonl. MFU is against --peak-tflops
 (H100/H800/H200 SXM dense BF16: 989) and against --gemm-tflops (788: the bf16 GEMM rate measured
 on this workplace's H200).
 """
@@ -19,9 +19,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT, ROOT / "tools"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=176", "model.vocab_size=1000",
@@ -32,7 +29,7 @@ TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "gpu_check_1b.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "test/gpu_check_1b.yaml"))
     ap.add_argument("--steps", type=int, default=20, help="optimizer steps per variant")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the medians")
     ap.add_argument("--variants", default="ce,fusion")
@@ -56,12 +53,12 @@ def main(argv=None) -> int:
 
     from make_synthetic_topk import make_synthetic_fuse_data
     from megatron_fusion.config import ConfigError, load_config
-    from megatron_fusion.step_bench import BenchError, bench, table
+    from step_bench import BenchError, bench, table
 
     if not torch.cuda.is_available() and not args.cpu_smoke:
         print("bench_gpu: needs a CUDA GPU (use --cpu-smoke for a CPU check)", file=sys.stderr)
         return 2
-    config = str(ROOT / "configs" / "tiny_cpu.yaml") if args.cpu_smoke else args.config
+    config = str(ROOT / "configs" / "test/tiny_cpu.yaml") if args.cpu_smoke else args.config
     base = TINY if args.cpu_smoke else []
     try:
         cfg = load_config(config, base + overrides + ["stage=fuse"])

@@ -52,7 +52,7 @@ def prepare(out: Path, tp: int) -> dict:
     tok = out / "teacher_tok"
     train_byte_bpe(texts, 600, tok)
     teacher = out / "teacher"
-    _torchrun(1, ["-m", "megatron_fusion.train", "--config", "configs/demo_teacher.yaml",
+    _torchrun(1, ["-m", "megatron_fusion.train", "--config", "configs/demo/tiny_teacher.yaml",
                   f"run.dir={teacher}", f"data.train={data['train']}", f"data.tokenizer={tok}",
                   "train.steps=0", "logging.progress=false"])
     _torchrun(tp, ["tools/precompute_teacher_topk.py", "--backend", "megatron",
@@ -65,7 +65,7 @@ def prepare(out: Path, tp: int) -> dict:
 
 def student(out: Path, name: str, prep: dict, teacher: dict, steps: int, nproc: int,
             warmup: int, prefetch: int) -> dict:
-    cfg = yaml.safe_load((REPO / "configs" / "demo_cpu.yaml").read_text())
+    cfg = yaml.safe_load((REPO / "configs" / "demo/tiny_fuse.yaml").read_text())
     cfg["run"]["dir"] = str(out / name)
     cfg["train"].update(steps=steps, eval_interval=0)
     cfg["data"] = {"train": prep["data"]["train"], "tokenizer": prep["data"]["pivot_tokenizer"],

@@ -1,6 +1,6 @@
 """Step time and tokens/s of the trainer for a config (and layout), measured in one launch.
 
-    python tools/bench_step.py --config configs/tiny_cpu.yaml --nproc 2 --steps 30 [overrides]
+    python tools/bench_step.py --config configs/test/tiny_cpu.yaml --nproc 2 --steps 30 [overrides]
 
 Starts torchrun, trains ``--steps`` steps (checkpoints off, W&B off) and reads the run's
 metrics.jsonl: median step time and tokens/s over the steps after ``--warmup``.
@@ -41,7 +41,7 @@ def bench(config: str, nproc: int, steps: int, warmup: int, overrides: list[str]
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default="configs/tiny_cpu.yaml")
+    ap.add_argument("--config", default="configs/test/tiny_cpu.yaml")
     ap.add_argument("--nproc", type=int, default=None, help="default: tp*pp of the config")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)

@@ -5,7 +5,7 @@
 Every ``import``/``from ... import`` of a ``megatron_fusion`` module counts, including the ones
 made inside functions (a lazy import is still a dependency). The layers, lowest first:
 
-    base      errors, config, cpu_mode, parallel, local_ranks, tokenizers, metrics
+    base      errors, config, cpu_mode, parallel, local_ranks, tokenizers, metrics, run_guard
     data      megatron_fusion.data.*          (imports base only)
     losses    megatron_fusion.losses.*        (imports base only)
     models    model, checkpoint, convert
@@ -104,6 +104,7 @@ def check(root: Path) -> list[str]:
     known = {module_name(root, f) for f in files}
     graph: dict[str, set[str]] = {m: set() for m in known}
     problems: list[str] = []
+    seen: set[tuple[str, str, int]] = set()
     for f in files:
         src = module_name(root, f)
         src_layer = layer_of(src)
@@ -119,7 +120,8 @@ def check(root: Path) -> list[str]:
             upward = dst_layer[1] > src_layer[1]
             peer = (dst_layer[0] != src_layer[0] and dst_layer[1] == src_layer[1]
                     and src_layer[0] in PEERS)
-            if upward or peer:
+            if (upward or peer) and (src, dst, line) not in seen:
+                seen.add((src, dst, line))
                 problems.append(f"{f.relative_to(root)}:{line}: {src} ({src_layer[0]}) imports "
                                 f"{dst} ({dst_layer[0]}): {'upward' if upward else 'peer'} import")
     for cycle in _cycles(graph):

@@ -184,7 +184,7 @@ part_gpu_tests() {
 
 part_real_loop() {
   local rc=0
-  "$PY" tools/bench_gpu.py --config configs/gpu_check_1b.yaml --steps 20 --warmup 3 \
+  "$PY" tools/bench_gpu.py --config configs/test/gpu_check_1b.yaml --steps 20 --warmup 3 \
     --data-dir "$DATA" --work-dir "$WORK/bench" --log-dir "$WORK/trainer_logs" \
     --timeout "${GPU_CHECK_T_LAUNCH:-85}" --json "$WORK/real_loop.json" || rc=$?
   for f in "$WORK"/trainer_logs/*.log; do
@@ -234,7 +234,7 @@ part_te_resume() {
   for spec in transformer_engine:2 local:4 transformer_engine:6; do
     steps=${spec#*:}
     "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 -m megatron_fusion.train \
-      --config configs/tiny_cpu.yaml stage=sft parallel.tp=1 train.precision=bf16 \
+      --config configs/test/tiny_cpu.yaml stage=sft parallel.tp=1 train.precision=bf16 \
       "model.transformer_impl=${spec%%:*}" "train.steps=$steps" "run.dir=$run" \
       "data.train=$DATA/train.jsonl" "data.tokenizer=$tok" "data.valid=[]" model.seq_length=256 \
       logging.wandb_mode=disabled logging.progress=false checkpoint.interval=0 2>&1 | tee "$WORK/te_$i.out"

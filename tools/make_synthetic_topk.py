@@ -28,8 +28,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # runnable as a plain script from a checkout
-    sys.path.insert(0, str(ROOT))
 
 
 def _long_records(base: list[dict], n: int, chars: int, seed: int) -> list[dict]:

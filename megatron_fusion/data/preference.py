@@ -1,4 +1,4 @@
-"""Preference dataset: JSONL of ``prompt``/``chosen``/``rejected`` for the FPO stage (SPEC §5).
+"""Preference dataset: JSONL of ``prompt``/``chosen``/``rejected`` for the FPO stage (docs/methods.md §5).
 
     ds = PreferenceDataset("pref.jsonl", tokenizer, seq_len=512)
     item = ds[0]  # chosen_tokens/labels/loss_mask [s], rejected_tokens/labels/loss_mask [s], sample_id

@@ -5,7 +5,7 @@
 Writes ``train.jsonl`` (arithmetic + string tasks), held-out ``valid_arith.jsonl`` and
 ``valid_string.jsonl``, ``preference.jsonl``, and ``pivot.model`` (SentencePiece unigram trained
 on the training text). Deterministic for a seed; a finished directory (``DONE`` stamp) is reused.
-``runs/demo_data`` (the data of ``configs/tiny_cpu.yaml``) is also made on first use: the trainer
+``runs/demo_data`` (the data of ``configs/test/tiny_cpu.yaml``) is also made on first use: the trainer
 calls ``ensure_demo_data`` when that recipe's tokenizer is missing.
 """
 

@@ -1,4 +1,4 @@
-"""Fusion losses over the student's vocab-parallel logits (SPEC §2-§5).
+"""Fusion losses over the student's vocab-parallel logits (docs/methods.md §2-§5).
 
 Every function takes this TP rank's logits shard ``[b, s, v_local]`` (Megatron's VocabUtility
 layout: rank r holds global ids ``[r * v_local, (r + 1) * v_local)``, the vocabulary padded to a

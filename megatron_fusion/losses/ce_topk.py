@@ -1,7 +1,7 @@
 """Pivot CE and the student's standardised top-K in ONE autograd.Function (the fusion stage's path).
 
 The fusion stage needs, from the same vocab-parallel logits shard, the per-token cross entropy
-(SPEC §4: Megatron's vocab-parallel CE; ``== -token_logprobs``) and the top-K of §2 feeding ULD
+(docs/methods.md §4: Megatron's vocab-parallel CE; ``== -token_logprobs``) and the top-K of §2 feeding ULD
 and GLD. As two autograd Functions each backward builds its own shard-sized gradient and autograd
 adds them: two shard-sized tensors at the peak. Here the backward builds ONE gradient tensor,
 chunk by chunk:
@@ -226,7 +226,7 @@ def cross_entropy_and_topk(logits_local: torch.Tensor, labels: torch.Tensor, k: 
         labels: ``[b, s]`` global token ids; ids outside ``[0, vocab_size)`` (e.g. -100) give a
             meaningless CE and no CE gradient (mask them out, as with :func:`token_logprobs`).
         k: top-K size, ``1 <= k <= vocab_size`` (may exceed ``v_local``).
-        eps: z-score epsilon of SPEC §2.
+        eps: z-score epsilon of methods.md §2.
         vocab_size: true vocabulary size; padded columns never count and get zero gradient.
         tp_group: the TP group, or None when the shard is the whole vocabulary.
         chunk_tokens: tokens per chunk of the local work (default: a fixed element budget).

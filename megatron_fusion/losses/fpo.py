@@ -1,4 +1,4 @@
-"""FPO loss (InfiFPO; SPEC §5): DPO whose reference is a fusion of clipped source log-probs.
+"""FPO loss (InfiFPO; methods.md §5): DPO whose reference is a fusion of clipped source log-probs.
 
 All inputs are per-pair, length-normalised sequence log-probs ``[b]`` (sources ``[b, N]``); the
 vocab-parallel part is ``sequence_logprobs``. Pure torch, no collectives.

@@ -1,4 +1,4 @@
-"""GLD loss: co-activation graph on top-K logits, compared by a sorted 1-D W1 (SPEC §3).
+"""GLD loss: co-activation graph on top-K logits, compared by a sorted 1-D W1 (docs/methods.md §3).
 
 Per sequence and per model, over the masked-in positions R with standardised top-K values a_t:
 ``ecc[u] = (1 / (|R| n)) sum_t a_t[u] S_t`` with ``S_t = sum_v a_t[v]`` -- the weighted degree of

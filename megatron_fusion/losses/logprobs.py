@@ -1,4 +1,4 @@
-"""Vocab-parallel log-probabilities of the labels (SPEC §5 building block; ``-token_logprobs``
+"""Vocab-parallel log-probabilities of the labels (methods.md §5 building block; ``-token_logprobs``
 is the trainer's CE, equal to megatron-core's ``vocab_parallel_cross_entropy``).
 
 Per token: ``log p(label) = z_label - max - log(sum exp(z - max))`` over the true vocabulary.
@@ -105,7 +105,7 @@ def sequence_logprobs(logits_local: torch.Tensor, labels: torch.Tensor, mask: to
 
     Args: logits_local ``[b, s, v_local]``, labels ``[b, s]`` (already shifted so that position t
         scores labels[t]), mask ``[b, s]`` (1 = response token).
-    Returns: ``(logp_sum [b], n_tokens [b])``; ``logp_sum / n_tokens`` is SPEC §5's ℓ(y).
+    Returns: ``(logp_sum [b], n_tokens [b])``; ``logp_sum / n_tokens`` is methods.md §5's ℓ(y).
         With context parallelism, all-reduce both over the CP group before dividing.
     """
     tok = token_logprobs(logits_local, labels, vocab_size=vocab_size, tp_group=tp_group,

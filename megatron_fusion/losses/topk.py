@@ -1,4 +1,4 @@
-"""Global top-K over TP vocab shards, raw or z-scored (SPEC §2), in one autograd.Function.
+"""Global top-K over TP vocab shards, raw or z-scored (docs/methods.md §2), in one autograd.Function.
 
 Forward, per token (b*s tokens, ``N`` below):
   1. each rank picks its local top-K candidates over its *real* columns (padding excluded);
@@ -319,7 +319,7 @@ def distributed_topk(logits_local: torch.Tensor, k: int, *, vocab_size: int | No
 def standardized_topk(logits_local: torch.Tensor, k: int, *, eps: float = 1e-6,
                       vocab_size: int | None = None, tp_group=None,
                       chunk_tokens: int | None = None):
-    """Top-K of the full-vocabulary z-scored logits ``(z - mu) / (sigma + eps)`` (SPEC §2).
+    """Top-K of the full-vocabulary z-scored logits ``(z - mu) / (sigma + eps)`` (docs/methods.md §2).
 
     ``mu`` and the population ``sigma`` are over the true vocabulary (padding excluded); the
     gradient flows through the selected entries *and* through ``mu`` and ``sigma``.

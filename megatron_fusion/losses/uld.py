@@ -1,4 +1,4 @@
-"""ULD loss with top-K and z-score (InfiFusion; SPEC §2), vocab-parallel.
+"""ULD loss with top-K and z-score (InfiFusion; methods.md §2), vocab-parallel.
 
 Per aligned position: ``a = topK(zscore(z))``, ``p = softmax(a / T)``,
 ``ULD = sum_i |p_s[i] - p_t[i]|`` between the student's and the teacher's *sorted* top-K
@@ -33,7 +33,7 @@ def uld_from_topk(student_values: torch.Tensor, teacher_values: torch.Tensor, *,
                   temperature: float = 1.0, eps: float = 1e-6, zscore: str = "full") -> torch.Tensor:
     """Per-position ULD from the two sorted top-K value lists ``[..., k]`` -> ``[...]``.
 
-    ``zscore="full"``: the values are already full-vocab standardised (``a`` of SPEC §2).
+    ``zscore="full"``: the values are already full-vocab standardised (``a`` of methods.md §2).
     ``zscore="topk"``: both sides are standardised among their K values first (for a teacher
     stored as full-vocab ``a_t`` this equals standardising its raw top-K, up to eps).
     Symmetric in its two arguments.
@@ -61,7 +61,7 @@ def uld_loss(student_logits_local: torch.Tensor | None, teacher_topk_values: tor
         teacher_topk_values: ``[b, s, K]`` the teacher's standardised top-K values ``a_t``
             (descending), aligned to pivot positions; K must equal ``k``.
         mask: ``[b, s]`` 1 = aligned response position (gets a ULD term).
-        k, temperature, eps: SPEC §2 (defaults 10, 1.0, 1e-6).
+        k, temperature, eps: methods.md §2 (defaults 10, 1.0, 1e-6).
         zscore: ``"full"`` (default, full-vocab z-score) or ``"topk"`` (within the K values).
         vocab_size, tp_group: true vocab size (padding excluded) and the TP group.
         student_topk: precomputed ``(values, ids)`` from :func:`standardized_topk` (``"full"``)

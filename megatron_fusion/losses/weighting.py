@@ -1,4 +1,4 @@
-"""Multi-teacher weights (SPEC §2 unified fusion): ``L = sum_j w_j * term_j``.
+"""Multi-teacher weights (docs/methods.md §2 unified fusion): ``L = sum_j w_j * term_j``.
 
 ``uniform``: w_j = 1/N. ``minCE``: all weight on the teacher with the lowest CE on the gold
 response (per sample when CE is per sample; tied lowest teachers share it equally). ``avgCE``:

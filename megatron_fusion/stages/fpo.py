@@ -1,6 +1,6 @@
-"""FPO stage (InfiFPO, SPEC §5): preference optimisation against the fused, clipped source reference.
+"""FPO stage (InfiFPO, methods.md §5): preference optimisation against the fused, clipped source reference.
 
-    megatron-fusion train --config configs/demo_cpu_fpo.yaml --nproc 2
+    megatron-fusion train --config configs/demo/tiny_fpo.yaml --nproc 2
 
 A sample is one pair ``(prompt, chosen, rejected)``; ``collate`` puts both responses of a pair in
 the same micro-batch, ``tokens = cat([chosen, rejected])`` ``[2b, s]`` (``sequences_per_sample =

@@ -6,7 +6,7 @@ shards, or the online teacher group: ``megatron_fusion.teachers.online.client.On
 and the batch's sample ids, and stores it in the micro-batch dict; other stages drop nothing
 because they never load it.
 
-Normalisation (SPEC §4): with global counts known before the forward — N_ce response tokens,
+Normalisation (docs/methods.md §4): with global counts known before the forward — N_ce response tokens,
 N_uld_j aligned response positions and N_gld_j sequences with any, for teacher j, summed over the
 step's micro-batches and DP ranks — the micro-batch loss is
 

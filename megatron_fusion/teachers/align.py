@@ -1,4 +1,4 @@
-"""Token alignment between the pivot's and a teacher's tokenizations of the same text (SPEC §1).
+"""Token alignment between the pivot's and a teacher's tokenizations of the same text (docs/methods.md §1).
 
 Both functions return, for every pivot position i, the aligned teacher position j, or -1.
 Positions are aligned when they are *context-equivalent*: token i of the pivot and token j of the

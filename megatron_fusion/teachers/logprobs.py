@@ -1,6 +1,6 @@
 """Teacher top-K log-probs from the stored standardised values and two per-position scalars.
 
-A teacher's top-K is stored as ``a = (z - mu) / (sigma + eps)`` (SPEC §2) and its ids. With two
+A teacher's top-K is stored as ``a = (z - mu) / (sigma + eps)`` (docs/methods.md §2) and its ids. With two
 more fp32 scalars per aligned position, ``d = sigma + eps`` and ``c = mu - logsumexp(z)`` over the
 teacher's FULL vocabulary (8 B: 60 + 8 = 68 B per position at K = 10), its exact top-K log-probs
 come back:

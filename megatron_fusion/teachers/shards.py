@@ -1,7 +1,7 @@
-"""Teacher top-K shards and source log-prob files on disk (SPEC §6), written atomically, checked.
+"""Teacher top-K shards and source log-prob files on disk (docs/methods.md §6), written atomically, checked.
 
 Teacher top-K, per sample at *pivot* positions (already aligned): ``values [s, K]`` (standardised
-logits ``a_t`` of SPEC §2), ``ids [s, K]`` (teacher vocab), ``aligned_mask [s]``.
+logits ``a_t`` of methods.md §2), ``ids [s, K]`` (teacher vocab), ``aligned_mask [s]``.
 
     with TopKWriter(path, TopKHeader(teacher="t0", ...)) as w:
         w.add(sample_id, values, ids, aligned_mask)         # rows where the mask is 0 are dropped
@@ -21,7 +21,7 @@ File layout (little-endian)::
 Only aligned rows are stored: K ids (4 B) + K values (2 B) = 60 B per aligned position at K = 10,
 plus one bit per pivot position. Per sample the index also holds the teacher's mean cross-entropy
 on the gold response over its *own* tokens (``teacher_ce``, nats/token; NaN when the teacher saw
-no response token, ``teacher_ce_tokens`` = 0), which the minCE / avgCE teacher weights of SPEC §2
+no response token, ``teacher_ce_tokens`` = 0), which the minCE / avgCE teacher weights of methods.md §2
 use. The header carries the teacher name, both tokenizer hashes, K,
 dataset hash, the sample-id range, dtype and a free ``meta`` dict; the trailer checksum covers
 header and payload. ``TopKReader`` validates every file when opened (before step 1): a wrong
@@ -29,7 +29,7 @@ magic/version, a truncated file, a bad checksum or a header field that differs f
 raises ``TopKStoreError`` naming the file (and the field).
 
 ``SourceLogprobStore``: per preference pair and source model, the summed log-prob and token count
-of the chosen and of the rejected response (SPEC §5), in the same checked container.
+of the chosen and of the rejected response (docs/methods.md §5), in the same checked container.
 """
 
 from __future__ import annotations
@@ -356,7 +356,7 @@ class TopKReader:
 
     def teacher_ce(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """-> [b] float32: the teacher's mean NLL (nats/token) on each sample's gold response,
-        over its own response tokens (SPEC §2 minCE / avgCE). NaN where ``teacher_ce_tokens`` is
+        over its own response tokens (docs/methods.md §2 minCE / avgCE). NaN where ``teacher_ce_tokens`` is
         0 (no response token inside the teacher's window): mask on ``teacher_ce_tokens > 0``
         before weighting teachers with it."""
         return torch.from_numpy(self._index_field(sample_ids, "teacher_ce"))

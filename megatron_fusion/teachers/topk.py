@@ -100,7 +100,7 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
     Tokenisation and the alignment maps are host work; the forward, the top-K, the log-probs and
     the placement at pivot positions run on the logits' device, and the results come back to the
     host in ONE copy per batch (values, ids, masks and CE sums together)."""
-    # the student's own functions (SPEC §2): top-K and vocab-parallel log-softmax
+    # the student's own functions (docs/methods.md §2): top-K and vocab-parallel log-softmax
     from megatron_fusion.losses import standardized_topk, token_logprobs
 
     vocab = true_vocab_size(backend, teacher_tokenizer)

@@ -1,6 +1,6 @@
-"""FPO loss (SPEC §5) against a plain per-pair Python reference, its closed forms (one source equal
+"""FPO loss (docs/methods.md §5) against a plain per-pair Python reference, its closed forms (one source equal
 to the reference model -> length-normalised DPO; both clip boundaries; max-margin selection), and
-the multi-teacher weights (SPEC §2: uniform, minCE, avgCE).
+the multi-teacher weights (docs/methods.md §2: uniform, minCE, avgCE).
 
     .venv/bin/python -m pytest -q tests/losses/test_fpo_loss.py
 """

@@ -516,7 +516,7 @@ def test_eccentricity_is_graph_degree():
 
 
 def test_gld_never_exceeds_gw1_cost_of_exact_solver_plan():
-    """Mémoli's first lower bound: W1(ecc_s, ecc_t) <= GW_1 cost of any coupling (SPEC §3)."""
+    """Mémoli's first lower bound: W1(ecc_s, ecc_t) <= GW_1 cost of any coupling (docs/methods.md §3)."""
     ot = pytest.importorskip("ot")
     g = torch.Generator().manual_seed(9)
     checked = 0

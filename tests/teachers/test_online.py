@@ -199,7 +199,7 @@ def test_teacher_rank_killed_by_signal_is_named_by_the_launcher(online):
 
 
 def test_demo_online_config_through_megatron_fusion_train(online):
-    """`megatron-fusion train --config configs/demo_cpu_online.yaml` (no --nproc) starts the
+    """`megatron-fusion train --config configs/demo/tiny_online.yaml` (no --nproc) starts the
     6 ranks the config needs (student TP2 + 2 teacher groups x 2) and trains; both teachers point
     at the test's tiny teacher, data and sizes are shrunk by overrides."""
     root, t = online["root"], online["online_t"]
@@ -212,7 +212,7 @@ def test_demo_online_config_through_megatron_fusion_train(online):
         over += [f"fuse.teachers.{i}.checkpoint={t['checkpoint']}",
                  f"fuse.teachers.{i}.tokenizer={t['tokenizer']}"]
     p = subprocess.run([sys.executable, "-m", "megatron_fusion.cli", "train", "--config",
-                        "configs/demo_cpu_online.yaml", *over], env=_env(), cwd=REPO,
+                        "configs/demo/tiny_online.yaml", *over], env=_env(), cwd=REPO,
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = [json.loads(x) for x in (root / "demo_online" / "metrics.jsonl").open()]
@@ -308,7 +308,6 @@ def _instrument(argv: list[str]) -> list[str]:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     from megatron_fusion.train import main
 
     sys.exit(main(_instrument(sys.argv[1:])))

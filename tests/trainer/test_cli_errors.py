@@ -34,14 +34,14 @@ def _train(args, cwd=ROOT, timeout=240):
 ])
 def test_bad_config_one_line(override, field):
     with pytest.raises(ConfigError) as e:
-        cfg = load_config(ROOT / "configs/tiny_cpu.yaml", [override])
+        cfg = load_config(ROOT / "configs/test/tiny_cpu.yaml", [override])
         cfg.validate_layout(6 if "pp" in override else 2)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith(f"config error: {field}"), msg
 
 
 def test_cli_bad_config_exit_code(tmp_path):
-    code, err = _train(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "parallel.tp=3",
+    code, err = _train(["--config", str(ROOT / "configs/test/tiny_cpu.yaml"), "parallel.tp=3",
                         f"run.dir={tmp_path}/r"])
     assert code != 0 and err[-1].startswith("config error: parallel.tp"), err
 
@@ -50,18 +50,18 @@ def test_fp8_without_transformer_engine_is_refused(tmp_path):
     """train.fp8 must not silently train in the base precision where TE cannot run it."""
     from megatron_fusion.model import check_fp8, te_available
 
-    cfg = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.fp8=hybrid", "train.precision=bf16"])
+    cfg = load_config(ROOT / "configs/test/tiny_cpu.yaml", ["train.fp8=hybrid", "train.precision=bf16"])
     if te_available():
         pytest.skip("Transformer Engine imports here: FP8 is allowed (tests/test_gpu.py runs it)")
     with pytest.raises(ConfigError, match=r"^config error: train.fp8: 'hybrid' needs the "
                                           "Transformer Engine layers on a GPU"):
         check_fp8(cfg)
-    local = load_config(ROOT / "configs/tiny_cpu.yaml", ["train.fp8=hybrid",
+    local = load_config(ROOT / "configs/test/tiny_cpu.yaml", ["train.fp8=hybrid",
                                                         "model.transformer_impl=local"])
     with pytest.raises(ConfigError, match="train.fp8"):
         check_fp8(local)
-    check_fp8(load_config(ROOT / "configs/tiny_cpu.yaml", []))     # off: nothing to check
-    code, err = _train(["--config", str(ROOT / "configs/tiny_cpu.yaml"), "train.fp8=hybrid",
+    check_fp8(load_config(ROOT / "configs/test/tiny_cpu.yaml", []))     # off: nothing to check
+    code, err = _train(["--config", str(ROOT / "configs/test/tiny_cpu.yaml"), "train.fp8=hybrid",
                         "parallel.tp=1", f"run.dir={tmp_path}/r", "logging.wandb_mode=disabled"])
     assert code == 2 and err[-1].startswith("config error: train.fp8"), err
 
@@ -75,7 +75,7 @@ def _small(tmp_path, demo_data, **kw):
     base = ["logging.wandb_mode=disabled", "logging.progress=false", f"run.dir={tmp_path}/run",
             f"data.tokenizer={demo_data['pivot_tokenizer']}", "data.valid=[]", "train.steps=1",
             "parallel.tp=1", "model.seq_length=64", "train.global_batch=2", "train.micro_batch=2"]
-    return ["--config", str(ROOT / "configs/tiny_cpu.yaml"), *base, *[f"{k}={v}" for k, v in kw.items()]]
+    return ["--config", str(ROOT / "configs/test/tiny_cpu.yaml"), *base, *[f"{k}={v}" for k, v in kw.items()]]
 
 
 @pytest.mark.slow
