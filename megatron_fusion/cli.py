@@ -53,6 +53,51 @@ def train_main(argv: list[str]) -> int:
                          "--config", args.config, *overrides], cfg, nproc)
 
 
+# --- plan -------------------------------------------------------------------------------------
+
+def plan_main(argv: list[str] | None = None) -> int:
+    from megatron_fusion import plan
+    from megatron_fusion.config import ConfigError, load_config
+
+    ap = argparse.ArgumentParser(prog="megatron-fusion plan", description=plan.__doc__.split("\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--nodes", type=int, required=True)
+    ap.add_argument("--gpus-per-node", type=int, required=True)
+    ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
+    ap.add_argument("--teacher-nodes", type=int, default=None,
+                    help="spread this many nodes over the online teachers (overrides their ranks)")
+    args, overrides = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = load_config(args.config, overrides)
+        teacher_args = []
+        if args.teacher_nodes is not None:
+            teacher_args = plan.teacher_rank_overrides(cfg, args.teacher_nodes, args.nodes, args.gpus_per_node)
+            cfg = plan.with_overrides(cfg, teacher_args)
+        p = plan.make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(plan.render(p, args.config))
+    if p.fits:
+        print("result: fits")
+        return 0
+    print("result: DOES NOT FIT")
+    found = plan.search(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
+    if found is None:
+        print(f"suggestion: none on {args.nodes} node(s); add nodes or give the teachers more ranks")
+        return 1
+    suggested, splan = found
+    base = [f"--config {args.config}", f"--nodes {args.nodes}", f"--gpus-per-node {args.gpus_per_node}",
+            f"--gpu-mem-gb {args.gpu_mem_gb:g}"]
+    if args.teacher_nodes is not None:
+        base.append(f"--teacher-nodes {args.teacher_nodes}")
+    print(f"suggestion: a layout that fits (student peak {splan.student_peak / plan.GIB:.1f} GiB):")
+    keys = {o.split("=", 1)[0] for o in suggested}
+    kept = [o for o in overrides if o.split("=", 1)[0] not in keys]
+    print("  megatron-fusion plan " + " ".join(base + kept + suggested))
+    return 1
+
+
 # --- precompute: the frozen-model flags, defined once --------------------------------------------
 
 def add_backend_args(ap: argparse.ArgumentParser, what: str) -> None:
@@ -263,8 +308,6 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "train":
         return train_main(rest)
     if cmd == "plan":
-        from megatron_fusion.plan import main as plan_main
-
         return plan_main(rest)
     if cmd == "precompute-topk":
         precompute_topk_main(rest)

@@ -464,7 +464,7 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             raise ConfigError(name, f"expected a mapping, got {type(value).__name__}")
         return value
     if dataclasses.is_dataclass(tp):
-        return _build(tp, value, name)
+        return build_section(tp, value, name)
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(name, f"expected true/false, got {value!r}")
@@ -489,7 +489,8 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
     return value
 
 
-def _build(cls, raw: Any, prefix: str):
+def build_section(cls, raw: Any, prefix: str):
+    """One config dataclass ``cls`` from a YAML mapping; errors name ``prefix.key``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -505,7 +506,7 @@ def _build(cls, raw: Any, prefix: str):
 
 
 def config_from_dict(raw: dict) -> Config:
-    return _build(Config, raw, "")
+    return build_section(Config, raw, "")
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:

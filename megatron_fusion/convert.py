@@ -570,27 +570,30 @@ def megatron_logits(megatron_dir: str | Path, tokens: torch.Tensor, tp: int = 1,
         model = build_model(cfg, vocab_size=padded)[0].eval()
     load_model_weights(ckpt, [model])
 
+    dev = groups.device                                  # this rank's device (cuda:LOCAL_RANK or cpu)
+    tokens = tokens.to(dev)
     b, s = tokens.shape
-    pos = torch.arange(s).unsqueeze(0).expand(b, s)
+    pos = torch.arange(s, device=dev).unsqueeze(0).expand(b, s)
     if groups.is_first_stage:
         out = model(tokens, pos, None)
     else:
-        hidden = torch.empty(s, b, cfg.model.hidden_size)                      # [s, b, h]
+        hidden = torch.empty(s, b, cfg.model.hidden_size, device=dev,
+                             dtype=next(model.parameters()).dtype)               # [s, b, h]
         dist.recv(hidden, src=ps.get_pipeline_model_parallel_prev_rank())
         model.set_input_tensor(hidden)
         out = model(None, pos, None)
     if not groups.is_last_stage:
         dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-        logits = torch.empty(b, s, padded)
+        logits = torch.empty(b, s, padded, device=dev)
     else:                                                                       # [b, s, v/tp]
         shards = [torch.empty_like(out) for _ in range(groups.tp_size)]
         dist.all_gather(shards, out.contiguous(), group=groups.tp)
         logits = torch.cat(shards, dim=-1).float()                              # [b, s, v]
     is_src = groups.is_last_stage and groups.tp_rank == 0 and groups.dp_rank == 0
-    src_rank = torch.tensor([dist.get_rank() if is_src else -1])
+    src_rank = torch.tensor([dist.get_rank() if is_src else -1], device=dev)
     dist.all_reduce(src_rank, op=dist.ReduceOp.MAX)
     dist.broadcast(logits, src=int(src_rank))
-    return logits[..., :cfg.model.vocab_size]
+    return logits[..., :cfg.model.vocab_size].cpu()
 
 
 @torch.no_grad()

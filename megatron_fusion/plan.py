@@ -29,13 +29,11 @@ so it prints the replicas (ranks) that hide each teacher and says ``balanced`` w
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-from megatron_fusion.config import Config, ConfigError, ModelConfig, _build, load_config
+from megatron_fusion.config import Config, ConfigError, ModelConfig, build_section
 
 GIB = 2**30
 RUNTIME_RESERVE_GIB = 4.0
@@ -280,7 +278,7 @@ def teacher_models(cfg: Config) -> list[ModelConfig]:
         if not tc.model:
             raise ConfigError(where, f"teacher {tc.name!r} needs its architecture for plan")
         raw = {"seq_length": cfg.model.seq_length, **tc.model}
-        tm = _build(ModelConfig, raw, where)
+        tm = build_section(ModelConfig, raw, where)
         if tm.vocab_size <= 0:
             raise ConfigError(f"{where}.vocab_size", "plan needs the true vocabulary size")
         models.append(tm)
@@ -403,7 +401,7 @@ def check_layout(cfg: Config, nodes: int, gpus_per_node: int) -> int:
         if tc.source != "online":
             continue
         where = f"fuse.teachers.{i}"
-        tm = _build(ModelConfig, {"seq_length": cfg.model.seq_length, **tc.model},
+        tm = build_section(ModelConfig, {"seq_length": cfg.model.seq_length, **tc.model},
                     f"{where}.model") if tc.model else None
         if tm is not None and not _teacher_tp_ok(tm, tc.tp):
             raise ConfigError(f"{where}.tp", f"{tc.tp} must divide the teacher's attention heads "
@@ -468,7 +466,7 @@ def search(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gib: float
     for _, lay in sorted(candidates, key=lambda c: c[0]):
         overrides = lay.overrides() + teacher_fix
         try:
-            trial = _with_overrides(cfg, overrides)
+            trial = with_overrides(cfg, overrides)
             plan = make_plan(trial, nodes, gpus_per_node, gpu_mem_gib)
         except ConfigError:
             continue
@@ -496,7 +494,7 @@ def _teacher_overrides(cfg: Config, gpu_mem_gib: float) -> list[str]:
     return out
 
 
-def _with_overrides(cfg: Config, overrides: list[str]) -> Config:
+def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     from megatron_fusion.config import apply_overrides, config_from_dict
 
     return config_from_dict(apply_overrides(cfg.to_dict(), overrides))
@@ -676,46 +674,6 @@ def _render_balance(plan: Plan, tokens: int) -> list[str]:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="megatron-fusion plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--nodes", type=int, required=True)
-    ap.add_argument("--gpus-per-node", type=int, required=True)
-    ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU in GiB (default 80)")
-    ap.add_argument("--teacher-nodes", type=int, default=None,
-                    help="spread this many nodes over the online teachers (overrides their ranks)")
-    args, overrides = ap.parse_known_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = load_config(args.config, overrides)
-        teacher_args = []
-        if args.teacher_nodes is not None:
-            teacher_args = teacher_rank_overrides(cfg, args.teacher_nodes, args.nodes, args.gpus_per_node)
-            cfg = _with_overrides(cfg, teacher_args)
-        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
-    except ConfigError as e:
-        print(e, file=sys.stderr)
-        return 2
-    print(render(plan, args.config))
-    if plan.fits:
-        print("result: fits")
-        return 0
-    print("result: DOES NOT FIT")
-    found = search(cfg, args.nodes, args.gpus_per_node, args.gpu_mem_gb)
-    if found is None:
-        print(f"suggestion: none on {args.nodes} node(s); add nodes or give the teachers more ranks")
-        return 1
-    suggested, splan = found
-    base = [f"--config {args.config}", f"--nodes {args.nodes}", f"--gpus-per-node {args.gpus_per_node}",
-            f"--gpu-mem-gb {args.gpu_mem_gb:g}"]
-    if args.teacher_nodes is not None:
-        base.append(f"--teacher-nodes {args.teacher_nodes}")
-    print(f"suggestion: a layout that fits (student peak {splan.student_peak / GIB:.1f} GiB):")
-    keys = {o.split("=", 1)[0] for o in suggested}
-    kept = [o for o in overrides if o.split("=", 1)[0] not in keys]
-    print("  megatron-fusion plan " + " ".join(base + kept + suggested))
-    return 1
-
-
 def teacher_rank_overrides(cfg: Config, teacher_nodes: int, nodes: int, gpus_per_node: int) -> list[str]:
     """``fuse.teachers.<i>.ranks=<n>`` overrides giving the online teachers ``teacher_nodes`` nodes."""
     if not 0 <= teacher_nodes < nodes:
@@ -724,6 +682,3 @@ def teacher_rank_overrides(cfg: Config, teacher_nodes: int, nodes: int, gpus_per
     return [f"fuse.teachers.{i}.ranks={r}" for i, (r, tc) in enumerate(zip(ranks, cfg.fuse.teachers))
             if tc.source == "online"]
 
-
-if __name__ == "__main__":
-    sys.exit(main())

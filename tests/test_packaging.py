@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_readme import ROOT, clone_head, readme_commands
+from tests.test_readme import clone_head, readme_commands
 
 # Distributions only the extras bring: none may be in the core venv (else the test proves nothing).
 EXTRAS_ONLY = ("wandb", "transformers", "safetensors", "gguf", "pytest")

@@ -8,6 +8,7 @@ import shlex
 import pytest
 
 from megatron_fusion import plan
+from megatron_fusion.cli import plan_main
 from megatron_fusion.config import ConfigError, ModelConfig, load_config
 
 FUSE = "configs/recipes/fuse_14b.yaml"
@@ -15,7 +16,7 @@ FPO = "configs/recipes/fpo_14b.yaml"
 
 
 def run_plan(capsys, *argv):
-    rc = plan.main(list(argv))
+    rc = plan_main(list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 

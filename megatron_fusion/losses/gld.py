@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from megatron_fusion.losses.topk import standardized_topk
-from megatron_fusion.losses.uld import _check_reduction
+from megatron_fusion.losses.uld import check_reduction
 
 
 # A node key is (row << 32) | id: one flat sort then orders every row's ids with the rows kept
@@ -177,7 +177,7 @@ def gld_loss(student_logits_local: torch.Tensor | None, teacher_topk_values: tor
         ``(loss_sum, count)``: sum of per-sequence W1 and the number of sequences with at least
         one masked-in position. All masked -> ``(0, 0)`` with zero gradients.
     """
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if teacher_topk_values.dim() != 3 or teacher_topk_ids.shape != teacher_topk_values.shape:
         raise ValueError(f"gld_loss: teacher values {tuple(teacher_topk_values.shape)} and ids "
                          f"{tuple(teacher_topk_ids.shape)} must both be [b, s, K]")

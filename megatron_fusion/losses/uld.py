@@ -14,7 +14,7 @@ from megatron_fusion.losses.topk import distributed_topk, standardized_topk
 ZSCORE_MODES = ("full", "topk")
 
 
-def _check_reduction(reduction: str) -> None:
+def check_reduction(reduction: str) -> None:
     if reduction not in ("sum", "sequence"):
         raise ValueError(f"reduction must be 'sum' or 'sequence', got {reduction!r}")
 
@@ -74,7 +74,7 @@ def uld_loss(student_logits_local: torch.Tensor | None, teacher_topk_values: tor
     """
     if zscore not in ZSCORE_MODES:
         raise ValueError(f"uld_loss: zscore must be one of {ZSCORE_MODES}, got {zscore!r}")
-    _check_reduction(reduction)
+    check_reduction(reduction)
     if teacher_topk_values.dim() != 3:
         raise ValueError(f"uld_loss: teacher_topk_values must be [b, s, K], got "
                          f"{tuple(teacher_topk_values.shape)}")
