@@ -91,7 +91,7 @@ def _stage(weighting: str, static=(1.0, 1.0, 1.0)):
         "teachers": [{"name": f"t{i}", "source": "offline", "topk_dir": f"/nowhere/t{i}",
                       "weight": w} for i, w in enumerate(static)]}})
     stand_ins = [SimpleNamespace(name=f"t{i}") for i in range(3)]
-    return FuseStage(cfg, 32, SimpleNamespace(tp=None), teachers=stand_ins)
+    return FuseStage(cfg, 32, SimpleNamespace(tp=None, device=torch.device("cpu")), teachers=stand_ins)
 
 
 def _batch(ce_rows):
