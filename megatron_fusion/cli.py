@@ -133,10 +133,39 @@ def open_backend_from_args(args, what: str):
                         device=args.device, dtype=args.dtype)
 
 
+def _add_output_args(ap: argparse.ArgumentParser, samples_per_shard: int) -> None:
+    """Flags both precompute commands share: shard size, batching, data encoding, progress."""
+    ap.add_argument("--samples-per-shard", type=int, default=samples_per_shard)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
+    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
+    ap.add_argument("--cache-dir", default=None, help="tokenised-data cache directory")
+    ap.add_argument("--no-progress", action="store_true")
+
+
+def _run_with_backend(ap: argparse.ArgumentParser, args, what: str, compute) -> dict:
+    """Open the frozen model (a bad --device/--dtype is an argparse error, before any loading),
+    run ``compute(backend, tokenizer_spec, is_writer) -> summary``, print it on the writer."""
+    from megatron_fusion.teachers.backends import backend_info
+
+    try:
+        opened = open_backend_from_args(args, what)
+        backend, tok_spec, write = opened.__enter__()
+    except ValueError as e:
+        ap.error(str(e))
+    try:
+        summary = compute(backend, tok_spec, write)
+        summary.update(backend_info(backend))
+        if write:
+            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
+    finally:
+        opened.__exit__(None, None, None)
+    return summary
+
+
 def precompute_topk_main(argv: list[str] | None = None) -> dict:
     """``precompute-topk``: one teacher over one SFT file; returns the summary (rank 0 prints it)."""
     from megatron_fusion.data.sft import SFTDataset
-    from megatron_fusion.teachers.backends import backend_info
     from megatron_fusion.teachers.precompute import precompute_teacher_topk
     from megatron_fusion.tokenizers import load_tokenizer
 
@@ -154,22 +183,12 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--shard-dtype", choices=["bfloat16", "float16"], default="bfloat16",
                     help="dtype of the stored top-K values (the shard header's dtype)")
     ap.add_argument("--eps", type=float, default=1e-6)
-    ap.add_argument("--samples-per-shard", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--max-teacher-len", type=int, default=None)
-    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
-    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
-    ap.add_argument("--cache-dir", default=None, help="tokenised-data cache directory")
     ap.add_argument("--threshold", type=float, default=0.8, help="warn under this aligned fraction")
-    ap.add_argument("--no-progress", action="store_true")
+    _add_output_args(ap, samples_per_shard=256)
     args = ap.parse_args(argv)
 
-    try:
-        opened = open_backend_from_args(args, "teacher")
-        backend, tok_spec, write = opened.__enter__()
-    except ValueError as e:
-        ap.error(str(e))
-    try:
+    def compute(backend, tok_spec, write):
         teacher_tok = load_tokenizer(tok_spec, name=args.teacher_name)
         ds = SFTDataset(args.data, load_tokenizer(args.pivot_tokenizer), args.seq_len,
                         cache_dir=args.cache_dir, overflow=args.overflow, empty=args.empty)
@@ -180,18 +199,14 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
             max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
             progress=not args.no_progress)
         summary["dataset_stats"] = ds.stats.as_dict()
-        summary.update(backend_info(backend))
-        if write:
-            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
-    finally:
-        opened.__exit__(None, None, None)
-    return summary
+        return summary
+
+    return _run_with_backend(ap, args, "teacher", compute)
 
 
 def precompute_logprobs_main(argv: list[str] | None = None) -> dict:
     """``precompute-logprobs``: one source model over one preference file (FPO, methods.md §5)."""
     from megatron_fusion.data.preference import PreferenceDataset
-    from megatron_fusion.teachers.backends import backend_info
     from megatron_fusion.teachers.source_logprobs import precompute_source_logprobs
     from megatron_fusion.tokenizers import load_tokenizer
 
@@ -203,33 +218,19 @@ def precompute_logprobs_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--source-name", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--seq-len", type=int, required=True, help="max tokens per side (source)")
-    ap.add_argument("--samples-per-shard", type=int, default=1024)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--overflow", choices=["truncate", "reject", "error"], default="truncate")
-    ap.add_argument("--empty", choices=["skip", "reject"], default="skip")
-    ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--no-progress", action="store_true")
+    _add_output_args(ap, samples_per_shard=1024)
     args = ap.parse_args(argv)
 
-    try:
-        opened = open_backend_from_args(args, "source")
-        backend, tok_spec, write = opened.__enter__()
-    except ValueError as e:
-        ap.error(str(e))
-    try:
+    def compute(backend, tok_spec, write):
         ds = PreferenceDataset(args.data, load_tokenizer(tok_spec, name=args.source_name),
                                args.seq_len, cache_dir=args.cache_dir, overflow=args.overflow,
                                empty=args.empty)
-        summary = precompute_source_logprobs(
+        return precompute_source_logprobs(
             ds, backend, args.out, source=args.source_name,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size, write=write,
             progress=write and not args.no_progress)
-        summary.update(backend_info(backend))
-        if write:
-            print(json.dumps({k: v for k, v in summary.items() if k != "paths"}, indent=1))
-    finally:
-        opened.__exit__(None, None, None)
-    return summary
+
+    return _run_with_backend(ap, args, "source", compute)
 
 
 # --- convert ------------------------------------------------------------------------------------
