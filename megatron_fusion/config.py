@@ -302,10 +302,30 @@ class FuseConfig:
     timeout_s: float = 300.0
     """Online teachers: a batch not received within this time fails the run."""
     min_aligned_fraction: float = 0.8
-    """Warn when a teacher aligns fewer pivot response positions than this."""
+    """Warn when a teacher aligns fewer pivot response positions than this fraction (offline:
+    at start, from its shards' stored aligned/response positions; online: the teacher group,
+    over what it has computed, checked after every step)."""
+    min_aligned_fraction_hard: float = 0.2
+    """Stop (naming the teacher) when its aligned fraction falls under this floor: its
+    distillation terms would cover almost nothing. 0 = never stop."""
+    eps: float = 1e-6
+    """Standardisation epsilon of the teacher top-K (methods.md §2): online teachers use it;
+    offline shards must have been made with it (their meta.eps is checked)."""
+    alignment: Literal["offset", "mined"] = "offset"
+    """Teacher -> pivot position alignment (methods.md §1): online teachers use it; offline
+    shards must have been made with it (their meta.alignment is checked)."""
 
     def __post_init__(self):
         _check(self.k >= 1, "fuse.k", "must be >= 1")
+        _check(0.0 <= self.min_aligned_fraction <= 1.0, "fuse.min_aligned_fraction",
+               f"must be in [0, 1], got {self.min_aligned_fraction}")
+        _check(0.0 <= self.min_aligned_fraction_hard <= self.min_aligned_fraction,
+               "fuse.min_aligned_fraction_hard",
+               f"must be in [0, fuse.min_aligned_fraction={self.min_aligned_fraction}], "
+               f"got {self.min_aligned_fraction_hard}")
+        _check(self.eps > 0, "fuse.eps", "must be > 0")
+        _check(self.alignment in ("offset", "mined"), "fuse.alignment",
+               f"must be offset or mined, got {self.alignment!r}")
         _check(self.temperature > 0, "fuse.temperature", "must be > 0")
         for n in ("lambda_ce", "lambda_uld", "lambda_gld"):
             _check(getattr(self, n) >= 0, f"fuse.{n}", "must be >= 0")

@@ -107,7 +107,8 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
                     resp = int(item["loss_mask"].sum())
                     ce = float(torch.rand((), generator=g) * 2 + 1)
                     w.add(int(item["sample_id"]), values, ids, aligned, teacher_ce=ce,
-                          teacher_ce_tokens=resp)
+                          teacher_ce_tokens=resp, teacher_ce_byte=ce,    # synthetic: same number
+                          teacher_ce_bytes=resp)                        # per "byte" (minCE/avgCE)
         topk_dirs[name] = str(tdir)
     manifest = {
         "train": str(train), "tokenizer": demo["pivot_tokenizer"], "seq_len": seq_len,

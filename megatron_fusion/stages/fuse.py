@@ -17,7 +17,15 @@ and Megatron divides the summed gradients once by Σcount = N_ce, giving
 λ_ce·CE + λ_uld·L_ULD + λ_gld·L_GLD with every term its own global mean, independent of
 micro-batching and DP size. Reports use the same scaling, so ``loss/uld`` etc. are exact.
 Teacher weights w_jb: ``uniform`` (the config's static weights, normalised), ``minCE`` /
-``avgCE`` from each teacher's CE on the gold response stored with its top-K (FuseLLM).
+``avgCE`` from each teacher's CE on the gold response per byte of the response text (nats/byte,
+so that a finer tokenizer does not look better for the same text), stored with its top-K or
+sent with it online (FuseLLM; docs/methods.md §2).
+
+Offline teachers are checked before step 1 (docs/methods.md §6): header fields (teacher, K,
+data, both tokenizer hashes, ``meta.eps`` / ``meta.alignment`` == ``fuse.eps`` /
+``fuse.alignment``), the aligned fraction their shards record against
+``fuse.min_aligned_fraction`` (warn) and ``fuse.min_aligned_fraction_hard`` (stop); each
+shard's checksum when it is first read.
 """
 
 from __future__ import annotations
@@ -68,19 +76,23 @@ class FuseStage(Stage):
                 from megatron_fusion.tokenizers import load_tokenizer
 
                 t_tok = load_tokenizer(t.tokenizer) if t.tokenizer else None
-                expected = {"teacher": t.name, "k": f.k}
+                # the run's top-K recipe: the shards must have been made with it (as online)
+                expected = {"teacher": t.name, "k": f.k, "meta.eps": f.eps,
+                            "meta.alignment": f.alignment}
                 if dataset is not None:
                     expected.update(dataset_hash=dataset.dataset_hash,
                                     pivot_tokenizer_hash=dataset.tokenizer.content_hash)
                 if t_tok is not None:
                     expected["teacher_tokenizer_hash"] = t_tok.content_hash
-                self.teachers.append(OfflineTeacher(t.name, t.topk_dir, expected))
+                teacher = OfflineTeacher(t.name, t.topk_dir, expected, strict=True)
+                teacher.check_alignment(f.min_aligned_fraction, f.min_aligned_fraction_hard)
+                self.teachers.append(teacher)
             if dataset is not None:  # every training sample must have top-K: fail before step 1
                 ids = [int(dataset[i]["sample_id"]) for i in range(len(dataset))]
                 for t in self.teachers:
                     if isinstance(t, OfflineTeacher):
                         t.check_covers(ids)
-        if f.weighting != "uniform" and not all(hasattr(t.reader, "teacher_ce") for t in self.teachers
+        if f.weighting != "uniform" and not all(hasattr(t.reader, "teacher_ce_byte") for t in self.teachers
                                                 if isinstance(t, OfflineTeacher)):
             raise ConfigError("fuse.weighting", f"{f.weighting} needs teacher CE in the top-K "
                               "shards (re-run tools/precompute_teacher_topk.py)")

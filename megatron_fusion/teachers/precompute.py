@@ -73,7 +73,7 @@ def precompute_teacher_topk(dataset: SFTDataset, teacher_tokenizer, backend: Tea
                                         dataset.seq_len, k=k, eps=eps, alignment=alignment,
                                         max_teacher_len=max_teacher_len):
                 writer.add(r.sample_id, r.values, r.ids, r.aligned_mask, r.teacher_ce,
-                           r.teacher_ce_tokens)
+                           r.teacher_ce_tokens, r.teacher_ce_byte, r.teacher_ce_bytes)
                 sh_aligned += int(r.aligned_mask.sum())
                 sh_resp += r.n_response
                 tokens += r.teacher_tokens

@@ -7,26 +7,33 @@ logits ``a_t`` of methods.md §2), ``ids [s, K]`` (teacher vocab), ``aligned_mas
         w.add(sample_id, values, ids, aligned_mask)         # rows where the mask is 0 are dropped
     reader = TopKReader(dir_or_paths, expected={"k": 10, "dataset_hash": ds.dataset_hash, ...})
     values, ids, aligned_mask = reader.get(sample_id, seq_len=s)   # [s,K] f32, [s,K] i64, [s] bool
-    ce = reader.teacher_ce(sample_ids)                             # [b] f32 (minCE / avgCE)
+    ce = reader.teacher_ce_byte(sample_ids)                        # [b] f32 (minCE / avgCE)
 
 File layout (little-endian)::
 
     magic (8 B) | version u32 | header_len u32 | header (JSON, utf-8)
     | index: n x (sample_id i64, offset i64, n_positions i32, n_rows i32,
-    |             teacher_ce f32, teacher_ce_tokens i32)                   offsets into the data
+    |             teacher_ce f32, teacher_ce_tokens i32,
+    |             teacher_ce_byte f32, teacher_ce_bytes i32)              offsets into the data
     | data: per sample  ids i32 [n_rows, K] | values fp16/bf16 [n_rows, K] | aligned bits [ceil(n/8)]
     |       (each sample padded to 8 bytes)
     | sha256 of everything before it (32 B)
 
 Only aligned rows are stored: K ids (4 B) + K values (2 B) = 60 B per aligned position at K = 10,
-plus one bit per pivot position. Per sample the index also holds the teacher's mean cross-entropy
-on the gold response over its *own* tokens (``teacher_ce``, nats/token; NaN when the teacher saw
-no response token, ``teacher_ce_tokens`` = 0), which the minCE / avgCE teacher weights of methods.md §2
-use. The header carries the teacher name, both tokenizer hashes, K,
-dataset hash, the sample-id range, dtype and a free ``meta`` dict; the trailer checksum covers
-header and payload. ``TopKReader`` validates every file when opened (before step 1): a wrong
-magic/version, a truncated file, a bad checksum or a header field that differs from ``expected``
-raises ``TopKStoreError`` naming the file (and the field).
+plus one bit per pivot position. Per sample the index also holds the teacher's cross-entropy on
+the gold response: its summed NLL over its *own* response tokens divided by those tokens
+(``teacher_ce``, nats/token, over ``teacher_ce_tokens``) and divided by the UTF-8 bytes of
+response text those tokens cover (``teacher_ce_byte``, nats/byte, over ``teacher_ce_bytes``).
+The minCE / avgCE teacher weights of methods.md §2 compare ``teacher_ce_byte``: the same text
+costs every tokenizer the same bytes, not the same tokens. Both are NaN when the teacher saw no
+response token (count 0). The header carries the teacher name, both tokenizer hashes, K,
+dataset hash, the sample-id range, dtype and a free ``meta`` dict (alignment, eps, aligned and
+response positions); the trailer checksum covers header and payload. ``TopKReader`` checks every
+file's magic, version, size and header fields against ``expected`` when opened (before step 1)
+and its sha256 once per process, when a sample of that shard is first read (``get`` / ``batch``
+/ the CE fields), before any of its bytes is used: a wrong magic/version, a truncated file, a
+bad checksum or a header field that differs from ``expected`` raises ``TopKStoreError`` naming
+the file (and the field).
 
 ``SourceLogprobStore``: per preference pair and source model, the summed log-prob and token count
 of the chosen and of the rejected response (docs/methods.md §5), in the same checked container.
@@ -47,17 +54,22 @@ import torch
 
 from megatron_fusion.errors import UserError
 
-VERSION = 2                             # top-K shard format (2: per-sample teacher_ce in the index)
+VERSION = 3                             # top-K shard format (2: per-sample teacher_ce in the index,
+                                        # 3: + teacher_ce_byte / teacher_ce_bytes)
 LOGPROB_VERSION = 1                     # source log-prob files
 TOPK_MAGIC = b"MFTOPK\r\n"
 LOGPROB_MAGIC = b"MFSLPB\r\n"
 _VERSIONS = {TOPK_MAGIC: VERSION, LOGPROB_MAGIC: LOGPROB_VERSION}
 _PRE = struct.Struct("<8sII")           # magic, version, header_len
 _INDEX = np.dtype([("sample_id", "<i8"), ("offset", "<i8"), ("n_positions", "<i4"),
-                   ("n_rows", "<i4"), ("teacher_ce", "<f4"), ("teacher_ce_tokens", "<i4")])
+                   ("n_rows", "<i4"), ("teacher_ce", "<f4"), ("teacher_ce_tokens", "<i4"),
+                   ("teacher_ce_byte", "<f4"), ("teacher_ce_bytes", "<i4")])
 _LOGPROB = np.dtype([("sample_id", "<i8"), ("chosen_logprob", "<f8"), ("chosen_tokens", "<i8"),
                      ("rejected_logprob", "<f8"), ("rejected_tokens", "<i8")])
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+# why an older top-K shard cannot be read (its fields cannot be converted without the text)
+_OLD_TOPK = {1: "no teacher CE in its index",
+             2: "its teacher CE is per teacher token; minCE / avgCE compare per byte of text"}
 
 
 class TopKStoreError(UserError, ValueError):
@@ -115,7 +127,9 @@ def read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.nd
     if got_magic != magic:
         raise TopKStoreError(f"{path}: not a {magic[:6].decode()} file (magic {got_magic!r})")
     if version != _VERSIONS[magic]:
-        hint = " (re-run the tool that wrote it)" if version < _VERSIONS[magic] else ""
+        why = _OLD_TOPK.get(version, "") if magic == TOPK_MAGIC else ""
+        hint = (f" ({why + ': ' if why else ''}re-run the tool that wrote it)"
+                if version < _VERSIONS[magic] else "")
         raise TopKStoreError(f"{path}: format version {version}, this reader reads "
                              f"{_VERSIONS[magic]}{hint}")
     if _PRE.size + hlen + 32 > size:
@@ -130,20 +144,32 @@ def read_container(path, magic: bytes, verify: bool = True) -> tuple[dict, np.nd
     if size != expected:
         raise TopKStoreError(f"{path}: truncated or padded: {size} bytes, header says {expected}")
     if verify:
-        h = hashlib.sha256()
-        for a in range(0, size - 32, 1 << 24):
-            h.update(raw[a:min(a + (1 << 24), size - 32)])
-        if h.digest() != raw[size - 32:].tobytes():
-            raise TopKStoreError(f"{path}: checksum mismatch (file corrupted)")
+        verify_file_checksum(path, raw)
     return header, raw[start:start + payload_bytes]
 
 
+def verify_file_checksum(path, raw: np.ndarray | None = None) -> None:
+    """sha256 of everything before the trailer == the trailer, else TopKStoreError naming the
+    file. The one place a container is hashed (O(file size))."""
+    if raw is None:
+        raw = np.memmap(path, dtype=np.uint8, mode="r")
+    size = raw.shape[0]
+    h = hashlib.sha256()
+    for a in range(0, size - 32, 1 << 24):
+        h.update(raw[a:min(a + (1 << 24), size - 32)])
+    if h.digest() != raw[size - 32:].tobytes():
+        raise TopKStoreError(f"{path}: checksum mismatch (file corrupted)")
+
+
 def check_expected(path, header: Mapping, expected: Mapping | None) -> None:
+    """Every ``expected`` field equals the header's; ``"meta.X"`` names ``header["meta"]["X"]``."""
     for k, v in (expected or {}).items():
-        if k not in header:
+        where = (header.get("meta") or {}) if k.startswith("meta.") else header
+        key = k[5:] if k.startswith("meta.") else k
+        if key not in where:
             raise TopKStoreError(f"{path}: header has no field {k!r} (the run expects {v!r})")
-        if header[k] != v:
-            raise TopKStoreError(f"{path}: header field {k!r} is {header[k]!r}, "
+        if where[key] != v:
+            raise TopKStoreError(f"{path}: header field {k!r} is {where[key]!r}, "
                                  f"the run expects {v!r}")
 
 
@@ -178,17 +204,21 @@ class TopKWriter:
 
     def __init__(self, path: str | os.PathLike, header: TopKHeader):
         self.path, self.header = Path(path), header
-        # (sample_id, n_positions, data, rows, teacher_ce, teacher_ce_tokens)
-        self._samples: list[tuple[int, int, bytes, int, float, int]] = []
+        # (sample_id, n_positions, data, rows, teacher_ce, teacher_ce_tokens, teacher_ce_byte,
+        #  teacher_ce_bytes)
+        self._samples: list[tuple] = []
         self._closed = False
 
     def add(self, sample_id: int, values: torch.Tensor, ids: torch.Tensor,
             aligned_mask: torch.Tensor, teacher_ce: float = float("nan"),
-            teacher_ce_tokens: int = 0) -> None:
+            teacher_ce_tokens: int = 0, teacher_ce_byte: float = float("nan"),
+            teacher_ce_bytes: int = 0) -> None:
         """values [s, K] float, ids [s, K] int, aligned_mask [s] bool; rows with mask 0 dropped.
 
-        ``teacher_ce``: the teacher's mean NLL (nats/token) over its ``teacher_ce_tokens``
-        response tokens (stored as float32; NaN = not computed / no response token).
+        ``teacher_ce``: the teacher's summed NLL over its ``teacher_ce_tokens`` response tokens
+        per token (nats/token); ``teacher_ce_byte``: the same sum per UTF-8 byte of the response
+        text those tokens cover (``teacher_ce_bytes``). Stored as float32; NaN = not computed /
+        no response token.
         """
         k, s = self.header.k, aligned_mask.shape[0]
         if values.shape != (s, k) or ids.shape != (s, k):
@@ -205,11 +235,13 @@ class TopKWriter:
         data = (i.to(torch.int32).numpy().tobytes() + v.view(torch.int16).numpy().tobytes()
                 + np.packbits(mask.numpy(), bitorder="little").tobytes())
         data += b"\0" * (-len(data) % 8)
-        if teacher_ce_tokens < 0 or teacher_ce_tokens > np.iinfo(np.int32).max:
-            raise ValueError(f"{self.path}: sample {sample_id}: teacher_ce_tokens "
-                             f"{teacher_ce_tokens} out of int32 range")
+        for name, n in (("teacher_ce_tokens", teacher_ce_tokens),
+                        ("teacher_ce_bytes", teacher_ce_bytes)):
+            if n < 0 or n > np.iinfo(np.int32).max:
+                raise ValueError(f"{self.path}: sample {sample_id}: {name} {n} out of int32 range")
         self._samples.append((int(sample_id), int(s), data, int(mask.sum()), float(teacher_ce),
-                              int(teacher_ce_tokens)))
+                              int(teacher_ce_tokens), float(teacher_ce_byte),
+                              int(teacher_ce_bytes)))
 
     def close(self) -> None:
         if self._closed:
@@ -218,8 +250,8 @@ class TopKWriter:
         n = len(self._samples)
         index = np.zeros(n, dtype=_INDEX)
         off = n * _INDEX.itemsize
-        for r, (sid, s, data, rows, ce, ce_tokens) in enumerate(self._samples):
-            index[r] = (sid, off, s, rows, ce, ce_tokens)
+        for r, (sid, s, data, rows, *ce) in enumerate(self._samples):
+            index[r] = (sid, off, s, rows, *ce)
             off += len(data)
         h = self.header
         h.n_samples = n
@@ -252,10 +284,14 @@ def read_topk_header(path: str | os.PathLike, expected: Mapping | None = None,
 
 
 class TopKReader:
-    """Random access by sample id over one or more shards, every shard validated on open.
+    """Random access by sample id over one or more shards.
 
     ``expected``: header fields the run requires (e.g. ``teacher``, ``k``, ``dataset_hash``,
-    ``teacher_tokenizer_hash``, ``pivot_tokenizer_hash``, ``dtype``).
+    ``teacher_tokenizer_hash``, ``pivot_tokenizer_hash``, ``dtype``, ``meta.eps``).
+    Opening checks every shard's magic, version, size and header (O(shards)); with
+    ``verify_checksum`` each shard's sha256 is checked once, the first time one of its samples
+    is read (O(bytes read), not O(dataset) per rank at start): a flipped byte is still caught
+    before anything of that shard is used. ``verified`` holds the shards checked so far.
     """
 
     def __init__(self, paths: str | os.PathLike | Sequence[str | os.PathLike],
@@ -272,28 +308,80 @@ class TopKReader:
         self._payloads: list[np.ndarray] = []
         self._where: dict[int, tuple[int, int]] = {}
         self._index: list[np.ndarray] = []
+        self._check = verify_checksum
+        self.verified: set[int] = set()                 # shard indices whose sha256 was checked
         common = ("teacher", "teacher_tokenizer_hash", "pivot_tokenizer_hash", "k", "dataset_hash",
                   "dtype")
         for si, p in enumerate(self.paths):
-            header, payload = read_container(p, TOPK_MAGIC, verify_checksum)
-            check_expected(p, header, expected)
-            if self.headers:  # all shards of one reader come from one teacher run
-                check_expected(p, header, {k: self.headers[0][k] for k in common})
-            n = header["n_samples"]
-            index = np.frombuffer(payload, dtype=_INDEX, count=n)
-            for r, sid in enumerate(index["sample_id"].tolist()):
-                if sid in self._where:
-                    raise TopKStoreError(f"{p}: sample id {sid} also in "
-                                         f"{self.paths[self._where[sid][0]]}")
-                self._where[sid] = (si, r)
-            self.headers.append(header)
-            self._payloads.append(payload)
-            self._index.append(index)
+            header, payload = read_container(p, TOPK_MAGIC, verify=False)  # size, version
+            try:
+                self._open(si, p, header, payload, expected, common)
+            except Exception as e:
+                # a header or index that does not fit is reported as corruption when it is
+                self._verify_path(p)
+                if isinstance(e, TopKStoreError):
+                    raise
+                raise TopKStoreError(f"{p}: unusable header ({type(e).__name__}: {e})") from None
         if not self.headers:
             raise TopKStoreError("TopKReader: no shard files given")
         self.header = {k: self.headers[0][k] for k in common}
         self.k = int(self.header["k"])
         self._dtype = _DTYPES[self.header["dtype"]]
+
+    def _open(self, si: int, p: Path, header: dict, payload: np.ndarray,
+              expected: Mapping | None, common: tuple) -> None:
+        """Header checks and the index of shard ``si`` (no checksum: see the class doc)."""
+        for key in (*common, "n_samples"):
+            if key not in header:
+                raise TopKStoreError(f"{p}: header has no field {key!r}")
+        if header["dtype"] not in _DTYPES:
+            raise TopKStoreError(f"{p}: header field 'dtype' is {header['dtype']!r}")
+        check_expected(p, header, expected)
+        if self.headers:  # all shards of one reader come from one teacher run
+            check_expected(p, header, {k: self.headers[0][k] for k in common})
+        n = int(header["n_samples"])
+        if n < 0 or n * _INDEX.itemsize > payload.shape[0]:
+            raise TopKStoreError(f"{p}: index of {n} samples does not fit the payload")
+        index = np.frombuffer(payload, dtype=_INDEX, count=n)
+        for r, sid in enumerate(index["sample_id"].tolist()):
+            if sid in self._where:
+                self._verify_path(self.paths[self._where[sid][0]])
+                raise TopKStoreError(f"{p}: sample id {sid} also in "
+                                     f"{self.paths[self._where[sid][0]]}")
+            self._where[sid] = (si, r)
+        self.headers.append(header)
+        self._payloads.append(payload)
+        self._index.append(index)
+
+    def verify_all(self) -> None:
+        """Check every shard's checksum now (e.g. before reporting samples as missing)."""
+        for si, p in enumerate(self.paths):
+            if si not in self.verified:
+                verify_file_checksum(p)
+                self.verified.add(si)
+
+    def _verify_path(self, path) -> None:
+        if self._check:
+            verify_file_checksum(path)
+
+    def _shard(self, sample_id: int) -> tuple[int, int]:
+        """(shard index, row) of ``sample_id``; that shard's checksum verified once first."""
+        try:
+            si, r = self._where[int(sample_id)]
+        except KeyError:
+            raise KeyError(f"sample id {int(sample_id)} is in none of the shards "
+                           f"({self.paths[0].parent})") from None
+        if self._check and si not in self.verified:
+            verify_file_checksum(self.paths[si])
+            self.verified.add(si)
+        return si, r
+
+    def aligned_fraction(self) -> tuple[int, int]:
+        """(aligned, response) pivot positions over all shards, from their headers' meta (as
+        the precompute wrote them); (0, 0) when the shards do not record them."""
+        a = sum(int(h.get("meta", {}).get("aligned_positions", 0)) for h in self.headers)
+        r = sum(int(h.get("meta", {}).get("response_positions", 0)) for h in self.headers)
+        return a, r
 
     @property
     def sample_ids(self) -> list[int]:
@@ -308,11 +396,7 @@ class TopKReader:
     def get(self, sample_id: int, seq_len: int | None = None):
         """-> values [s, K] float32, ids [s, K] int64, aligned_mask [s] bool at pivot positions
         (zeros where unaligned); ``seq_len`` pads (or cuts) to that length."""
-        try:
-            si, r = self._where[sample_id]
-        except KeyError:
-            raise KeyError(f"sample id {sample_id} is in none of the shards "
-                           f"({self.paths[0].parent})") from None
+        si, r = self._shard(sample_id)
         payload, k = self._payloads[si], self.k
         entry = self._index[si][r]
         off, s, rows = int(entry["offset"]), int(entry["n_positions"]), int(entry["n_rows"])
@@ -346,20 +430,26 @@ class TopKReader:
             sample_ids = sample_ids.reshape(-1).tolist()
         out = []
         for sid in sample_ids:
-            try:
-                si, r = self._where[int(sid)]
-            except KeyError:
-                raise KeyError(f"sample id {int(sid)} is in none of the shards "
-                               f"({self.paths[0].parent})") from None
+            si, r = self._shard(sid)
             out.append(self._index[si][r][name])
         return np.array(out, dtype=_INDEX[name])
 
     def teacher_ce(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """-> [b] float32: the teacher's mean NLL (nats/token) on each sample's gold response,
-        over its own response tokens (docs/methods.md §2 minCE / avgCE). NaN where ``teacher_ce_tokens`` is
-        0 (no response token inside the teacher's window): mask on ``teacher_ce_tokens > 0``
-        before weighting teachers with it."""
+        over its own response tokens. NaN where ``teacher_ce_tokens`` is 0 (no response token
+        inside the teacher's window). Not comparable across tokenizers: the teacher weights use
+        ``teacher_ce_byte``."""
         return torch.from_numpy(self._index_field(sample_ids, "teacher_ce"))
+
+    def teacher_ce_byte(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """-> [b] float32: the same summed NLL per UTF-8 byte of the response text the
+        teacher's tokens cover (nats/byte): what minCE / avgCE compare (docs/methods.md §2).
+        NaN where ``teacher_ce_bytes`` is 0."""
+        return torch.from_numpy(self._index_field(sample_ids, "teacher_ce_byte"))
+
+    def teacher_ce_bytes(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """-> [b] int64: how many bytes of response text each ``teacher_ce_byte`` is over."""
+        return torch.from_numpy(self._index_field(sample_ids, "teacher_ce_bytes").astype(np.int64))
 
     def teacher_ce_tokens(self, sample_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """-> [b] int64: how many teacher tokens each ``teacher_ce`` averages over."""

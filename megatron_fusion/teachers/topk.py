@@ -9,7 +9,10 @@ label is a response token are kept (``aligned_mask`` = aligned AND response). Th
 pass gives each sample's teacher cross-entropy on the gold response over the teacher's *own*
 tokens (``token_logprobs``, vocab-parallel): position j predicting token j+1 counts when token j+1
 is a response token of the teacher's encoding and ends inside the text the pivot's labels cover
-(a truncated pivot sample limits it); stored per sample for the minCE / avgCE weights.
+(a truncated pivot sample limits it). The summed NLL is kept per teacher token (``teacher_ce``)
+and per UTF-8 byte of the response text those tokens cover (``teacher_ce_byte``, the union of
+their character spans): the minCE / avgCE weights compare the per-byte number, which does not
+depend on how finely a tokenizer splits the text (docs/methods.md §2).
 
 Device: the forward, top-K, log-probs and the placement at pivot positions run on the logits'
 device; ONE host copy per batch (``to_host``) brings values, ids, masks and CE sums back. Used by
@@ -18,11 +21,13 @@ the offline precompute (``teachers.precompute``) and by online teachers (``teach
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from megatron_fusion.data.sft import encode_segments
+from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.teachers.align import mined_alignment, offset_alignment
 from megatron_fusion.teachers.backends import TeacherBackend, true_vocab_size
 
@@ -39,6 +44,8 @@ class SampleTopK:
     teacher_tokens: int
     teacher_ce: float = float("nan")  # mean NLL (nats/token) over the teacher's response tokens
     teacher_ce_tokens: int = 0        # teacher tokens (predicted, response) the mean is over
+    teacher_ce_byte: float = float("nan")  # the same NLL sum per byte of text (nats/byte)
+    teacher_ce_bytes: int = 0         # UTF-8 bytes of response text those tokens cover
 
 
 def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
@@ -51,7 +58,13 @@ def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
     the cut still ends inside the text the pivot's labels cover). The teacher CE is taken over
     the labels flagged as response: the gold response as far as the pivot's window reaches.
     """
-    ids, offs, is_resp, _ = encode_segments(teacher_tokenizer, sample.segments)
+    return _teacher_inputs(sample, teacher_tokenizer, pivot_positions, max_teacher_len,
+                           with_labels)[:4 if with_labels else 2]
+
+
+def _teacher_inputs(sample, teacher_tokenizer, pivot_positions, max_teacher_len, with_labels):
+    """``teacher_inputs`` plus the labels' character offsets and the sample's text."""
+    ids, offs, is_resp, text = encode_segments(teacher_tokenizer, sample.segments)
     c_max = int(sample.offsets[pivot_positions - 1][1]) if pivot_positions else 0
     n = 0
     while n < len(ids) and offs[n][1] <= c_max:
@@ -59,12 +72,23 @@ def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
     if max_teacher_len is not None:
         n = min(n, max_teacher_len)
     if not with_labels:
-        return ids[:n], offs[:n]
+        return ids[:n], offs[:n], None, None, None, text
     # the pivot's last label is token P (when the sample goes on past its P positions)
     l_max = (int(sample.offsets[pivot_positions][1]) if pivot_positions < len(sample.ids)
              else c_max)
     m = n + 1 if 0 < n < len(ids) and offs[n][1] <= l_max else n
-    return ids[:n], offs[:n], ids[1:m], is_resp[1:m]
+    return ids[:n], offs[:n], ids[1:m], is_resp[1:m], offs[1:m], text
+
+
+def covered_bytes(text: str, spans, flags) -> int:
+    """UTF-8 bytes of ``text`` in the union of the flagged character spans (in text order;
+    overlapping spans, e.g. byte-fallback pieces of one character, count once)."""
+    n, end = 0, 0
+    for (a, b), f in zip(spans, flags):
+        if f and b > max(a, end):
+            n += len(text[max(a, end):b].encode("utf-8"))
+            end = b
+    return n
 
 
 def align_sample(sample, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, pivot_positions: int,
@@ -95,7 +119,8 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
                        seq_len: int, *, k: int, eps: float, alignment: str,
                        max_teacher_len: int | None) -> list[SampleTopK]:
     """Teacher forward on a right-padded batch, standardised top-K placed at pivot positions, and
-    each sample's teacher CE on its own response tokens (``SampleTopK.teacher_ce``).
+    each sample's teacher CE on its own response tokens (``SampleTopK.teacher_ce``, per token;
+    ``teacher_ce_byte``, per byte of the text they cover).
 
     Tokenisation and the alignment maps are host work; the forward, the top-K, the log-probs and
     the placement at pivot positions run on the logits' device, and the results come back to the
@@ -107,10 +132,11 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
     prepared = []
     for s in samples:
         P = min(len(s.ids), seq_len)                       # pivot positions (tokens) of the sample
-        t_ids, t_offs, t_labels, t_resp = teacher_inputs(s, teacher_tokenizer, P, max_teacher_len,
-                                                         with_labels=True)
+        t_ids, t_offs, t_labels, t_resp, l_offs, text = _teacher_inputs(
+            s, teacher_tokenizer, P, max_teacher_len, True)
         align = align_sample(s, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, P, alignment)
-        prepared.append((s, P, t_ids, (t_labels, t_resp), align))
+        n_bytes = covered_bytes(text, l_offs, t_resp)
+        prepared.append((s, P, t_ids, (t_labels, t_resp), align, n_bytes))
     b, T = len(prepared), max(1, max(len(p[2]) for p in prepared))
     P_max = max(p[1] for p in prepared)
     pad = teacher_tokenizer.pad_id if teacher_tokenizer.pad_id is not None else (
@@ -121,7 +147,7 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
     ce_mask = torch.zeros(b, T, dtype=torch.bool)                   # j predicts a response token
     src = torch.full((b, P_max), -1, dtype=torch.long)              # [b, P]: teacher pos or -1
     resp = torch.zeros(b, P_max, dtype=torch.bool)                  # [b, P]: labels[t] is response
-    for r, (s, P, t_ids, (t_labels, t_resp), align) in enumerate(prepared):
+    for r, (s, P, t_ids, (t_labels, t_resp), align, _) in enumerate(prepared):
         batch[r, :len(t_ids)] = torch.as_tensor(t_ids, dtype=torch.long)
         labels[r, :len(t_labels)] = torch.as_tensor(t_labels, dtype=torch.long)
         ce_mask[r, :len(t_resp)] = torch.as_tensor(t_resp, dtype=torch.bool)
@@ -146,9 +172,31 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
         v, i, mask, nll_sum = to_host(v, i, mask, nll_sum)          # one copy per batch
     n_ce = ce_mask.sum(-1)                                          # [b] (host input)
     out = []
-    for r, (s, P, t_ids, _, _) in enumerate(prepared):
+    for r, (s, P, t_ids, _, _, n_bytes) in enumerate(prepared):
         n = int(n_ce[r])
         ce = float(nll_sum[r]) / n if n else float("nan")
+        ce_byte = float(nll_sum[r]) / n_bytes if n and n_bytes else float("nan")
         out.append(SampleTopK(s.sample_id, v[r, :P], i[r, :P], mask[r, :P], int(resp[r].sum()),
-                              len(t_ids), ce, n))
+                              len(t_ids), ce, n, ce_byte, n_bytes if n else 0))
     return out
+
+
+def check_aligned_fraction(teacher: str, aligned: int, response: int, warn_below: float,
+                           stop_below: float, source: str) -> float | None:
+    """The fraction of pivot response positions the teacher aligned (``fuse.min_aligned_fraction``
+    / ``fuse.min_aligned_fraction_hard``): a ``UserWarning`` under ``warn_below``,
+    ``TeacherDataError`` naming the teacher under ``stop_below``. ``source`` says where the
+    counts come from. None (nothing checked) when ``response`` is 0."""
+    if response <= 0:
+        return None
+    frac = aligned / response
+    what = (f"teacher {teacher}: {frac:.1%} of pivot response positions aligned "
+            f"({aligned}/{response}, {source})")
+    if frac < stop_below:
+        raise TeacherDataError(f"{what}, under fuse.min_aligned_fraction_hard={stop_below:g}: "
+                               "its distillation terms would cover almost nothing (check its "
+                               "tokenizer / alignment)")
+    if frac < warn_below:
+        warnings.warn(f"{what}, under fuse.min_aligned_fraction={warn_below:g}; its "
+                      "distillation terms cover the rest with mask 0", stacklevel=2)
+    return frac

@@ -77,7 +77,7 @@ def _records(sample_ids: list[int], lengths: list[int], ces: list[float]) -> lis
         values = torch.randn(p, K, generator=g) * 3 * aligned[:, None]     # [P, K]
         ids = torch.randint(0, 50_000, (p, K), generator=g)                # [P, K] int64
         out.append(SampleTopK(sid, values, ids, aligned, n_response=int(aligned.sum()),
-                              teacher_tokens=p + 2, teacher_ce=ce))
+                              teacher_tokens=p + 2, teacher_ce=2 * ce, teacher_ce_byte=ce))
     return out
 
 
@@ -98,7 +98,7 @@ def _expected(records: list[SampleTopK]):
         values[r, :n] = st.values[:n].to(torch.bfloat16).float()
         ids[r, :n] = st.ids[:n]
         aligned[r, :n] = st.aligned_mask[:n]
-    return values, ids, aligned, torch.tensor([st.teacher_ce for st in records])
+    return values, ids, aligned, torch.tensor([st.teacher_ce_byte for st in records])  # per byte
 
 
 # --- scenarios: (student on rank 0, teacher on rank 1) ------------------------------------------

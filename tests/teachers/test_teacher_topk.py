@@ -1,7 +1,8 @@
 """Offline teacher top-K and source log-probs with a tiny random HF Llama teacher (built locally).
 
 Checks: stored top-K == standardized_topk of the teacher's full logits at the aligned positions;
-stored per-sample teacher CE == a direct log-softmax over the teacher's response tokens;
+stored per-sample teacher CE == a direct log-softmax over the teacher's response tokens (per
+token, and per byte of the text they span);
 kill-and-resume gives byte-identical shards; teacher TP2 (vocab split over 2 gloo ranks) == TP1;
 source log-probs == a direct log-softmax sum, at TP1 and TP2.
 """
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from megatron_fusion.data import PreferenceDataset, SFTDataset
+from megatron_fusion.data.sft import encode_segments
 from megatron_fusion.data.synthetic import write_synthetic
 from megatron_fusion.losses import standardized_topk
 from megatron_fusion.teachers.source_logprobs import precompute_source_logprobs
@@ -80,6 +82,13 @@ def test_stored_topk_equals_full_logits(setup):
         ref_ce = -sum(lsm[j, t_labels[j]].item() for j in js) / len(js)
         assert reader.teacher_ce_tokens([smp.sample_id]).tolist() == [len(js)] and js
         assert abs(reader.teacher_ce([smp.sample_id]).item() - ref_ce) <= 1e-5 * abs(ref_ce)
+        # per byte (what minCE / avgCE compare): the UTF-8 bytes of the characters those tokens span
+        _, all_offs, _, text = encode_segments(s["teacher_tok"], smp.segments)
+        chars = {c for j in js for c in range(*all_offs[j + 1])}
+        n_bytes = sum(len(text[c].encode()) for c in chars)
+        assert reader.teacher_ce_bytes([smp.sample_id]).tolist() == [n_bytes] and n_bytes
+        ref_byte = ref_ce * len(js) / n_bytes
+        assert abs(reader.teacher_ce_byte([smp.sample_id]).item() - ref_byte) <= 1e-5 * ref_byte
         ref_v, ref_i = standardized_topk(z, 10, vocab_size=z.shape[-1])
         # plain formula as well: population z-score over the full vocab, then top-K
         zs = (z - z.mean(-1, keepdim=True)) / (z.std(-1, unbiased=False, keepdim=True) + 1e-6)

@@ -80,7 +80,13 @@ def test_teacher_ce_default_and_old_format(tmp_path):
     raw = bytearray(p.read_bytes())
     raw[8:12] = (1).to_bytes(4, "little")
     p.write_bytes(bytes(raw))
-    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 1, this reader reads 2"):
+    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 1, this reader reads 3"):
+        TopKReader(p)
+    # a version-2 shard (CE per teacher token only) too: it cannot be converted without the text
+    raw[8:12] = (2).to_bytes(4, "little")
+    p.write_bytes(bytes(raw))
+    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 2, this reader reads 3 "
+                       r"\(its teacher CE is per teacher token"):
         TopKReader(p)
 
 
@@ -103,8 +109,8 @@ def test_corruption_and_truncation_name_the_file(tmp_path):
         bad = bytearray(good)
         bad[where] ^= 0x01
         p.write_bytes(bytes(bad))
-        with pytest.raises(TopKStoreError, match=r"s\.topk"):
-            TopKReader(p)
+        with pytest.raises(TopKStoreError, match=r"s\.topk"):   # at open or at the first read
+            TopKReader(p).batch([0, 1, 2, 3], 8)
     for cut in (len(good) - 1, len(good) // 2, 10):
         p.write_bytes(good[:cut])
         with pytest.raises(TopKStoreError, match=r"s\.topk: truncated"):

@@ -2,7 +2,8 @@
 
 Per micro-batch a header int64[8] ``[status, b, s, K, msg_len, fingerprint, teacher_tokens,
 compute_us]``, then values [b, s, K] bf16 bits (int16), ids [b, s, K] int32, aligned [b, s]
-uint8, teacher CE [b] float32; or ``status = ERROR`` and the teacher's one-line message. The
+uint8, teacher CE [b] float32 (nats per byte of response text, ``SampleTopK.teacher_ce_byte``,
+as offline shards' ``teacher_ce_byte``: what minCE / avgCE compare); or ``status = ERROR`` and the teacher's one-line message. The
 fingerprint names the micro-batch's sample ids, so a student never trains on another batch's
 top-K. Host tensors: the bridge is a gloo group (methods.md §7).
 """
@@ -27,8 +28,8 @@ class TeacherFailedError(TeacherDataError):
 
 OK, ERROR = 1, 2
 HEADER = 8
-EPS = 1e-6               # methods.md §2 default, as megatron-fusion precompute-topk
-ALIGNMENT = "offset"     # methods.md §1 default, as megatron-fusion precompute-topk
+EPS = 1e-6               # methods.md §2 default, as megatron-fusion precompute-topk and fuse.eps
+ALIGNMENT = "offset"     # methods.md §1 default, as precompute-topk and fuse.alignment
 
 
 def error_key(teacher: str) -> str:
@@ -62,7 +63,7 @@ def topk_message(res: list, sample_ids: list[int], seq: int, k: int, tokens: int
         values[r, :n] = st.values[:n].to(torch.bfloat16)
         ids[r, :n] = st.ids[:n].to(torch.int32)
         aligned[r, :n] = st.aligned_mask[:n].to(torch.uint8)
-    ce = torch.tensor([st.teacher_ce for st in res], dtype=torch.float32)   # [b]
+    ce = torch.tensor([st.teacher_ce_byte for st in res], dtype=torch.float32)   # [b] nats/byte
     fp = fingerprint_to_int(batch_fingerprint(torch.tensor(sample_ids)))
     header = torch.tensor([OK, b, seq, k, 0, fp, tokens, int(compute_s * 1e6)], dtype=torch.long)
     return [header, values.view(torch.int16), ids, aligned, ce]

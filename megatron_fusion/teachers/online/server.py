@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from megatron_fusion.config import Config, TeacherConfig
 from megatron_fusion.parallel import WorldSplit
-from megatron_fusion.teachers.online.protocol import (ALIGNMENT, EPS, error_key, error_message,
+from megatron_fusion.teachers.online.protocol import (error_key, error_message,
                                                       student_receivers, topk_message)
 
 
@@ -70,6 +70,34 @@ def build_backend(tcfg: TeacherConfig, groups):
 
     backend = MegatronTeacherBackend(tcfg.checkpoint, tp_group=groups.tp)
     return backend, tcfg.tokenizer or backend.cfg.data.tokenizer
+
+
+class AlignmentWatch:
+    """The aligned fraction over the samples this teacher rank has computed, checked after every
+    step against ``fuse.min_aligned_fraction`` (one warning, on TP rank 0 of the replica) and
+    ``fuse.min_aligned_fraction_hard`` (``TeacherDataError`` naming the teacher: the run stops
+    and the student gets the message)."""
+
+    def __init__(self, name: str, warn_below: float, stop_below: float, warn: bool = True):
+        self.name, self.warn_below, self.stop_below = name, warn_below, stop_below
+        self.warned = not warn
+        self.aligned = self.response = self.samples = 0
+
+    def add(self, results) -> None:
+        for r in results:
+            self.aligned += int(r.aligned_mask.sum())
+            self.response += r.n_response
+            self.samples += 1
+
+    def check(self) -> float | None:
+        from megatron_fusion.teachers.topk import check_aligned_fraction
+
+        frac = check_aligned_fraction(self.name, self.aligned, self.response,
+                                      -1.0 if self.warned else self.warn_below, self.stop_below,
+                                      f"over the {self.samples} samples it computed")
+        if frac is not None and frac < self.warn_below:
+            self.warned = True
+        return frac
 
 
 class _Sender:
@@ -133,18 +161,23 @@ def run_teacher(cfg: Config, split: WorldSplit) -> dict:
         seq, k = cfg.model.seq_length, cfg.fuse.k
         stop = torch.zeros(1, device=groups.device)    # the teacher group's NCCL on GPU
         sent = 0
+        watch = AlignmentWatch(spec.name, cfg.fuse.min_aligned_fraction,
+                               cfg.fuse.min_aligned_fraction_hard, warn=tp_rank == 0)
         while step < cfg.train.steps and not stop.item():
             for d in served:
                 for micro in step_microbatch_indices(order, consumed, gb, mb, dp, d):
                     samples = [ds.sample(i) for i in micro]
                     t0 = time.perf_counter()
                     res = compute_batch_topk(samples, backend, teacher_tok, pivot_tok, seq, k=k,
-                                             eps=EPS, alignment=ALIGNMENT, max_teacher_len=None)
+                                             eps=cfg.fuse.eps, alignment=cfg.fuse.alignment,
+                                             max_teacher_len=None)
                     dt = time.perf_counter() - t0
+                    watch.add(res)
                     if sender is not None:
                         sender.send(dsts[d], topk_message(res, [s.sample_id for s in samples], seq, k,
                                                       sum(r.teacher_tokens for r in res), dt))
                         sent += 1
+            watch.check()       # every rank of the group: all stop together under the floor
             step += 1
             consumed += gb
             # all TP ranks of the replica stop together when the student has gone away
