@@ -159,3 +159,55 @@ def reference_losses(micro, logits, teachers, vocab: int, k: int, weights,
     return {"loss/ce": ce, "loss/uld": l_uld, "loss/gld": l_gld,
             "loss/total": lambdas[0] * ce + lambdas[1] * l_uld + lambdas[2] * l_gld,
             "n_ce": n_ce, "n_uld": n_uld, "n_gld": n_gld}
+
+
+def identity_ranks(rank, world, data, root):
+    """Teacher = the pivot itself: its top-K precomputed (Megatron backend, pivot tokenizer) from
+    the step-0 checkpoint, then one fusion step against it from that checkpoint; and the hybrid
+    loss on the initial logits with the identity vocabulary match (1 rank)."""
+    from megatron_fusion.data.build import build_tokenizer
+    from megatron_fusion.losses.hybrid import hybrid_loss
+    from megatron_fusion.parallel import destroy_student_groups, init_student_groups
+    from megatron_fusion.stages import stage_class
+    from megatron_fusion.teachers.backends import MegatronTeacherBackend
+    from megatron_fusion.teachers.precompute import precompute_teacher_topk
+    from megatron_fusion.teachers.vocab_match import VocabMatch
+    from megatron_fusion.train import train
+
+    tr.make_init(rank, world, data, root, [("init", [])])
+    fuse = {"teachers": [{"name": "self", "tokenizer": data["pivot_tokenizer"],
+                          "topk_dir": f"{root}/self_topk"}]}
+    cfg = load_config(None, tr.tiny_overrides(data, f"{root}/fuse") + tr.fuse_overrides(fuse)
+                      + ["train.steps=1", f"checkpoint.load={root}/init"])
+    tok = build_tokenizer(cfg)
+    ds = stage_class("fuse").build_dataset(cfg, tok)                 # the trainer's dataset
+    groups = init_student_groups(tp=1)
+    summary = precompute_teacher_topk(ds, tok, MegatronTeacherBackend(f"{root}/init"),
+                                      f"{root}/self_topk", teacher="self", samples_per_shard=64,
+                                      batch_size=8, progress=False)
+    destroy_student_groups()
+    train(cfg)
+    destroy_student_groups()
+    with open(f"{root}/fuse/metrics.jsonl") as fh:
+        step1 = next(r for r in map(json.loads, fh) if r.get("step") == 1 and "loss/total" in r)
+
+    micro = step1_batches(load_config(None, tr.tiny_overrides(data, f"{root}/ref")
+                                      + tr.fuse_overrides(fuse)))
+    logits = initial_logits(f"{root}/init", micro)
+    groups = init_student_groups(tp=1)
+    match = VocabMatch.build(tok, tok)
+    v = tok.vocab_size
+    hybrid = []
+    for mb, z in zip(micro, logits):
+        t_lp = torch.log_softmax(z[..., :v].double(), -1).topk(10, dim=-1)   # the teacher = z
+        mids = match.map_ids(t_lp.indices)
+        s, n = hybrid_loss(z, t_lp.values.float(), mids, mb["loss_mask"] > 0, k=10,
+                           vocab_size=v, tp_group=groups.tp)
+        hybrid.append((float(s), float(n), bool(((mids == t_lp.indices) | (mids < 0)).all()),
+                       int((mids < 0).sum())))
+    destroy_student_groups()
+    return {"precompute": summary, "step1": step1, "hybrid": hybrid,
+            "matched_fraction": match.matched_fraction, "vocab": v,
+            "identity_where_matched": bool(torch.equal(match.teacher_ids, match.pivot_ids)),
+            "unmatched_kinds": sorted({kind for i, (_, kind) in enumerate(tok.vocab_pieces())
+                                       if i not in set(match.teacher_ids.tolist())})}
