@@ -22,6 +22,7 @@ from megatron_fusion.teachers.shards import TopKReader, TopKStoreError, read_top
 from tests.helpers import kill_children as kc
 
 N, SEQ, K = 400, 512, 10           # one shard ~10 MB: its write (~0.1 s here) can be hit
+PER_SHARD = 6
 
 
 def _check_generation(path: Path, gen: int) -> None:
@@ -68,16 +69,19 @@ def test_killed_shard_writer_leaves_the_last_good_shard(tmp_path):
 
 
 def test_killed_precompute_resumes_to_identical_shards(demo_data, tmp_path):
+    train = tmp_path / "train.jsonl"      # 64 records (some dropped by the SFT filter), shards of 6
+    train.write_text("\n".join(Path(demo_data["train"]).read_text().splitlines()[:64]) + "\n")
+    data = {"train": str(train), "tok": demo_data["pivot_tokenizer"]}
     ref = tmp_path / "ref"
-    summary = kc.precompute(demo_data["train"], demo_data["pivot_tokenizer"], str(ref), 16)
+    summary = kc.precompute(data["train"], data["tok"], str(ref), PER_SHARD)
     names = sorted(p.name for p in ref.glob("*.topk"))
     assert len(names) == summary["shards"] >= 6
     rng = random.Random(1919)
-    points = [(tmp_path / f"kill{i}", rng.randint(1, 4), rng.uniform(0.0, 0.3)) for i in range(2)]
+    points = [(tmp_path / f"kill{i}", rng.randint(1, 3), rng.uniform(0.0, 0.3)) for i in range(2)]
 
     def job(out, first, delay):
-        proc = kc.start("precompute", train=demo_data["train"],
-                        tokenizer=demo_data["pivot_tokenizer"], out_dir=str(out), per_shard=16)
+        proc = kc.start("precompute", train=data["train"], tokenizer=data["tok"], out_dir=str(out),
+                        per_shard=PER_SHARD)
         kc.kill_when(proc, lambda: len(list(out.glob("*.topk"))) >= first, delay)
 
     kc.run_concurrently([lambda p=p: job(*p) for p in points])
@@ -86,7 +90,7 @@ def test_killed_precompute_resumes_to_identical_shards(demo_data, tmp_path):
         assert len(before) < len(names), "the child finished before the kill: no kill point"
         for name in before:                     # every shard on disk is a complete, good one
             read_topk_header(out / name)
-        resumed = kc.precompute(demo_data["train"], demo_data["pivot_tokenizer"], str(out), 16)
+        resumed = kc.precompute(data["train"], data["tok"], str(out), PER_SHARD)
         assert resumed["skipped_shards"] == len(before)
         for name in names:
             assert filecmp.cmp(ref / name, out / name, shallow=False), name
