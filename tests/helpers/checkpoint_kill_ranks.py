@@ -11,7 +11,7 @@ from tests.helpers import trainer_ranks as tr
 
 def kill_overrides(data: dict, run_dir: str, steps: int) -> list[str]:
     return tr.tiny_overrides(data, run_dir) + [f"train.steps={steps}", "checkpoint.interval=1",
-                                               "checkpoint.keep=2"]
+                                               "checkpoint.keep=2", "model.num_layers=2"]
 
 
 def resume_killed(rank, world, data, root, killed: list[str], steps: int) -> dict:
