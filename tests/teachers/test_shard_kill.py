@@ -15,7 +15,6 @@ import filecmp
 import random
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_fusion.teachers.shards import TopKReader, TopKStoreError, read_topk_header
