@@ -25,7 +25,7 @@ def test_quick_campaign_survives_everything(tmp_path):
                      r"inputs tried (\d+) / handled (\d+)", lines[-1])
     assert m, lines[-5:]
     injected, survived, tried, handled = map(int, m.groups())
-    assert (injected, tried) >= (4, 50), lines[-1]      # 2 kills, the fallback, the equality
+    assert injected >= 4 and tried >= 50, lines[-1]   # 2 kills, the fallback, the equality
     assert survived == injected and handled == tried and proc.returncode == 0, proc.stdout[-3000:]
     assert "fault  ok   SIGKILL mid-save" in proc.stdout
     assert "resume fell back to the previous one, loudly" in proc.stdout

@@ -5,8 +5,8 @@
 
 Faults (each one: inject, check nothing on disk is half-written, resume):
 
-- SIGKILL of the whole ``megatron-fusion train`` process group (launcher, torchrun agent,
-  ranks, their checkpoint workers) at seeded random moments: mid-step (a random delay after a
+- SIGKILL of the whole ``megatron-fusion train`` process tree (launcher, torchrun agent,
+  ranks, their checkpoint workers: every descendant, SIGKILLed at once) at seeded random moments: mid-step (a random delay after a
   step's metrics line), mid-checkpoint-save (while an ``iter_*.tmp`` dir exists, seen by
   polling), in an eval step (after the save before an eval step, a random delay), at start-up;
   then a corrupted newest checkpoint (a truncated storage file) before one resume, and a full
@@ -80,21 +80,44 @@ def _start(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Po
                             start_new_session=True)
 
 
-def _group_alive(pgid: int) -> bool:
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts each rank in its own process group)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def _alive(pid: int) -> bool:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
         return False
-    return True
+    return state != "Z"
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL the whole process group; wait until no member is left."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """SIGKILL the whole process tree at once (launcher, torchrun's agent, every rank and its
+    checkpoint workers); wait until none of them is left."""
+    tree = [proc.pid, *_descendants(proc.pid)]
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     proc.wait()
     deadline = time.monotonic() + 30
-    while _group_alive(proc.pid) and time.monotonic() < deadline:
+    while any(_alive(p) for p in tree[1:]) and time.monotonic() < deadline:
         time.sleep(0.05)
 
 
@@ -278,13 +301,19 @@ def train_campaign(work: Path, data: dict, tally: Tally, *, rng: random.Random, 
             (hook / "sitecustomize.py").write_text(ENOSPC_HOOK)
             env = _env(str(hook))
             env["FAULT_ENOSPC_STEP"] = str(done + 2)
+            before = len(log.read_text(errors="replace"))
             proc = _start(argv, log, env)
-            code = _wait(proc, timeout)
-            text = log.read_text(errors="replace")
+            t_start = time.monotonic()
+            code = _wait(proc, min(timeout, 240.0))
+            hung = code == -9
+            text = log.read_text(errors="replace")[before:]
             bad = validate_checkpoints(run / "checkpoints")
-            ok = code != 0 and bad is None and "No space left on device" in text
-            tally.fault(f"full disk (ENOSPC) at the step-{done + 2} save", ok,
-                        bad or ("" if code else "the run did not fail"))
+            ok = code not in (0, -9) and bad is None and "No space left on device" in text
+            why = bad or ("the run did not fail" if code == 0 else
+                          f"the launch hung (no exit {time.monotonic() - t_start:.0f}s after the "
+                          "injected ENOSPC; killed)" if hung else
+                          "" if ok else "no 'No space left on device' in the log")
+            tally.fault(f"full disk (ENOSPC) at the step-{done + 2} save", ok, why)
             enospc_done = True
             continue
         proc = _start(argv, log)
