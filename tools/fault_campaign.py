@@ -391,15 +391,19 @@ def precompute_campaign(work: Path, data: dict, teacher_run: Path, tally: Tally,
         return ["precompute-topk", "--backend", "megatron", "--checkpoint", str(teacher_run),
                 "--teacher-name", "self", "--data", data["train"], "--pivot-tokenizer",
                 data["pivot_tokenizer"], "--seq-len", "128", "--out", str(out),
-                "--samples-per-shard", "4", "--batch-size", "2", "--no-progress"]
+                "--samples-per-shard", "2", "--batch-size", "2", "--no-progress"]
 
     ref, out = work / "topk_ref", work / "topk_faulted"
     proc = _start(argv(ref), work / "topk_ref.log")
     if _wait(proc, timeout) != 0:
         raise SystemExit(f"fault_campaign: the uninterrupted precompute failed, see {work / 'topk_ref.log'}")
     n_ref = len(list(ref.glob("*.topk")))
-    for i in range(kills):
-        target = rng.randint(len(list(out.glob("*.topk"))) + 1, max(1, n_ref - 1))
+    targets = sorted(rng.sample(range(1, n_ref), min(kills, n_ref - 1)))
+    for target in targets:
+        target = max(target, len(list(out.glob("*.topk"))) + 1)   # a kill may overshoot
+        if target >= n_ref:
+            tally.fault("SIGKILL precompute-topk", False, "no shard left to kill before")
+            continue
         proc = _start(argv(out), work / "topk_faulted.log")
         hit = _poll_until(proc, lambda: len(list(out.glob("*.topk"))) >= target, timeout, 0.002)
         time.sleep(rng.uniform(0, 0.05))
