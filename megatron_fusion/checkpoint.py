@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -206,16 +207,76 @@ def _iter_name(step: int) -> str:
     return f"iter_{step:07d}"
 
 
+def checkpoint_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not a complete, readable checkpoint; None when it is one.
+
+    Checks what a crash, a full disk or a bad copy leaves behind without loading any tensor:
+    meta.json parses and has a step, megatron's metadata.json and common.pt exist, the
+    dist_checkpointing index (``.metadata``) unpickles, and every storage file it names exists
+    and is at least as long as the last byte range it indexes there (a truncated shard fails).
+    The same answer on every rank (one shared filesystem), so all ranks pick the same fallback.
+    """
+    p = Path(path)
+    if not p.is_dir():
+        return "not a directory"
+    try:
+        meta = json.loads((p / "meta.json").read_text())
+        int(meta["step"])
+    except FileNotFoundError:
+        return "no meta.json"
+    except (ValueError, KeyError, TypeError) as e:
+        return f"meta.json unreadable ({type(e).__name__}: {e})"
+    for name in ("metadata.json", "common.pt", ".metadata"):
+        if not (p / name).is_file():
+            return f"no {name}"
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        index = FileSystemReader(str(p)).read_metadata()
+    except Exception as e:  # a truncated/garbled pickle raises anything
+        return f".metadata unreadable ({type(e).__name__})"
+    need: dict[str, int] = {}
+    for info in getattr(index, "storage_data", {}).values():
+        rel = info.relative_path
+        need[rel] = max(need.get(rel, 0), int(info.offset) + int(info.length))
+    for rel, end in sorted(need.items()):
+        f = p / rel
+        if not f.is_file():
+            return f"no {rel}"
+        if f.stat().st_size < end:
+            return f"{rel} truncated ({f.stat().st_size} < {end} bytes)"
+    return None
+
+
+def _warn_once(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
 def latest_checkpoint(ckpt_root: str | Path) -> Path | None:
-    """The last complete checkpoint under ``ckpt_root`` (None if there is none)."""
+    """The last complete checkpoint under ``ckpt_root`` (None if there is none).
+
+    When the one ``latest`` names is corrupted (``checkpoint_problem``), falls back to the
+    newest complete ``iter_*`` below it, with a one-line warning naming the corrupted dir; it
+    raises when no complete one is left (rather than silently start from scratch).
+    """
     root = Path(ckpt_root)
     marker = root / "latest"
     if not marker.exists():
         return None
-    path = root / marker.read_text().strip()
-    if not (path / "meta.json").exists():
-        raise CheckpointError(f"{marker} points to {path}, which is not a complete checkpoint")
-    return path
+    name = marker.read_text().strip()
+    path = root / name
+    problem = checkpoint_problem(path) if name else "'latest' is empty"
+    if problem is None:
+        return path
+    older = sorted((p for p in root.glob("iter_*") if p.is_dir() and not p.name.endswith(".tmp")
+                    and (not name or p.name < name)), reverse=True)
+    for cand in older:
+        if checkpoint_problem(cand) is None:
+            _warn_once(f"checkpoint {path} is corrupted ({problem}); resuming from {cand} instead")
+            return cand
+    raise CheckpointError(f"{marker} points to {path}, which is not a complete checkpoint "
+                          f"({problem}), and no older complete one is under {root}")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -2,8 +2,8 @@
 
     for line_no, record in read_jsonl(path, required=("prompt", "response")): ...
 
-Blank lines are skipped (they keep their line numbers for later errors). A line that is not a JSON
-object, or lacks a required field, or has a field of the wrong type, raises ``JSONLError`` with
+Blank lines are skipped (they keep their line numbers for later errors). A line that is not valid
+UTF-8, not a JSON object, or lacks a required field, or has a field of the wrong type, raises ``JSONLError`` with
 ``path:line``.
 """
 
@@ -31,8 +31,13 @@ def read_jsonl(path: str | os.PathLike, *, required: Sequence[str] = (),
 
     ``required``: keys that must be present; ``str_fields``: keys that, when present, must be str.
     """
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with open(path, "rb") as f:   # bytes: a bad UTF-8 sequence is reported with its line
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JSONLError(path, line_no, f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                                 f"byte {e.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:

@@ -41,6 +41,7 @@ from megatron_fusion.data.jsonl import JSONLError, read_jsonl, sha256_file
 log = logging.getLogger(__name__)
 
 Segment = tuple[str, bool]  # (text, is_response)
+CHAT_ROLES = ("system", "user", "assistant", "tool")  # the roles a ``messages`` record may use
 CACHE_FORMAT = 1
 
 
@@ -88,22 +89,19 @@ def render_segments(record: dict, tokenizer, *, where: tuple[str, int] = ("?", 0
                 isinstance(m, dict) and isinstance(m.get("role"), str)
                 and isinstance(m.get("content"), str) for m in msgs):
             raise JSONLError(path, line_no, "'messages' must be a list of {role: str, content: str}")
-        full = tokenizer.apply_chat_template(msgs)
-        segs: list[Segment] = []
-        pos = 0
-        for j, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            before = tokenizer.apply_chat_template(msgs[:j], add_generation_prompt=True)
-            upto = tokenizer.apply_chat_template(msgs[: j + 1])
-            if not (full.startswith(upto) and upto.startswith(before) and len(before) >= pos):
-                raise JSONLError(path, line_no, f"chat template of {tokenizer.name!r} does not "
-                                 "render the conversation prefix-consistently; cannot locate "
-                                 f"assistant turn {j}")
-            segs += [(full[pos:len(before)], False), (full[len(before):len(upto)], True)]
-            pos = len(upto)
-        segs.append((full[pos:], False))
-        return [s for s in segs if s[0]]
+        unknown = sorted({m["role"] for m in msgs} - set(CHAT_ROLES))
+        if unknown:
+            raise JSONLError(path, line_no, f"unknown message role(s) {unknown}; expected "
+                             f"one of {list(CHAT_ROLES)}")
+        try:
+            return _chat_segments(msgs, tokenizer, path, line_no)
+        except NotImplementedError as e:   # a tokenizer without a chat template
+            raise JSONLError(path, line_no, f"'messages' record: {e}") from None
+        except Exception as e:
+            if not type(e).__module__.startswith("jinja2"):
+                raise
+            raise JSONLError(path, line_no, f"chat template of {tokenizer.name!r} failed "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if "prompt" in record and "response" in record:
         for k in ("prompt", "response"):
             if not isinstance(record[k], str):
@@ -111,6 +109,27 @@ def render_segments(record: dict, tokenizer, *, where: tuple[str, int] = ("?", 0
         return [s for s in ((record["prompt"], False), (record["response"], True)) if s[0]]
     raise JSONLError(path, line_no, "expected 'prompt' and 'response', or 'messages'; "
                      f"has {sorted(record)}")
+
+
+def _chat_segments(msgs: list[dict], tokenizer, path: str, line_no: int) -> list[Segment]:
+    """The segments of a ``messages`` record: each assistant turn is the rendered text that
+    ``add_generation_prompt=True`` leaves out (module docstring)."""
+    full = tokenizer.apply_chat_template(msgs)
+    segs: list[Segment] = []
+    pos = 0
+    for j, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:j], add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(msgs[: j + 1])
+        if not (full.startswith(upto) and upto.startswith(before) and len(before) >= pos):
+            raise JSONLError(path, line_no, f"chat template of {tokenizer.name!r} does not "
+                             "render the conversation prefix-consistently; cannot locate "
+                             f"assistant turn {j}")
+        segs += [(full[pos:len(before)], False), (full[len(before):len(upto)], True)]
+        pos = len(upto)
+    segs.append((full[pos:], False))
+    return [s for s in segs if s[0]]
 
 
 def encode_segments(tokenizer, segments: Sequence[Segment], *, add_bos: bool = True,

@@ -114,7 +114,7 @@ def test_chat_messages(files, bbpe, sp):
         rec = plain.sample(i)
         expected = rec.text[rec.response_spans[0][0]:]
         assert resp == expected + "<|im_end|>\n<|endoftext|>"
-    with pytest.raises(NotImplementedError, match="no chat template"):
+    with pytest.raises(JSONLError, match=r"sft_chat.jsonl:1: .*no chat template"):
         SFTDataset(files["sft_chat"], sp, 256)
 
 
