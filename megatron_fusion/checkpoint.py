@@ -353,11 +353,19 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model_chunks, optimizer, s
     state["optimizer"] = optimizer.sharded_state_dict(
         model_sd[next(iter(model_sd))] if len(model_sd) == 1 else model_sd)
     state["scheduler"] = scheduler.state_dict()
-    dist_checkpointing.save(state, str(tmp))
-    if rank == 0:
-        (tmp / "rng").mkdir(exist_ok=True)
-    dist.barrier()
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        if rank == 0:
+            (tmp / "rng").mkdir(exist_ok=True)
+        dist.barrier()
+        torch.save(_rng_state(), tmp / "rng" / f"rank_{rank:05d}.pt")
+    except (OSError, RuntimeError) as e:
+        # a full disk, a quota, a lost mount: one line naming where; the last good one is kept
+        # (``latest`` still names it). Raised on the rank that failed; the launcher stops the rest.
+        cause = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise CheckpointError(f"checkpoint save of step {step} to {tmp} failed on rank {rank} "
+                              f"({cause}); the last good checkpoint "
+                              f"{latest_checkpoint(root) or '(none)'} is kept") from None
     dist.barrier()
     if rank == 0:
         meta = {"step": step, "layer_spec": model_layer_spec(model_chunks[0]), **extra}

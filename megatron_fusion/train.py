@@ -434,9 +434,10 @@ def main(argv: list[str] | None = None) -> int:
 
     init_distributed(online_teachers=_online_teachers(cfg))
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    code = 0
+    code = 1      # until the role returns: a rank that fails never waits in the final barrier
     try:
         _run_role(cfg)
+        code = 0
     except (ConfigError, TrainError) as e:
         _report(e)
         code = 2 if isinstance(e, ConfigError) else 1

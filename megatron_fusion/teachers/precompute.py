@@ -17,7 +17,8 @@ from pathlib import Path
 from megatron_fusion.data.sft import SFTDataset
 from megatron_fusion.teachers.align import report_alignment
 from megatron_fusion.teachers.backends import TeacherBackend
-from megatron_fusion.teachers.shards import TopKHeader, TopKStoreError, TopKWriter, read_topk_header
+from megatron_fusion.teachers.shards import (TopKHeader, TopKStoreError, TopKWriter, read_topk_header,
+                                             remove_stale_temps)
 from megatron_fusion.teachers.topk import compute_batch_topk
 
 
@@ -38,6 +39,8 @@ def precompute_teacher_topk(dataset: SFTDataset, teacher_tokenizer, backend: Tea
     ``write``: whether this rank writes files (TP rank 0); all ranks of a TP group must call it.
     """
     out_dir = Path(out_dir)
+    if write:  # a writer killed mid-shard left its temp file: the shard is recomputed below
+        remove_stale_temps(out_dir)
     n = len(dataset)
     n_shards = -(-n // samples_per_shard)
     expected = {"teacher": teacher, "teacher_tokenizer_hash": teacher_tokenizer.content_hash,

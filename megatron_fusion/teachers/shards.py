@@ -80,6 +80,36 @@ class TopKStoreError(UserError, ValueError):
 # Container: magic | version | header | payload | sha256
 # ------------------------------------------------------------------------------------------------
 
+def remove_stale_temps(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temp files that ``atomic_write_bytes`` left in ``directory`` when its writer was
+    killed mid-write (``.<name>.tmp.<pid>`` whose pid is no longer alive); returns them. Readers
+    never take a temp for a shard, so this only reclaims disk; a live writer's temp is kept."""
+    removed = []
+    d = Path(directory)
+    if not d.is_dir():
+        return removed
+    for tmp in d.glob(".*.tmp.*"):
+        pid = tmp.name.rsplit(".", 1)[-1]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write_bytes(path: str | os.PathLike, chunks: Iterable[bytes]) -> None:
     """Write to a temp file in the same directory, fsync, rename over ``path``, fsync the dir."""
     path = Path(path)

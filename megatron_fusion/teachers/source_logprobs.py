@@ -22,7 +22,8 @@ from megatron_fusion.data.preference import PreferenceDataset
 from megatron_fusion.teachers.topk import to_host
 from megatron_fusion.teachers.backends import true_vocab_size
 from megatron_fusion.teachers.shards import (LOGPROB_MAGIC, LogprobHeader, SourceLogprobStore,
-                                        TopKStoreError, check_expected, read_container)
+                                        TopKStoreError, check_expected, read_container,
+                                        remove_stale_temps)
 
 
 def score_batch(items: list[dict], backend, pad_id: int,
@@ -63,6 +64,8 @@ def precompute_source_logprobs(dataset: PreferenceDataset, backend, out_dir, *, 
                                write: bool = True, progress: bool = True) -> dict:
     """Score every pair of ``dataset`` (encoded with the source's tokenizer); write shards."""
     out_dir = Path(out_dir)
+    if write:  # temp files of a writer killed mid-shard
+        remove_stale_temps(out_dir)
     n = len(dataset)
     n_shards = -(-n // samples_per_shard)
     expected = {"source": source, "source_tokenizer_hash": dataset.tokenizer.content_hash,

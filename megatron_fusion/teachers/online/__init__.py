@@ -23,7 +23,7 @@ teacher keeps at most ``fuse.prefetch`` micro-batches computed ahead and then wa
 Message per micro-batch (bridge group, point-to-point, tag = teacher index): a header int64[8]
 ``[status, b, s, K, msg_len, fingerprint, teacher_tokens, compute_us]``, then values [b, s, K] as
 bf16 bits (int16; the offline shards' dtype, so both paths give the same tensors), ids [b, s, K]
-int32, aligned [b, s] uint8, teacher CE [b] float32. Never a full-vocabulary tensor. A teacher
+int32, aligned [b, s] uint8, teacher CE [b] float32 (nats per byte of response text, methods.md §2). Never a full-vocabulary tensor. A teacher
 that raises posts its message in the launch's store (read by a student whose receive fails) and
 sends ``status = ERROR`` with the message; a teacher that dies closes its connections; one that
 hangs trips ``fuse.timeout_s``: each ends the student's run with an error naming the teacher.
