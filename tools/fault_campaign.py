@@ -558,7 +558,7 @@ def check_bad_records(work: Path, data: dict, tally: Tally) -> None:
                 f"raised {type(e).__name__} where it should be counted: {str(e)[:100]}")
         else:
             s = ds.stats
-            counted = s.records == 3 and (s.kept == 2 and any(f":3:" in x for x in s.details)
+            counted = s.records == 3 and (s.kept == 2 and any(":3:" in x for x in s.details)
                                           or s.kept == 3 and s.truncated >= 1)
             if expect == "kept":
                 why = None if s.kept == 3 else f"not kept: {s.as_dict()}"
@@ -654,6 +654,29 @@ def check_bad_configs(work: Path, data: dict, tally: Tally) -> None:
 
 # --- main -------------------------------------------------------------------------------------
 
+TEACHER_FAULTS = {
+    "an online teacher that hangs: the student stops within fuse.timeout_s naming it":
+        "test_hung_teacher_times_out_with_its_name_and_the_setting",
+    "an online teacher rank that dies: the student names its launch rank":
+        "test_dead_teacher_without_message_names_its_rank",
+    "an online teacher that raises: the student reports its message":
+        "test_teacher_error_message_is_reported",
+}
+
+
+def teacher_campaign(tally: Tally, timeout: float) -> None:
+    """Online-teacher faults on the real student/teacher bridge (2 gloo ranks, no models): the
+    scenarios of tests/teachers/test_online_protocol.py, run and counted here. A SIGKILLed teacher
+    rank inside a whole training launch is tests/teachers/test_online.py's (named by the launcher)."""
+    root = Path(__file__).resolve().parents[1]
+    for what, test in TEACHER_FAULTS.items():
+        p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"tests/teachers/test_online_protocol.py::{test}"], cwd=root,
+                           capture_output=True, text=True, timeout=timeout)
+        last = (p.stdout.strip().splitlines() or ["(no output)"])[-1]
+        tally.fault(what, p.returncode == 0, "" if p.returncode == 0 else last)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tools.fault_campaign", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="two training kills and the bad inputs")
@@ -661,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kills", type=int, default=None, help="training kills (default 10, quick 2)")
     ap.add_argument("--precompute-kills", type=int, default=None, help="default 4, quick 0")
     ap.add_argument("--nproc", type=int, default=None, help="training ranks (default 2, quick 1)")
+    ap.add_argument("--teacher-faults", choices=["on", "off"], default=None,
+                    help="online-teacher hang / death / error (default on, quick off)")
     ap.add_argument("--workdir", default=None, help="default: a temp dir, removed at the end")
     ap.add_argument("--timeout", type=float, default=600.0, help="per launch, seconds")
     args = ap.parse_args(argv)
@@ -684,6 +709,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"faults: training ({kills} kills, {nproc} rank(s), {steps} steps)", flush=True)
         teacher = train_campaign(work, data, tally, rng=rng, kills=kills, steps=steps, nproc=nproc,
                                  timeout=args.timeout)
+        if (args.teacher_faults or ("off" if args.quick else "on")) == "on":
+            print("faults: online teachers", flush=True)
+            teacher_campaign(tally, args.timeout)
         if pre_kills:
             print(f"faults: top-K precompute ({pre_kills} kills)", flush=True)
             precompute_campaign(work, data, teacher, tally, rng=rng, kills=pre_kills,
