@@ -15,6 +15,9 @@ Faults (each one: inject, check nothing on disk is half-written, resume):
   ``checkpoint.checkpoint_problem`` and ``latest`` resolves. At the end the faulted run's
   metrics.jsonl values (every record of every step, perf/* excepted) and its final checkpoint's
   tensors (and per-rank RNG files) equal an uninterrupted run's, bit for bit.
+- Online teachers (full run; ``--teacher-faults off`` skips): a teacher that hangs, one that
+  dies and one that raises, on the real student/teacher bridge (the scenarios of
+  tests/teachers/test_online_protocol.py): the student must stop naming the teacher.
 - SIGKILL of ``megatron-fusion precompute-topk`` (teacher = the reference run, ``--backend
   megatron``) at random shard counts: every ``*.topk`` left validates (checksum), and the
   resumed shards equal an uninterrupted precompute's byte for byte.
