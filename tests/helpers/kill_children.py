@@ -41,15 +41,35 @@ def shard_header(gen: int, k: int):
                       dataset_hash="dd", meta={"gen": gen})
 
 
-def write_shards(path: str, n: int, seq: int, k: int, gens: int) -> None:
-    """Rewrite ``path`` with generations 1..gens (each a large shard), announcing each close."""
+def write_shards(path: str, n: int, seq: int, k: int, gens: int, pause_mid_write: bool = False) -> None:
+    """Rewrite ``path`` with generations 1..gens (each a large shard), announcing each close.
+    ``pause_mid_write``: the last generation's write stops half way (``mid-write`` line, then a
+    long sleep), so a kill on that line lands inside the write on any machine, however fast."""
+    from megatron_fusion.teachers import shards
     from megatron_fusion.teachers.shards import TopKWriter
 
+    if pause_mid_write:
+        real = shards.atomic_write_bytes
+
+        def paused(target, chunks):
+            chunks = list(chunks)
+
+            def gen_chunks():
+                for i, c in enumerate(chunks):
+                    if i == len(chunks) // 2 and f"closing {gens}" in announced:
+                        print("mid-write", flush=True)
+                        time.sleep(120)
+                    yield c
+            real(target, gen_chunks())
+
+        shards.atomic_write_bytes = paused
+    announced: list[str] = []
     for gen in range(1, gens + 1):
         w = TopKWriter(path, shard_header(gen, k))
         for sid, values, ids, mask in shard_samples(gen, n, seq, k):
             w.add(sid, values, ids, mask, teacher_ce=float(gen))
         print(f"closing {gen}", flush=True)
+        announced.append(f"closing {gen}")
         w.close()
         print(f"done {gen}", flush=True)
 

@@ -46,6 +46,13 @@ def test_killed_shard_writer_leaves_the_last_good_shard(tmp_path):
         kc.kill_after(proc, lambda line: line == "closing 2", delay)   # gen 1 is done
 
     kc.run_concurrently([lambda d=d, t=t: job(d, t) for d, t in points])
+    # and one kill that lands inside the write on any machine: the writer pauses half way
+    mid = tmp_path / "kill_mid_write"
+    mid.mkdir()
+    proc = kc.start("shards", path=str(mid / "t-00000.topk"), n=N, seq=SEQ, k=K, gens=2,
+                    pause_mid_write=True)
+    kc.kill_after(proc, lambda line: line == "mid-write", 0.0)
+    points.append((mid, -1.0))
     landed = []
     for d, delay in points:
         path = d / "t-00000.topk"
@@ -63,8 +70,8 @@ def test_killed_shard_writer_leaves_the_last_good_shard(tmp_path):
                 _check_generation(tmp, got)
         landed.append((round(delay, 3), gen, len(temps)))
     print("kill points (delay s, generation on disk, temps left):", landed)
-    # at least one kill hit the write itself: the old generation survived beside a torn temp
-    assert any(gen == 1 and temps for _, gen, temps in landed), landed
+    # the mid-write kill hit the write itself: the old generation survived beside a torn temp
+    assert landed[-1][1:] == (1, 1), landed
 
 
 def test_killed_precompute_resumes_to_identical_shards(demo_data, tmp_path):
