@@ -94,7 +94,7 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
 
 @lru_cache(maxsize=1)
-def _bytelevel_decoder() -> dict[str, int]:
+def bytelevel_decoder() -> dict[str, int]:
     """GPT-2's byte <-> printable-unicode table, inverted (char -> byte)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
@@ -123,7 +123,7 @@ def normalize_piece(piece: str, style: str) -> str:
         m = _BYTE_PIECE.match(piece)
         raw = bytes([int(m.group(1), 16)]) if m else piece.replace("▁", " ").encode("utf-8")
     elif style == "bytelevel":
-        table = _bytelevel_decoder()
+        table = bytelevel_decoder()
         raw = bytes(table.get(c, ord("?") if ord(c) > 255 else ord(c)) for c in piece)
     else:
         raw = piece.encode("utf-8")

@@ -30,13 +30,13 @@ import hashlib
 import json
 import struct
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from megatron_fusion.errors import UserError
+from megatron_fusion.teachers.align import bytelevel_decoder
 from megatron_fusion.teachers.shards import atomic_write_bytes
 
 MAGIC = b"MFVMAP\r\n"
@@ -49,22 +49,6 @@ class VocabMatchError(UserError, ValueError):
     """A vocabulary-match cache that cannot be used: the message names the file (and field)."""
 
 
-@lru_cache(maxsize=1)
-def _unicode_to_byte() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: printable bytes stand for themselves, the other 68
-    bytes are shifted to U+0100.. in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) \
-        + list(range(0xAE, 0xFF + 1))
-    table, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[chr(b)] = b
-        else:
-            table[chr(256 + n)] = b
-            n += 1
-    return table
-
-
 def surface(piece: str, kind: str) -> bytes | None:
     """The bytes a vocabulary piece stands for (None: never matched by surface)."""
     if kind == "special":
@@ -72,7 +56,7 @@ def surface(piece: str, kind: str) -> bytes | None:
     if kind == "byte":
         return bytes([int(piece[3:5], 16)])
     if kind == "byte_level":
-        table = _unicode_to_byte()
+        table = bytelevel_decoder()
         if all(ch in table for ch in piece):
             return bytes(table[ch] for ch in piece)
         return piece.encode("utf-8")      # an added non-special token, stored as plain text
