@@ -123,26 +123,9 @@ def test_mined_small_cases():
 def test_4k_offset_and_mined_agree():
     """~5k x ~6k word-level tokens (the size ``tools/bench_align.py`` times): both methods agree
     wherever both align, mined pairs equal strings only, in order."""
-    import random
+    from tools.bench_align import synthetic_word_pair
 
-    rng = random.Random(0)
-    words = ["the", "model", "fuse", "token", "align", "data", "of", "a", "is", "ation", "ing"]
-    text = " ".join(rng.choice(words) for _ in range(2600))
-    # two word-level "tokenizations" of the same text, one splitting words differently
-    p_tok, t_tok, p_off, t_off, pos = [], [], [], [], 0
-    for w in text.split(" "):
-        p_tok.append("▁" + w)
-        p_off.append((pos, pos + len(w) + 1))
-        if len(w) > 3:
-            t_tok += ["Ġ" + w[:2], w[2:]]
-            t_off += [(pos, pos + 3), (pos + 3, pos + len(w) + 1)]
-        else:
-            t_tok.append("Ġ" + w)
-            t_off.append((pos, pos + len(w) + 1))
-        pos += len(w) + 1
-    p_tok, t_tok = p_tok * 2, t_tok * 2            # ~5k x ~6k tokens
-    p_off = p_off + [(a + pos, b + pos) for a, b in p_off]
-    t_off = t_off + [(a + pos, b + pos) for a, b in t_off]
+    p_tok, t_tok, p_off, t_off = synthetic_word_pair(2600, seed=0)   # ~5k x ~6k tokens
     oa = offset_alignment(p_off, t_off)
     ma = mined_alignment(p_tok, t_tok)
     assert len(oa) == len(ma) == len(p_tok)
