@@ -210,6 +210,15 @@ class DataConfig:
     """Samples longer than seq_length: truncate (counted) or reject (error)."""
     synthetic: Optional[str] = None
     """Generate the data instead of reading it: 'demo' writes the demo tasks into the run dir."""
+    packing: Literal["none", "greedy"] = "none"
+    """Sequence packing (docs/methods.md §10): 'none' pads every sample to model.seq_length;
+    'greedy' packs each step's samples into rows of seq_length slots by first-fit-decreasing,
+    every sample its own segment (positions from 0, no attention across samples);
+    train.micro_batch then counts rows. Not for stage fpo or parallel.vpp yet."""
+
+    def __post_init__(self):
+        _check(self.packing in ("none", "greedy"), "data.packing",
+               f"{self.packing!r} is not one of ['none', 'greedy']")
 
 
 @dataclass

@@ -16,6 +16,7 @@ their gradients over TP when sequence parallelism is on (the stock wrapper refus
 from __future__ import annotations
 
 import importlib.util
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -161,7 +162,8 @@ def build_transformer_config(cfg: Config, *, num_layers: int | None = None,
         # Fusions need compiled kernels: on only where their import exists (TE's attention
         # does its own softmax and ignores this).
         bias_activation_fusion=False,
-        masked_softmax_fusion=fused_softmax_available(),
+        # (off with packing: the fused causal kernel ignores the block-diagonal mask, §10)
+        masked_softmax_fusion=fused_softmax_available() and cfg.data.packing == "none",
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
         persist_layer_norm=False,
@@ -245,3 +247,66 @@ def build_model(cfg: Config, *, model_cfg: ModelConfig | None = None, vocab_size
 
 def count_parameters(chunks) -> int:
     return sum(p.numel() for c in chunks for p in c.parameters())
+
+
+# --- the forward of one micro-batch: unpacked rows, or packed ones (docs/methods.md §10) -------
+
+_te_models: "weakref.WeakKeyDictionary[torch.nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def uses_te_attention(model: torch.nn.Module) -> bool:
+    """True when the model's layers are Transformer Engine's (``layer_spec(te=True)``)."""
+    if model not in _te_models:
+        _te_models[model] = any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine")
+                                for m in model.modules())
+    return _te_models[model]
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """``segment_ids [b, s]`` -> megatron's attention mask ``[b, 1, s, s]``, True = masked: a
+    query sees the keys of its own segment at or before it (padding, id -1, is a segment too)."""
+    s = segment_ids.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]             # [b, s, s]
+    return ~(same & causal)[:, None]
+
+
+def packed_seq_params(batch: dict):
+    """Megatron's ``PackedSeqParams`` (THD) of a packed micro-batch: its rows flattened into one
+    sequence of ``b * s`` tokens, every segment and padding tail its own sequence."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = batch["cu_seqlens"].to(device=batch["tokens"].device, dtype=torch.int32)
+    mx = int(batch["max_seqlen"])
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=mx, max_seqlen_kv=mx)
+
+
+def model_forward(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """The student's forward on one micro-batch -> logits ``[b, s, v/tp]`` (last stage) or hidden
+    states (other stages). The ONE place that decides how a packed batch is attended:
+
+    - unpacked: megatron's own causal mask (``attention_mask=None``);
+    - packed, Transformer Engine layers: THD, ``PackedSeqParams`` with ``cu_seqlens`` (the rows
+      flattened into one sequence; TE attends within each sequence, RoPE restarts per sequence);
+    - packed, local spec (CPU, GPU without TE): a block-diagonal causal mask ``[b, 1, s, s]``.
+      RoPE then runs over the row's slot positions, but a rotary score depends only on the
+      query-key offset, which inside a segment is the offset from the sample's position 0.
+    """
+    tokens, pos = batch["tokens"], batch["position_ids"]
+    if "segment_ids" not in batch:
+        return model(tokens, pos, None)   # causal mask built inside
+    inner = getattr(model, "module", model)           # under Megatron DDP: the GPTModel
+    if uses_te_attention(inner):
+        b, s = tokens.shape
+        if b > 1 and not inner.post_process:
+            raise ValueError("data.packing with Transformer Engine under pipeline parallelism "
+                             "needs train.micro_batch=1 (the THD sequence flattens the rows)")
+        out = model(tokens.reshape(1, b * s), pos.reshape(1, b * s), None,
+                    packed_seq_params=packed_seq_params(batch))
+        return out.reshape(b, s, -1) if out.dim() == 3 and out.shape[0] == 1 else out
+    if inner.config.masked_softmax_fusion:
+        # the fused causal softmax kernel ignores a given mask: samples would see each other
+        raise ValueError("data.packing with the local layer spec needs masked_softmax_fusion "
+                         "off (build_transformer_config turns it off when data.packing is set)")
+    return model(tokens, pos, block_causal_mask(batch["segment_ids"]))

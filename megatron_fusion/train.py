@@ -98,24 +98,34 @@ def _on_signal(signum, frame):  # Slurm sends SIGUSR1/SIGTERM before preemption
 
 
 def forward_step(stage, data_iterator, model):
+    from megatron_fusion.model import model_forward
+
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None)  # causal mask built inside
+    output = model_forward(model, batch)  # causal, or per-sample for packed rows (methods.md §10)
     return output, partial(stage.loss_func, batch)
 
 
-def _reduce_reports(reports: list[dict], keys: list[str], groups, stop: bool) -> tuple[dict, bool]:
+def _reduce_reports(reports: list[dict], keys: list[str], groups, stop: bool,
+                    counts: dict[str, float] | None = None) -> tuple[dict, bool]:
     """Sum [sum, count] per key over micro-batches, DP and PP (one all-reduce over the world).
 
-    The vector lives on ``groups.device`` (the reports' device; NCCL takes no host tensor) and
-    is read back once (``tolist``): the step's one metrics sync (docs/methods.md).
+    ``counts``: host numbers of this DP rank (e.g. its real tokens and slots), summed over DP
+    into ``out[name]`` in the same all-reduce. The vector lives on ``groups.device`` (the
+    reports' device; NCCL takes no host tensor) and is read back once (``tolist``): the step's
+    one metrics sync (docs/methods.md).
     """
-    vec = torch.zeros(2 * len(keys) + 1, dtype=torch.float64, device=groups.device)
-    if groups.is_last_stage and groups.tp_rank == 0:
+    counts = counts or {}
+    n = 2 * len(keys)
+    vec = torch.zeros(n + 1 + len(counts), dtype=torch.float64, device=groups.device)
+    if groups.is_last_stage and groups.tp_rank == 0:   # one rank per DP replica
         for rep in reports:
             for i, k in enumerate(keys):
                 if k in rep:
                     vec[2 * i:2 * i + 2] += rep[k].detach().double()
-    vec[-1] = float(stop)
+        if counts:
+            vec[n + 1:] = torch.tensor(list(counts.values()), dtype=torch.float64,
+                                       device=groups.device)
+    vec[n] = float(stop)
     dist.all_reduce(vec)
     host = vec.cpu().tolist()
     out = {}
@@ -123,7 +133,8 @@ def _reduce_reports(reports: list[dict], keys: list[str], groups, stop: bool) ->
         s, c = host[2 * i], host[2 * i + 1]
         out[k] = s / c if c > 0 else 0.0
         out[k + "_count"] = c
-    return out, host[-1] > 0
+    out.update(zip(counts, host[n + 1:]))
+    return out, host[n] > 0
 
 
 def evaluate(cfg, chunks, stage, datasets: dict, groups, dp: int) -> dict:
@@ -286,7 +297,6 @@ class Trainer:
         self.fb = get_forward_backward_func()
         # the pipeline's p2p shapes are per sequence (FPO: chosen + rejected per sample)
         self.seqs_per_micro = cfg.train.micro_batch * stage.sequences_per_sample
-        self.tokens_per_step = cfg.train.global_batch * cfg.model.seq_length * stage.sequences_per_sample
         self.has_eval = bool(self.valid) or stage.has_evaluate
         self.summary: dict = {"start_step": self.state.step, "eval_before": self.evaluate()}
         if self.summary["eval_before"]:
@@ -316,7 +326,12 @@ class Trainer:
                           model=model if len(model) > 1 else model[0],
                           num_microbatches=len(micro), seq_length=cfg.model.seq_length,
                           micro_batch_size=self.seqs_per_micro, forward_only=False)
-        red, stop = _reduce_reports(reports or [], stage.report_keys, self.groups, _Stop.requested)
+        # real tokens (slots that hold a sample) and slots of this rank's step: host ints of the
+        # micro-batches (data/packing.py), summed over DP in the metrics all-reduce
+        tokens = {"real": float(sum(m.get("real_tokens", m["tokens"].numel()) for m in micro)),
+                  "slots": float(sum(m.get("slots", m["tokens"].numel()) for m in micro))}
+        red, stop = _reduce_reports(reports or [], stage.report_keys, self.groups, _Stop.requested,
+                                    counts=tokens)
         bad = [k for k in stage.report_keys if not math.isfinite(red[k])]
         if bad:
             last = ckpt.latest_checkpoint(self.ckpt_root)
@@ -330,11 +345,13 @@ class Trainer:
         state.consumed += cfg.train.global_batch
         self.steps_run += 1
         dt = time.perf_counter() - t0
+        real, slots = red.pop("real"), red.pop("slots")
         metrics = {k: v for k, v in red.items() if not k.endswith("_count")}
         if "loss/total" not in metrics and stage.total_alias in metrics:
             metrics["loss/total"] = metrics[stage.total_alias]
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "perf/step_s": dt,
-                        "perf/tokens_per_s": self.tokens_per_step / dt})
+                        "perf/tokens_per_s": slots / dt, "perf/real_tokens_per_s": real / dt,
+                        "data/packing_efficiency": real / slots if slots else 0.0})
         metrics.update(stage.step_metrics())
         if cfg.train.eval_interval and state.step % cfg.train.eval_interval == 0:
             metrics.update(self.evaluate())

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from megatron_fusion.config import Config
+from megatron_fusion.config import Config, ConfigError
+from megatron_fusion.data.packing import HOST_KEYS, collate_unpacked_metrics, pack_step
 from megatron_fusion.errors import DataError
 from megatron_fusion.parallel import to_device
 
@@ -38,10 +39,12 @@ class SampleOrder:
 
 
 def collate(items: list[dict]) -> dict:
+    """Samples -> one unpacked micro-batch, one padded row per sample."""
     out = {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
     out["sample_id"] = torch.tensor([int(it["sample_id"]) for it in items])
     b, s = out["tokens"].shape
     out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b, s).contiguous()
+    out.update(collate_unpacked_metrics(items, s))
     return out
 
 
@@ -64,8 +67,27 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
 
     ``collate_fn`` builds host tensors; with ``device`` each micro-batch is moved there once
     (``parallel.to_device``; ``sample_id`` stays on the host: it is metadata, never a kernel input).
+    With ``data.packing: greedy`` the step's samples are packed instead (``data.packing``,
+    docs/methods.md §10): rows of ``model.seq_length`` slots, ``train.micro_batch`` rows per
+    micro-batch, so a step has as many micro-batches as its samples need.
     """
     idx = step_microbatch_indices(order, consumed, cfg.train.global_batch, cfg.train.micro_batch,
                                   dp, dp_rank)
-    micro = [collate_fn([dataset[i] for i in m]) for m in idx]
-    return micro if device is None else [to_device(m, device) for m in micro]
+    if cfg.data.packing == "greedy":
+        check_packing(cfg)
+        micro = pack_step([dataset[i] for m in idx for i in m], seq_len=cfg.model.seq_length,
+                          rows_per_micro=cfg.train.micro_batch, pad_id=dataset.pad_id)
+    else:
+        micro = [collate_fn([dataset[i] for i in m]) for m in idx]
+    return micro if device is None else [to_device(m, device, HOST_KEYS) for m in micro]
+
+
+def check_packing(cfg: Config) -> None:
+    """What packing does not cover yet fails naming the field (before the first forward)."""
+    if cfg.stage == "fpo":
+        raise ConfigError("data.packing", "'greedy' is not implemented for stage fpo yet "
+                          "(docs/methods.md §10); set data.packing=none")
+    if cfg.parallel.vpp is not None:
+        raise ConfigError("data.packing", "'greedy' gives a varying number of micro-batches per "
+                          "step, which the interleaved schedule (parallel.vpp) cannot take; set "
+                          "data.packing=none or unset parallel.vpp")

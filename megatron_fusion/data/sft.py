@@ -1,7 +1,8 @@
 """SFT dataset: JSONL of ``prompt``/``response`` or chat ``messages``, tokenised once and cached.
 
     ds = SFTDataset("sft.jsonl", tokenizer, seq_len=512, cache_dir="runs/cache")
-    item = ds[0]   # tokens [s], labels [s] (= tokens shifted by one), loss_mask [s], sample_id
+    item = ds[0]   # tokens [s], labels [s] (= tokens shifted by one), loss_mask [s], sample_id,
+                   # length (the slots it takes in a packed row, data/packing.py)
     ds.stats       # counts of kept / truncated / rejected / skipped samples (never silent)
 
 A sample is a list of text *segments* ``(text, is_response)``: ``[(prompt, False), (response,
@@ -37,6 +38,7 @@ import numpy as np
 import torch
 
 from megatron_fusion.data.jsonl import JSONLError, read_jsonl, sha256_file
+from megatron_fusion.data.packing import sample_slots
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +316,7 @@ class SFTDataset(_TokenizedJSONL):
         s = self.samples[i]
         out = pack(s.ids, s.is_response, self.seq_len, self.pad_id)
         out["sample_id"] = s.sample_id
+        out["length"] = sample_slots(len(s.ids), self.seq_len)   # slots it takes when packed
         return out
 
     def sample(self, i: int) -> EncodedSample:

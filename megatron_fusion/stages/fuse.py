@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError
+from megatron_fusion.data.packing import fetch_per_sample, per_sample
 from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
 from megatron_fusion.parallel import to_device
@@ -128,12 +129,15 @@ class FuseStage(Stage):
         seq = self.cfg.model.seq_length
         k = self.f.k
         counts = torch.zeros(1 + 2 * len(self.teachers), dtype=torch.float64, device=groups.device)
-        for mb in microbatches:
-            resp = mb["loss_mask"] > 0
+        # per sample, in each batch's sample order (packed rows: data/packing.py, methods.md §10)
+        fetched = [fetch_per_sample(t.fetch, microbatches, seq, self.cfg.train.micro_batch)
+                   for t in self.teachers]
+        for i, mb in enumerate(microbatches):
+            resp = per_sample(mb, mb["loss_mask"], fill=0) > 0            # [b, s] per sample
             mb["teachers"] = []
             for j, t in enumerate(self.teachers):
-                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)   # host tensors
-                b = mb["tokens"].shape[0]
+                values, ids, aligned, ce = fetched[j][i]                  # host tensors
+                b = mb["sample_id"].shape[0]
                 if values.shape != (b, seq, k) or ids.shape != (b, seq, k) or aligned.shape != (b, seq):
                     raise TeacherDataError(
                         f"teacher {t.name}: top-K shapes {tuple(values.shape)}/{tuple(ids.shape)}/"
@@ -152,7 +156,7 @@ class FuseStage(Stage):
 
     def _weights(self, batch) -> torch.Tensor:
         """[N, b] per-sample teacher weights (sum to 1 over teachers)."""
-        n, b = len(self.teachers), batch["tokens"].shape[0]
+        n, b = len(self.teachers), batch["sample_id"].shape[0]
         if self.f.weighting == "uniform":
             return self.static_w.float().unsqueeze(1).expand(n, b)
         ce = torch.stack([t["ce"].float() for t in batch["teachers"]])           # [N, b]
@@ -178,8 +182,10 @@ class FuseStage(Stage):
         ce_sum, ce_count = (student.ce * mask_ce).sum(), mask_ce.sum()           # == SFTStage.ce_sum
         n_ce = max(norm[0], 1.0)
         # GLD always uses the full-vocab z-score; ULD with zscore=topk the raw top-K values.
-        st_full = student.std_topk
-        st_uld = st_full if f.zscore == "full" else student.raw_topk
+        # ULD and GLD per sample: the student's top-K in the teachers' per-sample layout
+        st_full = tuple(per_sample(batch, x) for x in student.std_topk)
+        st_uld = st_full if f.zscore == "full" else tuple(per_sample(batch, x)
+                                                           for x in student.raw_topk)
         w = self._weights(batch)                                                  # [N, b]
         uld_total = output.new_zeros((), dtype=torch.float32)
         gld_total = output.new_zeros((), dtype=torch.float32)
