@@ -214,7 +214,8 @@ class DataConfig:
     """Sequence packing (docs/methods.md §10): 'none' pads every sample to model.seq_length;
     'greedy' packs each step's samples into rows of seq_length slots by first-fit-decreasing,
     every sample its own segment (positions from 0, no attention across samples);
-    train.micro_batch then counts rows. Not for stage fpo or parallel.vpp yet."""
+    train.micro_batch then counts rows (fpo: pairs' rows, 2 x micro_batch). Not with
+    parallel.vpp."""
 
     def __post_init__(self):
         _check(self.packing in ("none", "greedy"), "data.packing",

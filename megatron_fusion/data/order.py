@@ -75,8 +75,10 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
                                   dp, dp_rank)
     if cfg.data.packing == "greedy":
         check_packing(cfg)
-        micro = pack_step([dataset[i] for m in idx for i in m], seq_len=cfg.model.seq_length,
-                          rows_per_micro=cfg.train.micro_batch, pad_id=dataset.pad_id)
+        items = [dataset[i] for m in idx for i in m]
+        seqs = 2 if items and "chosen_tokens" in items[0] else 1     # preference pairs: 2 rows
+        micro = pack_step(items, seq_len=cfg.model.seq_length,
+                          rows_per_micro=cfg.train.micro_batch * seqs, pad_id=dataset.pad_id)
     else:
         micro = [collate_fn([dataset[i] for i in m]) for m in idx]
     return micro if device is None else [to_device(m, device, HOST_KEYS) for m in micro]
@@ -84,9 +86,6 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
 
 def check_packing(cfg: Config) -> None:
     """What packing does not cover yet fails naming the field (before the first forward)."""
-    if cfg.stage == "fpo":
-        raise ConfigError("data.packing", "'greedy' is not implemented for stage fpo yet "
-                          "(docs/methods.md §10); set data.packing=none")
     if cfg.parallel.vpp is not None:
         raise ConfigError("data.packing", "'greedy' gives a varying number of micro-batches per "
                           "step, which the interleaved schedule (parallel.vpp) cannot take; set "

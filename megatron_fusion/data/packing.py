@@ -61,51 +61,112 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def _packed_microbatch(items: list[dict], rows: list[list[int]], step_pos: list[int],
-                       seq_len: int, pad_id: int) -> dict:
-    """Rows of item indices -> one packed micro-batch (the keys of the module docstring)."""
-    b, s = len(rows), seq_len
+def _packed_microbatch(b: int, seq_len: int, pad_id: int, placed: list[tuple[int, int, dict]],
+                       sample_ids: list[int], step_pos: list[int]) -> dict:
+    """``b`` rows holding ``placed`` = (row, start, sequence) in segment order (a sequence has
+    ``tokens / labels / loss_mask [s]`` and ``length``) -> one packed micro-batch (the keys of
+    the module docstring)."""
+    s = seq_len
     out = {"tokens": torch.full((b, s), pad_id, dtype=torch.long),
            "labels": torch.full((b, s), pad_id, dtype=torch.long),
            "loss_mask": torch.zeros(b, s, dtype=torch.float32),
            "position_ids": torch.zeros(b, s, dtype=torch.long),
            "segment_ids": torch.full((b, s), -1, dtype=torch.long)}
-    segments, sample_ids, pos, seqlens = [], [], [], []
-    for r, row in enumerate(rows):
-        start = 0
-        for j, i in enumerate(row):
-            it, n = items[i], int(items[i]["length"])
-            for k in ROW_KEYS:
-                out[k][r, start:start + n] = it[k][:n]
-            out["position_ids"][r, start:start + n] = torch.arange(n)
+    by_row: list[list[tuple[int, int]]] = [[] for _ in range(b)]
+    for r, start, seq in placed:
+        n = int(seq["length"])
+        for k in ROW_KEYS:
+            out[k][r, start:start + n] = seq[k][:n]
+        out["position_ids"][r, start:start + n] = torch.arange(n)
+        by_row[r].append((start, n))
+    seqlens = []
+    for r, segs in enumerate(by_row):
+        end = 0
+        for j, (start, n) in enumerate(sorted(segs)):
+            assert start == end, "segments of a row must be contiguous from slot 0"
             out["segment_ids"][r, start:start + n] = j
-            segments.append((r, start, n))
-            sample_ids.append(int(it["sample_id"]))
-            pos.append(step_pos[i])
             seqlens.append(n)
-            start += n
-        if start < s:     # the padding tail: a sequence of its own for THD attention
-            seqlens.append(s - start)
-    out["segments"] = torch.tensor(segments, dtype=torch.long).reshape(-1, 3)
+            end = start + n
+        if end < s:       # the padding tail: a sequence of its own for THD attention
+            seqlens.append(s - end)
+    out["segments"] = torch.tensor([(r, st, int(q["length"])) for r, st, q in placed],
+                                   dtype=torch.long).reshape(-1, 3)
     out["sample_id"] = torch.tensor(sample_ids, dtype=torch.long)
-    out["step_pos"] = torch.tensor(pos, dtype=torch.long)
+    out["step_pos"] = torch.tensor(step_pos, dtype=torch.long)
     out["cu_seqlens"] = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     out["max_seqlen"] = max(seqlens)
-    out["real_tokens"] = sum(n for _, _, n in segments)
+    out["real_tokens"] = sum(int(q["length"]) for _, _, q in placed)
     out["slots"] = b * s
     return out
 
 
 def pack_step(items: list[dict], *, seq_len: int, rows_per_micro: int, pad_id: int) -> list[dict]:
     """One DP rank's samples of a step (in step order, each with ``length``) -> packed
-    micro-batches of ``rows_per_micro`` rows (first-fit-decreasing, module docstring)."""
+    micro-batches of ``rows_per_micro`` rows (first-fit-decreasing, module docstring).
+    Preference pairs (``chosen_*`` / ``rejected_*`` items) go to ``pack_pairs``."""
     if not items:
         return []
+    if "chosen_tokens" in items[0]:
+        return pack_pairs(items, seq_len=seq_len, rows_per_micro=rows_per_micro, pad_id=pad_id)
     rows = first_fit_decreasing([int(it["length"]) for it in items], seq_len)
     rows += [[] for _ in range(-len(rows) % rows_per_micro)]      # fill the last micro-batch
-    step_pos = list(range(len(items)))
-    return [_packed_microbatch(items, rows[j:j + rows_per_micro], step_pos, seq_len, pad_id)
-            for j in range(0, len(rows), rows_per_micro)]
+    micro = []
+    for j in range(0, len(rows), rows_per_micro):
+        placed, ids, pos = [], [], []
+        for r, row in enumerate(rows[j:j + rows_per_micro]):
+            start = 0
+            for i in row:
+                placed.append((r, start, items[i]))
+                ids.append(int(items[i]["sample_id"]))
+                pos.append(i)
+                start += int(items[i]["length"])
+        micro.append(_packed_microbatch(rows_per_micro, seq_len, pad_id, placed, ids, pos))
+    return micro
+
+
+def _side(item: dict, side: str) -> dict:
+    return {k: item[f"{side}_{k}"] for k in (*ROW_KEYS, "length")}
+
+
+def pack_pairs(items: list[dict], *, seq_len: int, rows_per_micro: int, pad_id: int) -> list[dict]:
+    """Preference pairs -> packed micro-batches of ``rows_per_micro`` (= 2 x train.micro_batch)
+    rows. Chosen and rejected are separate segments, and a pair never leaves its micro-batch
+    (the FPO loss needs both of its log-probs there): pairs, longest total first (ties in step
+    order), go into the first micro-batch whose rows take both sequences, each sequence into the
+    first row with room (chosen first), else into a new micro-batch. Segments are ordered chosen
+    of every pair, then rejected, so ``per_sample`` gives ``collate_pairs``' ``[2n, s]`` rows."""
+    if rows_per_micro < 2:
+        raise ValueError(f"pack_pairs: rows_per_micro must be >= 2, got {rows_per_micro}")
+    lengths = [(int(it["chosen_length"]), int(it["rejected_length"])) for it in items]
+    bins: list[dict] = []       # {"free": [rows], "pairs": [(i, row_c, start_c, row_r, start_r)]}
+    for i in sorted(range(len(items)), key=lambda i: (-sum(lengths[i]), i)):
+        lc, lr = lengths[i]
+        new = {"free": [seq_len] * rows_per_micro, "pairs": []}
+        for mb in bins + [new]:
+            free = list(mb["free"])
+            rc = next((r for r, room in enumerate(free) if room >= lc), None)
+            if rc is None:
+                continue
+            sc = seq_len - free[rc]
+            free[rc] -= lc
+            rr = next((r for r, room in enumerate(free) if room >= lr), None)
+            if rr is None:
+                continue
+            mb["pairs"].append((i, rc, sc, rr, seq_len - free[rr]))
+            free[rr] -= lr
+            mb["free"] = free
+            if mb is new:
+                bins.append(mb)
+            break
+    micro = []
+    for mb in bins:
+        pairs = mb["pairs"]
+        placed = ([(rc, sc, _side(items[i], "chosen")) for i, rc, sc, _, _ in pairs]
+                  + [(rr, sr, _side(items[i], "rejected")) for i, _, _, rr, sr in pairs])
+        micro.append(_packed_microbatch(rows_per_micro, seq_len, pad_id, placed,
+                                        [int(items[i]["sample_id"]) for i, *_ in pairs],
+                                        [i for i, *_ in pairs]))
+    return micro
 
 
 def is_packed(batch: dict) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from megatron_fusion.data.jsonl import JSONLError, read_jsonl
 from megatron_fusion.data.sft import DatasetStats, EncodedSample, _TokenizedJSONL, pack
+from megatron_fusion.data.packing import sample_slots
 
 
 class PreferenceDataset(_TokenizedJSONL):
@@ -60,6 +61,7 @@ class PreferenceDataset(_TokenizedJSONL):
         for prefix, s in (("chosen", chosen), ("rejected", rejected)):
             for k, v in pack(s.ids, s.is_response, self.seq_len, self.pad_id).items():
                 out[f"{prefix}_{k}"] = v
+            out[f"{prefix}_length"] = sample_slots(len(s.ids), self.seq_len)  # packed slots
         return out
 
     def pair(self, i: int) -> tuple[EncodedSample, EncodedSample]:

@@ -36,7 +36,8 @@ import torch.distributed as dist
 
 from megatron_fusion.errors import UserError
 from megatron_fusion.config import Config, ConfigError
-from megatron_fusion.losses import fpo_loss, sequence_logprobs
+from megatron_fusion.data.packing import is_packed, per_sample
+from megatron_fusion.losses import fpo_loss, sequence_logprobs, token_logprobs
 from megatron_fusion.parallel import to_device
 from megatron_fusion.data.build import build_preference_dataset
 from megatron_fusion.stages.base import Stage, register
@@ -56,7 +57,23 @@ def collate_pairs(items: list[dict]) -> dict:
     out["sample_id"] = torch.tensor([int(it["sample_id"]) for it in items])  # [b]
     b2, s = out["tokens"].shape
     out["position_ids"] = torch.arange(s).unsqueeze(0).expand(b2, s).contiguous()
+    out["slots"] = b2 * s
+    out["real_tokens"] = (sum(int(it["chosen_length"]) + int(it["rejected_length"]) for it in items)
+                          if all("chosen_length" in it for it in items) else out["slots"])
     return out
+
+
+def pair_logprobs(batch: dict, output: torch.Tensor, vocab_size: int, tp_group):
+    """(Σ log π over response tokens ``[2b]``, token counts ``[2b]``) of a micro-batch's chosen
+    (rows 0..b-1) and rejected (b..2b-1) sequences. Packed rows (``data.packing``, methods.md
+    §10): token log-probs over the rows, then per sequence from its segment."""
+    if not is_packed(batch):
+        return sequence_logprobs(output, batch["labels"], batch["loss_mask"],
+                                 vocab_size=vocab_size, tp_group=tp_group)
+    tok = token_logprobs(output, batch["labels"], vocab_size=vocab_size, tp_group=tp_group)
+    keep = per_sample(batch, batch["loss_mask"], fill=0) > 0                 # [2b, s]
+    tok = per_sample(batch, tok)                                             # [2b, s]
+    return torch.where(keep, tok, torch.zeros_like(tok)).sum(-1), keep.sum(-1)
 
 
 def _read_store(path, expected: dict, what: str):
@@ -276,8 +293,7 @@ class FPOStage(Stage):
 
     def loss_func(self, batch: dict, output: torch.Tensor):
         b = batch["sample_id"].shape[0]
-        lp, n = sequence_logprobs(output, batch["labels"], batch["loss_mask"],
-                                  vocab_size=self.vocab_size, tp_group=self.groups.tp)  # [2b]
+        lp, n = pair_logprobs(batch, output, self.vocab_size, self.groups.tp)     # [2b]
         ell = lp.double() / n.clamp_min(1).double()      # ℓ_θ, float64 like the stored ℓ_ref, ℓ_i
         ref, src = batch["ref"], batch["sources"]        # on the device since prepare_step
         losses, m = fpo_loss(ell[:b], ell[b:], ref[:, 0], ref[:, 1], src[..., 0], src[..., 1],

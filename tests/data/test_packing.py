@@ -203,3 +203,43 @@ def test_online_and_offline_teachers_give_identical_packed_batches():
     got = fetch_per_sample(wire.fetch, plain, S, mbsz)
     assert wire.calls == len(plain)
     assert torch.equal(got[1][0], torch.stack([table[int(s)][0] for s in plain[1]["sample_id"]]))
+
+
+def _pairs(lengths, seed=0):
+    """Fake preference items: (chosen, rejected) lengths per pair."""
+    flat = _items([n for pair in lengths for n in pair], seed)
+    out = []
+    for j in range(len(lengths)):
+        it = {"sample_id": 500 + j}
+        for side, src in (("chosen", flat[2 * j]), ("rejected", flat[2 * j + 1])):
+            for k in ("tokens", "labels", "loss_mask", "length"):
+                it[f"{side}_{k}"] = src[k]
+        out.append(it)
+    return out
+
+
+def test_pairs_stay_in_one_micro_batch_and_unpack_to_collate_pairs():
+    from megatron_fusion.stages.fpo import collate_pairs
+
+    rng = random.Random(3)
+    lengths = [(rng.randint(1, S), rng.randint(1, S)) for _ in range(9)]
+    items = _pairs(lengths)
+    micro = pack_step(items, seq_len=S, rows_per_micro=4, pad_id=PAD)
+    seen = []
+    for mb in micro:
+        assert mb["tokens"].shape == (4, S)
+        n = len(mb["sample_id"])
+        assert len(mb["segments"]) == 2 * n        # both sequences of every pair are here
+        ref = collate_pairs([items[p] for p in mb["step_pos"].tolist()])
+        assert torch.equal(mb["sample_id"], ref["sample_id"])
+        assert torch.equal(per_sample(mb, mb["loss_mask"], fill=0), ref["loss_mask"])
+        assert torch.equal(per_sample(mb, mb["labels"], fill=PAD), ref["labels"])
+        assert torch.equal(per_sample(mb, mb["tokens"], fill=PAD), ref["tokens"])
+        assert mb["real_tokens"] == sum(sum(lengths[p]) for p in mb["step_pos"].tolist())
+        # rows are filled within capacity, segments contiguous (cu_seqlens end at b*s)
+        assert int(mb["cu_seqlens"][-1]) == 4 * S
+        seen += mb["step_pos"].tolist()
+    assert sorted(seen) == list(range(len(items)))
+    assert pack_step(items, seq_len=S, rows_per_micro=4, pad_id=PAD)[0]["sample_id"].tolist() == \
+        micro[0]["sample_id"].tolist()                                     # deterministic
+    assert len(micro) < len(items) / 2    # 9 pairs, 2 pairs a micro-batch unpacked: fewer here

@@ -74,7 +74,10 @@ def run_layouts(rank, world, data, root, layouts):
         # load_plain_tensors is collective: every rank calls it, rank 0 keeps the result
         grads, weights = plain(f"{run_dir}/grads"), plain(summary["checkpoint"])
         if rank == 0:
-            out[name] = {"loss": summary["last"]["loss/ce"], "grads": grads, "weights": weights,
+            last = summary["last"]
+            loss = next(last[k] for k in ("loss/ce", "loss/total", "fpo/loss") if k in last)
+            out[name] = {"loss": loss, "grads": grads,
+                         "weights": weights,
                          "last": summary["last"]}
     return out
 
