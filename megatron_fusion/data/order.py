@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from megatron_fusion.config import Config, ConfigError
-from megatron_fusion.data.packing import HOST_KEYS, collate_unpacked_metrics, pack_step
+from megatron_fusion.data.packing import collate_unpacked_metrics, pack_step
 from megatron_fusion.errors import DataError
 from megatron_fusion.parallel import to_device
 
@@ -81,7 +81,7 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
                           rows_per_micro=cfg.train.micro_batch * seqs, pad_id=dataset.pad_id)
     else:
         micro = [collate_fn([dataset[i] for i in m]) for m in idx]
-    return micro if device is None else [to_device(m, device, HOST_KEYS) for m in micro]
+    return micro if device is None else [to_device(m, device) for m in micro]
 
 
 def check_packing(cfg: Config) -> None:

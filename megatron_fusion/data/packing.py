@@ -17,8 +17,9 @@ one (position ids restart at 0 in every segment), plus
 
 - ``segment_ids [b, s]``: the segment's index in its row, -1 on padding slots;
 - ``segments [n, 3]``: per sample (row, start, length), samples ordered by row then start;
-- ``sample_id [n]`` (host) and ``step_pos [n]`` (host): the sample's place in the rank's step
-  order, which ``fetch_per_sample`` uses to ask teachers in their (unpacked) micro-batch order;
+- ``sample_id [n]`` (host tensor) and ``step_pos`` (a list of n ints): the sample's place in
+  the rank's step order, which ``fetch_per_sample`` uses to ask teachers in their (unpacked)
+  micro-batch order;
 - ``cu_seqlens [m + 1]`` int32 and ``max_seqlen``: the THD boundaries of the rows flattened into
   one sequence, every segment and every row's padding tail a sequence of its own (what
   Transformer Engine's packed attention takes, ``model.packed_seq_params``);
@@ -32,7 +33,6 @@ from typing import Callable, Sequence
 import torch
 
 ROW_KEYS = ("tokens", "labels", "loss_mask")
-HOST_KEYS = ("sample_id", "step_pos")   # metadata that ``to_device`` leaves on the host
 
 
 def sample_slots(n_ids: int, seq_len: int) -> int:
@@ -92,7 +92,7 @@ def _packed_microbatch(b: int, seq_len: int, pad_id: int, placed: list[tuple[int
     out["segments"] = torch.tensor([(r, st, int(q["length"])) for r, st, q in placed],
                                    dtype=torch.long).reshape(-1, 3)
     out["sample_id"] = torch.tensor(sample_ids, dtype=torch.long)
-    out["step_pos"] = torch.tensor(step_pos, dtype=torch.long)
+    out["step_pos"] = list(step_pos)
     out["cu_seqlens"] = torch.tensor([0] + seqlens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
     out["max_seqlen"] = max(seqlens)
     out["real_tokens"] = sum(int(q["length"]) for _, _, q in placed)
@@ -206,7 +206,7 @@ def fetch_per_sample(fetch: Callable, microbatches: list[dict], seq_len: int,
         return [fetch(mb["sample_id"], seq_len) for mb in microbatches]
     owner = {}                                   # step position -> (micro-batch, index in it)
     for m, mb in enumerate(microbatches):
-        for i, p in enumerate(mb["step_pos"].tolist()):
+        for i, p in enumerate(mb["step_pos"]):
             owner[p] = (m, i)
     n = len(owner)
     if sorted(owner) != list(range(n)):

@@ -76,18 +76,18 @@ def test_packed_rows_hold_the_samples_and_per_sample_gives_unpacked_layout():
     for mb in micro:
         assert mb["real_tokens"] == int(mb["segments"][:, 2].sum()) and mb["slots"] == 2 * S
         for i, (r, st, n) in enumerate(mb["segments"].tolist()):
-            it = items[int(mb["step_pos"][i])]
+            it = items[mb["step_pos"][i]]
             assert int(mb["sample_id"][i]) == it["sample_id"] and n == it["length"]
             for k in ("tokens", "labels", "loss_mask"):
                 assert torch.equal(mb[k][r, st:st + n], it[k][:n]), k
             assert mb["position_ids"][r, st:st + n].tolist() == list(range(n))
             assert (mb["segment_ids"][r, st:st + n] == mb["segment_ids"][r, st]).all()
-            seen.append(int(mb["step_pos"][i]))
+            seen.append(mb["step_pos"][i])
         # padding slots: segment -1, mask 0
         pad = mb["segment_ids"] < 0
         assert (mb["loss_mask"][pad] == 0).all() and (mb["tokens"][pad] == PAD).all()
         # the per-sample view is the unpacked collate of the same samples (masks: exactly)
-        ref = collate([items[p] for p in mb["step_pos"].tolist()])
+        ref = collate([items[p] for p in mb["step_pos"]])
         assert torch.equal(per_sample(mb, mb["loss_mask"], fill=0), ref["loss_mask"])
         assert torch.equal(per_sample(mb, mb["labels"], fill=PAD), ref["labels"])
         assert torch.equal(per_sample(mb, mb["tokens"], fill=PAD), ref["tokens"])
@@ -230,15 +230,15 @@ def test_pairs_stay_in_one_micro_batch_and_unpack_to_collate_pairs():
         assert mb["tokens"].shape == (4, S)
         n = len(mb["sample_id"])
         assert len(mb["segments"]) == 2 * n        # both sequences of every pair are here
-        ref = collate_pairs([items[p] for p in mb["step_pos"].tolist()])
+        ref = collate_pairs([items[p] for p in mb["step_pos"]])
         assert torch.equal(mb["sample_id"], ref["sample_id"])
         assert torch.equal(per_sample(mb, mb["loss_mask"], fill=0), ref["loss_mask"])
         assert torch.equal(per_sample(mb, mb["labels"], fill=PAD), ref["labels"])
         assert torch.equal(per_sample(mb, mb["tokens"], fill=PAD), ref["tokens"])
-        assert mb["real_tokens"] == sum(sum(lengths[p]) for p in mb["step_pos"].tolist())
+        assert mb["real_tokens"] == sum(sum(lengths[p]) for p in mb["step_pos"])
         # rows are filled within capacity, segments contiguous (cu_seqlens end at b*s)
         assert int(mb["cu_seqlens"][-1]) == 4 * S
-        seen += mb["step_pos"].tolist()
+        seen += mb["step_pos"]
     assert sorted(seen) == list(range(len(items)))
     assert pack_step(items, seq_len=S, rows_per_micro=4, pad_id=PAD)[0]["sample_id"].tolist() == \
         micro[0]["sample_id"].tolist()                                     # deterministic

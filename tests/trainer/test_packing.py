@@ -52,7 +52,7 @@ def _model_ranks(rank, world, data, run_dir, impl):
     picked = sorted((ds[i] for i in range(len(ds))), key=lambda it: it["length"])[:3][::-1]
     mb = pack_step(picked, seq_len=s, rows_per_micro=1, pad_id=ds.pad_id)[0]
     assert mb["tokens"].shape[0] == 1 and len(mb["segments"]) == 3
-    mb = {k: v.to(dev) if torch.is_tensor(v) and k not in ("sample_id", "step_pos") else v
+    mb = {k: v.to(dev) if torch.is_tensor(v) and k != "sample_id" else v
           for k, v in mb.items()}
     with torch.no_grad():
         packed = model_forward(model, mb).float().cpu()                       # [1, s, v]
@@ -214,3 +214,90 @@ def test_fpo_packed_matches_unpacked(fpo_runs, name):
     # around 0 and its sign differs between layouts)
     for k in ("rewards/chosen", "rewards/rejected", "fpo/margin"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), k
+
+
+# --- packed micro-batches on a virtual device (tests/trainer/test_device.py's machinery) --------
+
+def _short(g, sid, n, seq):
+    """A sample of ``n`` slots (then padding), laid out like SFTDataset's items."""
+    tokens = torch.zeros(seq, dtype=torch.long)
+    tokens[:n] = torch.randint(1, 96, (n,), generator=g)
+    labels = torch.roll(tokens, -1)
+    mask = torch.zeros(seq)
+    mask[n // 3:n] = 1.0
+    return {"tokens": tokens, "labels": labels, "loss_mask": mask, "sample_id": sid, "length": n}
+
+
+class _ShortData:
+    pad_id, file_hash, dataset_hash = 0, "f" * 16, "d" * 16
+
+    def __init__(self, n, seq, pairs=False):
+        g = torch.Generator().manual_seed(4)
+        self.seq_len = seq
+        lengths = [int(x) for x in torch.randint(3, seq // 2, (2 * n,), generator=g)]
+        self.items = []
+        for i in range(n):
+            if not pairs:
+                self.items.append(_short(g, 100 + i, lengths[i], seq))
+                continue
+            c, r = _short(g, 0, lengths[2 * i], seq), _short(g, 0, lengths[2 * i + 1], seq)
+            it = {f"{side}_{k}": x[k] for side, x in (("chosen", c), ("rejected", r))
+                  for k in ("tokens", "labels", "loss_mask", "length")}
+            it["sample_id"] = 200 + i
+            self.items.append(it)
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    @property
+    def sample_ids(self):
+        return [it["sample_id"] for it in self.items]
+
+
+def _packed_stages(tmp, groups, mode=None):
+    from megatron_fusion.stages.fpo import FPOStage
+    from megatron_fusion.stages.fuse import FuseStage
+    from megatron_fusion.stages.sft import SFTStage
+    from tests.trainer import test_device as td
+
+    sft_data, pair_data = _ShortData(8, td.SEQ), _ShortData(8, td.SEQ, pairs=True)
+    fuse_cfgs, fpo_cfg = td._configs(tmp, pair_data)
+    for c in (*fuse_cfgs.values(), fpo_cfg):
+        c.data.packing = "greedy"
+    out = {"sft": td._drive(SFTStage(td.VOCAB, groups.tp), fuse_cfgs["uniform"], groups, sft_data,
+                            None, mode)}
+    for w, cfg in fuse_cfgs.items():
+        stage = FuseStage(cfg, td.VOCAB, groups, teachers=[td._Teacher("tA", 1), td._Teacher("tB", 2)])
+        out[f"fuse_{w}"] = td._drive(stage, cfg, groups, sft_data, None, mode)
+    fpo = FPOStage(fpo_cfg, td.VOCAB, groups, dataset=pair_data)
+    fpo.ref = -torch.rand(len(pair_data), 2, generator=torch.Generator().manual_seed(3),
+                          dtype=torch.float64) * 3
+    out["fpo"] = td._drive(fpo, fpo_cfg, groups, pair_data, None, mode)
+    return out
+
+
+def _worker_packed_virtual(rank, world, tmp):
+    from tests.trainer import test_device as td
+
+    ref = _packed_stages(tmp + "/cpu", td._groups(torch.device("cpu")))
+    with td.VirtualDevice() as mode:
+        got = _packed_stages(tmp + "/dev", td._groups(td.VDEV), mode)
+    return ref, got
+
+
+def test_packed_stages_keep_tensors_on_the_model_device(tmp_path):
+    from tests.trainer import test_device as td
+
+    ref, got = run_on_ranks(_worker_packed_virtual, 1,
+                            (td._mkdirs(tmp_path, "cpu", "dev"),), timeout_s=300)[0]
+    td._compare(ref, got)
+    assert ref["fuse_avgCE"]["red"]["loss/uld"] > 0 and ref["fuse_avgCE"]["red"]["loss/gld"] > 0
+    assert ref["fpo"]["red"]["fpo/loss"] > 0
+    # packed: fewer micro-batches than the 2 of 2 samples each; the same one read per step
+    assert len(ref["sft"]["losses"]) == 1
+    for name in ("sft", "fuse_uniform", "fuse_avgCE", "fpo"):
+        assert got[name]["reduce_syncs"] == 1, name
+    assert got["fuse_uniform"]["prepare_syncs"] == 1 and got["fpo"]["prepare_syncs"] == 0
