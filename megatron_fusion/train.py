@@ -292,6 +292,13 @@ class Trainer:
                                 enabled=self.is_rank0)
         if self.latest is not None:
             self.sink.print(f"resumed from {self.latest} at step {self.state.step}")
+        if cfg.data.packing != "none" and self.is_rank0:   # data stats (methods.md §10)
+            from megatron_fusion.data.order import packing_efficiency
+
+            eff = packing_efficiency(self.train_ds, self.order, cfg, self.dp, stage.collate)
+            self.sink.print(f"data: packing {cfg.data.packing}: real tokens / slots "
+                            f"{eff[cfg.data.packing]:.3f} over the first steps "
+                            f"(unpacked {eff['none']:.3f})")
         for sig in (signal.SIGUSR1, signal.SIGTERM):
             signal.signal(sig, _on_signal)
         self.fb = get_forward_backward_func()

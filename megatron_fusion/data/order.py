@@ -90,3 +90,25 @@ def check_packing(cfg: Config) -> None:
         raise ConfigError("data.packing", "'greedy' gives a varying number of micro-batches per "
                           "step, which the interleaved schedule (parallel.vpp) cannot take; set "
                           "data.packing=none or unset parallel.vpp")
+
+
+def packing_efficiency(dataset, order: SampleOrder, cfg: Config, dp: int, collate_fn=collate,
+                       steps: int = 20) -> dict[str, float]:
+    """Real tokens / sequence slots of the run's first ``steps`` optimizer steps (every DP
+    rank), packed as ``cfg.data.packing`` says and unpadded-vs-padded: the data stats line a
+    packed run prints at start (the steps' exact values are logged as
+    ``data/packing_efficiency``)."""
+    from dataclasses import replace
+
+    out = {}
+    for mode in ("none", cfg.data.packing):
+        c = replace(cfg, data=replace(cfg.data, packing=mode))
+        real = slots = 0
+        for step in range(max(min(steps, cfg.train.steps), 1)):
+            for r in range(dp):
+                for mb in rank_microbatches(dataset, order, step * cfg.train.global_batch, c, dp,
+                                            r, collate_fn):
+                    real += mb["real_tokens"]
+                    slots += mb["slots"]
+        out[mode] = real / slots if slots else 0.0
+    return out

@@ -243,3 +243,33 @@ def test_pairs_stay_in_one_micro_batch_and_unpack_to_collate_pairs():
     assert pack_step(items, seq_len=S, rows_per_micro=4, pad_id=PAD)[0]["sample_id"].tolist() == \
         micro[0]["sample_id"].tolist()                                     # deterministic
     assert len(micro) < len(items) / 2    # 9 pairs, 2 pairs a micro-batch unpacked: fewer here
+
+
+class _Data:
+    pad_id = PAD
+
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_packing_efficiency_closed_form():
+    """Samples of s/4 slots: unpacked a quarter of every row is real; packed, four fill a row."""
+    from megatron_fusion.config import load_config
+    from megatron_fusion.data.order import SampleOrder, packing_efficiency
+
+    cfg = load_config(None, [f"model.seq_length={S}", "train.global_batch=8", "train.micro_batch=2",
+                             "data.packing=greedy", "train.steps=3"])
+    ds = _Data(_items([S // 4] * 24))
+    eff = packing_efficiency(ds, SampleOrder(len(ds), 0), cfg, dp=1)
+    assert eff == {"none": 0.25, "greedy": 1.0}
+    # DP2: 4 samples a rank fill one row; the micro-batch of 2 rows takes an empty one too
+    assert packing_efficiency(ds, SampleOrder(len(ds), 0), cfg, dp=2)["greedy"] == 0.5
+    # 6 slots: 2 a row (4 free slots each), 8 samples -> 4 rows, 36 / (4*16) real
+    ds = _Data(_items([6] * 24))
+    assert packing_efficiency(ds, SampleOrder(len(ds), 0), cfg, dp=1)["greedy"] == 48 / 64

@@ -16,6 +16,7 @@ import torch
 
 from megatron_fusion.local_ranks import run_on_ranks
 from tests.helpers import trainer_ranks as tr
+from tests.stages import test_fpo_stage
 from tests.trainer.test_trainer_parallel import _rel
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
@@ -23,6 +24,7 @@ pytestmark = [pytest.mark.dist, pytest.mark.slow]
 # seq 128 holds 2-3 demo samples per row (mean 43 slots); 8 samples a step
 SFT = ["model.seq_length=128", "train.global_batch=8"]
 PACK = ["data.packing=greedy"]
+fpo_data = test_fpo_stage.fpo_data   # the FPO tests' module fixture (sources' log-prob files)
 
 
 # --- the model ---------------------------------------------------------------------------------
@@ -189,11 +191,8 @@ def test_packed_resume_is_bit_identical(demo_data, tmp_path):
 
 # --- fpo: chosen and rejected as separate segments of one micro-batch --------------------------
 
-from tests.stages.test_fpo_stage import fpo_data  # noqa: E402,F401  (the module's fixture)
-
-
 @pytest.fixture(scope="module")
-def fpo_runs(demo_data, fpo_data, tmp_path_factory):  # noqa: F811
+def fpo_runs(demo_data, fpo_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pack_fpo"))
     # seq 128: 2-3 sequences a row; 8 pairs a step
     base = ["model.seq_length=128", "train.global_batch=8"]
