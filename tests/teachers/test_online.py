@@ -233,6 +233,49 @@ def test_teacher_error_reaches_student_with_its_name(online):
     assert "CheckpointError" in out and "no_such_run" in out, out[-3000:]
 
 
+# --- packed batches (data.packing, docs/methods.md §10) ----------------------------------------
+
+@pytest.fixture(scope="module")
+def online_packed(online):
+    """The same teacher, offline and online, with ``data.packing=greedy``: 16 samples a step
+    (one student replica at TP2), rows of 64 slots, 2 rows a micro-batch, so packed micro-batches
+    mix the teacher's micro-batches. The teacher computes 2 samples a micro-batch, as in the
+    unpacked runs (its CE is bit-equal to the shards' at that batch size, not at 1)."""
+    import yaml
+
+    root, runs = online["root"], {}
+    offline_t = {"name": "tm", "tokenizer": online["online_t"]["tokenizer"],
+                 "topk_dir": str(root / "topk")}
+    for name, teacher, nproc in [("offline_packed", offline_t, 2),
+                                 ("online_packed", online["online_t"], 4)]:
+        path = _student_yaml(root / f"{name}.yaml", online["data"], root / name, teacher, 3)
+        cfg = yaml.safe_load(path.read_text())
+        cfg["train"].update(global_batch=16, micro_batch=2)
+        cfg["data"]["packing"] = "greedy"
+        path.write_text(yaml.safe_dump(cfg))
+        p = _torchrun(nproc, [__file__, "--dump", str(root / f"dump_{name}"), "--config", str(path)])
+        assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
+        runs[name] = [json.loads(line) for line in (root / name / "metrics.jsonl").open()]
+    return runs
+
+
+def test_online_and_offline_teachers_give_identical_packed_batches(online, online_packed):
+    root = online["root"]
+    off, on = _dumps(root / "dump_offline_packed"), _dumps(root / "dump_online_packed")
+    # fetched per unpacked micro-batch (2 samples) in step order: 2 ranks x 3 steps x 8
+    assert len(on) == 2 * 3 * 8
+    assert_same_topk(off, on, sorted(on))
+    keys = ("loss/total", "loss/ce", "loss/uld", "loss/gld")
+    series = {n: {r["step"]: [r[k] for k in keys] for r in recs if "loss/total" in r}
+              for n, recs in online_packed.items()}
+    assert sorted(series["online_packed"]) == [1, 2, 3]
+    assert series["online_packed"] == series["offline_packed"]
+    # the rows were packed: some step held its 16 samples in fewer than 16 rows of 64 slots
+    slots = [r["perf/tokens_per_s"] * r["perf/step_s"] for r in online_packed["online_packed"]
+             if "perf/step_s" in r]
+    assert min(slots) < 16 * SEQ - 1, slots
+
+
 # --- the torchrun script ---------------------------------------------------------------------
 
 def _instrument(argv: list[str]) -> list[str]:
