@@ -3,8 +3,10 @@
 - the model: a packed row's logits equal each sample's own unpacked forward (float error), and
   a sample never attends to another (perturbing one sample leaves the others' logits bit-equal);
 - the trainer: packed == unpacked step-1 losses and gradients for the same
-  samples, for ``sft`` at TP1, TP2 and DP2 and for ``fuse`` (ULD + GLD, minCE weights) at TP1
-  and TP2, each packed run checked to hold fewer slots than the unpacked one;
+  samples, for ``sft`` at TP1, TP2, PP2 and DP2, for ``fuse`` (ULD + GLD, minCE weights) and ``fpo``
+  (chosen / rejected as segments) at TP1 and TP2, each packed run checked to hold fewer slots
+  than the unpacked one;
+- packed sft / fuse / fpo micro-batches on a virtual device (no host tensor meets the model's);
 - resume of a packed run is bit-identical;
 - Transformer Engine's THD path on a GPU (skips without one).
 """
@@ -86,12 +88,6 @@ def _check_model(res, tol):
             assert not torch.allclose(perturbed[st:st + n], packed[st:st + n])
 
 
-def test_packed_row_equals_each_sample_alone_and_samples_are_isolated(demo_data, tmp_path):
-    res = run_on_ranks(_model_ranks, 1, (demo_data, str(tmp_path / "run"), "local"))[0]
-    assert not res["te"]
-    _check_model(res, tol=1e-5)
-
-
 @pytest.mark.gpu
 def test_te_thd_packed_row_equals_each_sample_alone(demo_data, tmp_path):
     from megatron_fusion.model import te_available
@@ -106,10 +102,6 @@ def test_te_thd_packed_row_equals_each_sample_alone(demo_data, tmp_path):
 
 
 # --- the trainer: packed == unpacked -----------------------------------------------------------
-
-def _fmt(extra, root):
-    return [e.format(root=root) for e in extra]
-
 
 def _check_packed(res, name, ref, tol=1e-5):
     got, want = res[name], res[ref]
@@ -126,43 +118,55 @@ def _check_packed(res, name, ref, tol=1e-5):
         assert _rel(got["grads"][k], want["grads"][k]) <= tol, (name, k)
 
 
-@pytest.fixture(scope="module")
-def sft_runs(demo_data, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("pack_sft"))
-    run_on_ranks(tr.make_init, 1, (demo_data, root, [("init", SFT)]))
-    init = SFT + _fmt(["checkpoint.load={root}/init"], root)
-    one = run_on_ranks(tr.run_layouts, 1, (demo_data, root, [
-        ("tp1", init), ("tp1_packed", init + PACK)]))[0]
-    two = run_on_ranks(tr.run_layouts, 2, (demo_data, root, [
-        ("tp2_packed", init + PACK + ["parallel.tp=2"]), ("dp2_packed", init + PACK + ["train.micro_batch=1"])]),
-        timeout_s=600)[0]
-    return {**one, **two}
-
-
-@pytest.mark.parametrize("name", ["tp1_packed", "tp2_packed", "dp2_packed"])
-def test_sft_packed_matches_unpacked(sft_runs, name):
-    _check_packed(sft_runs, name, "tp1")
-
-
 FUSE = ["train.global_batch=8", "fuse.weighting=minCE", "fuse.lambda_gld=1.0"]
+FPO = ["model.seq_length=128", "train.global_batch=8"]   # 2-3 sequences a row; 8 pairs a step
+
+
+def _one_rank(rank, world, data, root, inits, layouts, resume_dir):
+    """All single-rank work in one launch (each launch costs 7-15 s of imports here): the init
+    checkpoints, the TP1 layouts, the packed resume, the model-level check."""
+    tr.make_init(rank, world, data, root, inits)
+    out = tr.run_layouts(rank, world, data, root, layouts)
+    out["resume"] = tr.resume_runs(rank, world, data, resume_dir, SFT + PACK)
+    out["model"] = _model_ranks(rank, world, data, f"{root}/model", "local")
+    return out
 
 
 @pytest.fixture(scope="module")
-def fuse_runs(demo_data, fuse_data, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("pack_fuse"))
-    run_on_ranks(tr.make_init, 1, (demo_data, root, [("init", [])]))
-    init = tr.fuse_overrides(fuse_data) + FUSE + _fmt(["checkpoint.load={root}/init"], root)
-    one = run_on_ranks(tr.run_layouts, 1, (demo_data, root, [
-        ("tp1", init), ("tp1_packed", init + PACK)]))[0]
-    two = run_on_ranks(tr.run_layouts, 2, (demo_data, root, [
-        ("tp2_packed", init + PACK + ["parallel.tp=2"])]), timeout_s=600)[0]
-    return {**one, **two}
+def runs(demo_data, fuse_data, fpo_data, tmp_path_factory):
+    """Step 1 of sft / fuse / fpo, unpacked at TP1 and packed under several layouts, each
+    stage from its own shared init; plus the packed resume and the model check (TP1)."""
+    root = str(tmp_path_factory.mktemp("pack"))
+    stage = {"sft": SFT + [f"checkpoint.load={root}/sft_init"],
+             "fuse": tr.fuse_overrides(fuse_data) + FUSE + [f"checkpoint.load={root}/fuse_init"],
+             "fpo": tr.fpo_overrides(fpo_data) + FPO + [f"checkpoint.load={root}/fpo_init"]}
+    inits = [("sft_init", SFT), ("fuse_init", []), ("fpo_init", FPO)]
+    one = [(f"{st}_{name}", stage[st] + extra) for st in stage
+           for name, extra in (("tp1", []), ("tp1_packed", PACK))]
+    two = [(f"{st}_tp2_packed", stage[st] + PACK + ["parallel.tp=2"]) for st in stage]
+    two += [("sft_pp2_packed", stage["sft"] + PACK + ["parallel.pp=2"]),
+            ("sft_dp2_packed", stage["sft"] + PACK + ["train.micro_batch=1"])]
+    res = run_on_ranks(_one_rank, 1, (demo_data, root, inits, one, f"{root}/resume"),
+                       timeout_s=900)[0]
+    res.update(run_on_ranks(tr.run_layouts, 2, (demo_data, root, two), timeout_s=900)[0])
+    res["resume_dir"] = f"{root}/resume"
+    return res
+
+
+def test_packed_row_equals_each_sample_alone_and_samples_are_isolated(runs):
+    assert not runs["model"]["te"]
+    _check_model(runs["model"], tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tp1_packed", "tp2_packed", "pp2_packed", "dp2_packed"])
+def test_sft_packed_matches_unpacked(runs, name):
+    _check_packed(runs, f"sft_{name}", "sft_tp1")
 
 
 @pytest.mark.parametrize("name", ["tp1_packed", "tp2_packed"])
-def test_fuse_packed_matches_unpacked(fuse_runs, name):
-    _check_packed(fuse_runs, name, "tp1")
-    got, ref = fuse_runs[name]["last"], fuse_runs["tp1"]["last"]
+def test_fuse_packed_matches_unpacked(runs, name):
+    _check_packed(runs, f"fuse_{name}", "fuse_tp1")
+    got, ref = runs[f"fuse_{name}"]["last"], runs["fuse_tp1"]["last"]
     for k in ("loss/total", "loss/uld", "loss/gld", "loss/uld/tA", "loss/gld/tB",
               "teacher/tA/weight", "teacher/tA/aligned_frac"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
@@ -171,48 +175,34 @@ def test_fuse_packed_matches_unpacked(fuse_runs, name):
     assert 0 < ref["teacher/tA/weight"] < 1
 
 
-def test_packed_resume_is_bit_identical(demo_data, tmp_path):
-    import json
-    from pathlib import Path
-
-    res = run_on_ranks(tr.resume_runs, 1, (demo_data, str(tmp_path), SFT + PACK), timeout_s=600)[0]
-    assert res["resumed_from"] == 3
-
-    def losses(d):
-        return {m["step"]: m["loss/ce"] for m in map(json.loads, Path(d).read_text().splitlines())
-                if "loss/ce" in m}
-
-    full, split = losses(tmp_path / "full/metrics.jsonl"), losses(tmp_path / "split/metrics.jsonl")
-    assert sorted(split) == [1, 2, 3, 4, 5, 6]
-    assert all(split[s] == full[s] for s in (4, 5, 6))
-    for k in res["full_w"]:
-        assert torch.equal(res["full_w"][k], res["split_w"][k]), k
-
-
-# --- fpo: chosen and rejected as separate segments of one micro-batch --------------------------
-
-@pytest.fixture(scope="module")
-def fpo_runs(demo_data, fpo_data, tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("pack_fpo"))
-    # seq 128: 2-3 sequences a row; 8 pairs a step
-    base = ["model.seq_length=128", "train.global_batch=8"]
-    run_on_ranks(tr.make_init, 1, (demo_data, root, [("init", base)]))
-    init = tr.fpo_overrides(fpo_data) + base + _fmt(["checkpoint.load={root}/init"], root)
-    one = run_on_ranks(tr.run_layouts, 1, (demo_data, root, [
-        ("tp1", init), ("tp1_packed", init + PACK)]))[0]
-    two = run_on_ranks(tr.run_layouts, 2, (demo_data, root, [
-        ("tp2_packed", init + PACK + ["parallel.tp=2"])]), timeout_s=600)[0]
-    return {**one, **two}
-
-
+# fpo: chosen and rejected as separate segments of one micro-batch
 @pytest.mark.parametrize("name", ["tp1_packed", "tp2_packed"])
-def test_fpo_packed_matches_unpacked(fpo_runs, name):
-    _check_packed(fpo_runs, name, "tp1")
-    got, ref = fpo_runs[name]["last"], fpo_runs["tp1"]["last"]
+def test_fpo_packed_matches_unpacked(runs, name):
+    _check_packed(runs, f"fpo_{name}", "fpo_tp1")
+    got, ref = runs[f"fpo_{name}"]["last"], runs["fpo_tp1"]["last"]
     # (not fpo/accuracy: at step 1 the pivot is its own reference, every margin is float noise
     # around 0 and its sign differs between layouts)
     for k in ("rewards/chosen", "rewards/rejected", "fpo/margin"):
         assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-5), k
+
+
+def test_packed_resume_is_bit_identical(runs):
+    import json
+    from pathlib import Path
+
+    res, d = runs["resume"], Path(runs["resume_dir"])
+    assert res["resumed_from"] == 3
+
+    def losses(path):
+        return {m["step"]: m["loss/ce"] for m in map(json.loads, path.read_text().splitlines())
+                if "loss/ce" in m}
+
+    full, split = losses(d / "full/metrics.jsonl"), losses(d / "split/metrics.jsonl")
+    assert sorted(split) == [1, 2, 3, 4, 5, 6]
+    assert all(split[s] == full[s] for s in (4, 5, 6))
+    assert res["full_w"].keys() == res["split_w"].keys()
+    for k in res["full_w"]:
+        assert torch.equal(res["full_w"][k], res["split_w"][k]), k
 
 
 # --- packed micro-batches on a virtual device (tests/trainer/test_device.py's machinery) --------
