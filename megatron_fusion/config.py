@@ -77,6 +77,21 @@ class ModelConfig:
     """Gated SiLU MLP."""
     rotary_base: float = 10000.0
     """RoPE base (theta)."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE frequency scaling: None = plain RoPE; 'llama3' = Llama-3.1/3.2/3.3's (HF
+    ``rope_type: llama3``): wavelengths above original/low_freq_factor are divided by
+    rope_scaling_factor, those below original/high_freq_factor kept, the band between blended."""
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: ``factor`` (8 for Llama-3.1, 32 for Llama-3.2-1B/3B)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: ``low_freq_factor``."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: ``high_freq_factor`` (> rope_low_freq_factor)."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 scaling: ``original_max_position_embeddings`` (the pre-training context)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head (head_dim weights, shared by the heads) before RoPE
+    (Qwen3's q_norm / k_norm)."""
     tie_embeddings: bool = False
     """Share input embedding and output layer weights."""
     add_qkv_bias: bool = False
@@ -89,8 +104,9 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be > 0")
-        _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-               f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        _check(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+               "model.hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads="
+               f"{self.num_attention_heads} (set model.kv_channels for an explicit head dim)")
         if self.num_query_groups is not None:
             _check(self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
                    "model.num_query_groups",
@@ -99,6 +115,14 @@ class ModelConfig:
         _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0")
         _check(self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be > 0")
         _check(self.norm_epsilon > 0, "model.norm_epsilon", "must be > 0")
+        _check(not self.qk_layernorm or self.normalization == "RMSNorm", "model.qk_layernorm",
+               "needs normalization=RMSNorm (the q/k norms are RMSNorms)")
+        _check(self.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be > 0")
+        _check(self.rope_low_freq_factor > 0, "model.rope_low_freq_factor", "must be > 0")
+        _check(self.rope_high_freq_factor > self.rope_low_freq_factor, "model.rope_high_freq_factor",
+               f"{self.rope_high_freq_factor} must be > rope_low_freq_factor={self.rope_low_freq_factor}")
+        _check(self.rope_original_max_position_embeddings > 0,
+               "model.rope_original_max_position_embeddings", "must be > 0")
 
     @property
     def head_dim(self) -> int:
