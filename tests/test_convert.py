@@ -357,6 +357,13 @@ def test_errors_name_the_problem(families, tmp_path):
             tmp_path / "o", "rope scaling 'yarn'")
     _expect(variant("partial", lambda c: c.update(partial_rotary_factor=0.75)), tmp_path / "o",
             "partial_rotary_factor")
+    _expect(variant("gemma3", lambda c: c.update(architectures=["Gemma3ForCausalLM"])), tmp_path / "o",
+            r"Gemma3ForCausalLM.*not supported by the Megatron model: .*GeGLU.*backend: hf")
+    _expect(variant("llama3_partial", lambda c: c.update(rope_parameters={
+        "rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0})), tmp_path / "o", "rope scaling 'llama3' without original_max_position")
+    _expect(variant("qwen3_bias", lambda c: c.update(architectures=["Qwen3ForCausalLM"], attention_bias=True)),
+            tmp_path / "o", "attention_bias=true")
     _expect(variant("shape", edit_tensors=lambda t: t.update({
         "model.layers.1.self_attn.k_proj.weight": torch.zeros(64, 64)})), tmp_path / "o",
         r"tensor model.layers.1.self_attn.k_proj.weight: shape \[64, 64\]")
@@ -367,6 +374,50 @@ def test_errors_name_the_problem(families, tmp_path):
     _expect(src, tmp_path / "o", "--tp 3 does not divide num_attention_heads", tp=3)
     _expect(src, tmp_path / "o", "--pp 4 does not divide num_layers", pp=4)
     assert not (tmp_path / "o").exists()          # nothing written before the checks pass
+
+
+def test_model_config_rejects_bad_rope_scaling_and_qk_norm():
+    from megatron_fusion.config import ConfigError, ModelConfig
+
+    for kw, field in ((dict(rope_scaling="yarn"), "model.rope_scaling"),
+                      (dict(rope_high_freq_factor=1.0), "model.rope_high_freq_factor"),
+                      (dict(rope_scaling_factor=0.0), "model.rope_scaling_factor"),
+                      (dict(rope_original_max_position_embeddings=0), "model.rope_original_max_position_embeddings"),
+                      (dict(qk_layernorm=True, normalization="LayerNorm"), "model.qk_layernorm"),
+                      (dict(hidden_size=66), "model.hidden_size")):
+        with pytest.raises(ConfigError, match=f"config error: {field}: "):
+            from megatron_fusion.config import build_section
+            build_section(ModelConfig, kw, "model")
+    ModelConfig(hidden_size=66, kv_channels=24)              # an explicit head dim: any width
+
+
+def test_hf_config_written_without_the_original():
+    """megatron_to_hf's config.json when no hf_config.json is known (a run trained from scratch):
+    the llama3 scaling and Qwen3's head_dim survive transformers' own config class."""
+    import transformers
+
+    from megatron_fusion.config import ModelConfig
+    from megatron_fusion.convert import hf_config_for, model_config_from_hf
+
+    common = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                  ffn_hidden_size=96, vocab_size=300, rotary_base=500000)
+    llama = ModelConfig(**common, rope_scaling="llama3", rope_original_max_position_embeddings=16)
+    qwen3 = ModelConfig(**common, kv_channels=24, qk_layernorm=True)
+    for m, arch in ((llama, "LlamaForCausalLM"), (qwen3, "Qwen3ForCausalLM")):
+        hf = hf_config_for(m, arch, None, "float32")
+        hf = dict(hf)
+        cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+        assert type(cfg).__name__ == {"LlamaForCausalLM": "LlamaConfig", "Qwen3ForCausalLM": "Qwen3Config"}[arch]
+        back = model_config_from_hf(cfg.to_dict())[1]
+        fields = ("head_dim", "num_query_groups", "rotary_base", "rope_scaling", "rope_scaling_factor",
+                  "rope_low_freq_factor", "rope_high_freq_factor",
+                  "rope_original_max_position_embeddings", "qk_layernorm", "add_qkv_bias")
+        assert [getattr(back, f) for f in fields] == [getattr(m, f) for f in fields], arch
+    # a transformers-4.x style original keeps its layout (rope_theta + rope_scaling)
+    old = {"architectures": ["LlamaForCausalLM"], "rope_theta": 1.0, "rope_scaling": None}
+    hf = hf_config_for(llama, "LlamaForCausalLM", old, "float32")
+    assert hf["rope_theta"] == 500000 and hf["rope_scaling"]["rope_type"] == "llama3"
+    assert "rope_parameters" not in hf
 
 
 def test_cli_unsupported_architecture(tmp_path):
