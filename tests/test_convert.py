@@ -377,7 +377,7 @@ def test_errors_name_the_problem(families, tmp_path):
 
 
 def test_model_config_rejects_bad_rope_scaling_and_qk_norm():
-    from megatron_fusion.config import ConfigError, ModelConfig
+    from megatron_fusion.config import ConfigError, ModelConfig, build_section
 
     for kw, field in ((dict(rope_scaling="yarn"), "model.rope_scaling"),
                       (dict(rope_high_freq_factor=1.0), "model.rope_high_freq_factor"),
@@ -386,7 +386,6 @@ def test_model_config_rejects_bad_rope_scaling_and_qk_norm():
                       (dict(qk_layernorm=True, normalization="LayerNorm"), "model.qk_layernorm"),
                       (dict(hidden_size=66), "model.hidden_size")):
         with pytest.raises(ConfigError, match=f"config error: {field}: "):
-            from megatron_fusion.config import build_section
             build_section(ModelConfig, kw, "model")
     ModelConfig(hidden_size=66, kv_channels=24)              # an explicit head dim: any width
 
