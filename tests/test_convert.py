@@ -165,12 +165,16 @@ def new_families(tmp_path_factory):
 
 
 def _new_families_ranks(rank, world, families, root, train_args):
-    """Each family: convert for tp=2 pp=2, logits at TP1 / TP2 / PP2, convert back; then one
+    """Each family: convert for tp=2 pp=2, logits at TP1 / TP2 / PP2 and as a Megatron-backend
+    teacher at TP2, convert back; then one
     trainer step at TP2 from the converted dir (its gradients dumped); Qwen2pad's trained run
     exported to HF."""
+    import torch.distributed as dist
+
     from megatron_fusion.config import load_config
     from megatron_fusion.convert import megatron_logits, megatron_to_hf
-    from megatron_fusion.parallel import destroy_student_groups
+    from megatron_fusion.parallel import destroy_student_groups, init_student_groups
+    from megatron_fusion.teachers.backends import MegatronTeacherBackend
     from megatron_fusion.train import train
     from tests.helpers.trainer_ranks import DumpGrads, plain
 
@@ -183,6 +187,13 @@ def _new_families_ranks(rank, world, families, root, train_args):
             logits = megatron_logits(meg, spec["tokens"], tp, pp)
             diffs[f"tp{tp}pp{pp}"] = float((logits - spec["logits"]).abs().max())
         megatron_to_hf(meg, f"{root}/back_{fam}")
+        destroy_student_groups()
+        groups = init_student_groups(tp=2)                   # the converted dir as a teacher
+        local = MegatronTeacherBackend(meg).local_logits(spec["tokens"])          # [b, s, v/2]
+        shards = [torch.empty_like(local) for _ in range(2)]
+        dist.all_gather(shards, local, group=groups.tp)
+        teacher = torch.cat(shards, -1)[..., :spec["logits"].shape[-1]]
+        diffs["teacher_tp2"] = float((teacher - spec["logits"]).abs().max())
         destroy_student_groups()
         cfg = load_config(f"{meg}/config.yaml", train_args + [f"run.dir={run}", f"checkpoint.load={meg}"])
         summary = train(cfg, hooks=DumpGrads(f"{run}/grads"))
@@ -232,7 +243,7 @@ def _hf_reference_grads(hf_dir: str, cfg, true_vocab: int) -> dict:
 def test_new_families_logits_roundtrip_trainer_step_and_grads(new_families, demo_data, tmp_path):
     """Llama-3.1 scaling (48 positions, original context 16), Qwen3 (q/k norms, head_dim 24),
     Qwen2.5-style padding (640 rows; the 489-id demo tokenizer leaves padding rows in all three):
-    logits == HF at TP1 / TP2 / PP2; HF -> Megatron ->
+    logits == HF at TP1 / TP2 / PP2 and as a Megatron teacher at TP2; HF -> Megatron ->
     HF bit-identical; one trainer step at TP2 from the converted dir whose gradients equal the HF
     model's float64 gradients of the same loss (q/k-norm grads summed over the TP heads, padding
     rows exactly 0); padding rows unchanged by the step and written back on export."""
