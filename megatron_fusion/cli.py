@@ -241,7 +241,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megatron-fusion convert",
                                  description="HF <-> Megatron checkpoint conversion, and its check.")
     sub = ap.add_subparsers(dest="direction", required=True)
-    h = sub.add_parser("hf-to-megatron", help="a Hugging Face Llama/Mistral/Qwen2/Phi-3 model -> a "
+    h = sub.add_parser("hf-to-megatron", help="a Hugging Face Llama(-3.x)/Mistral/Qwen2/Qwen3/Phi-3 model -> a "
                        "Megatron run dir (train from it with checkpoint.load=OUT)")
     h.add_argument("--hf", required=True, help="HF model dir (config.json + safetensors)")
     h.add_argument("--out", required=True, help="Megatron run dir to write")
@@ -286,8 +286,10 @@ def convert_main(argv: list[str]) -> int:
             spec = a.spec or convert.default_layer_spec()
             ckpt = convert.single_process(convert.hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp,
                                           spec=spec)
+            extras = "".join([f", llama3 RoPE scaling x{m.rope_scaling_factor:g}" if m.rope_scaling else "",
+                              ", q/k norms" if m.qk_layernorm else ""])
             print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab "
-                  f"{m.padded_vocab_size(a.tp)}, {spec} layer spec)")
+                  f"{m.padded_vocab_size(a.tp)}, {spec} layer spec{extras})")
         else:
             out = convert.single_process(convert.megatron_to_hf, a.megatron, a.out, arch=a.arch,
                                          dtype=a.dtype)
