@@ -46,7 +46,9 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), as the 14B families to fuse are."""
+    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), as the 14B families to fuse are; with
+    Llama-3.x RoPE scaling (``rope_scaling``) and Qwen3's q/k norms (``qk_layernorm``) as options
+    (docs/models.md)."""
 
     num_layers: int = 2
     """Transformer layers."""

@@ -10,7 +10,9 @@ spec's fused masked softmax needs the compiled ``scaled_*_softmax_cuda`` extensi
 megatron's fused kernels), else attention takes the plain softmax; one line per process says
 which (``kernel_report``). The local spec has ``ShardedNorm`` in place of the stock torch-norm
 wrapper, whose parameters carry ``sequence_parallel`` so ``finalize_model_grads`` all-reduces
-their gradients over TP when sequence parallelism is on (the stock wrapper refuses SP).
+their gradients over TP when sequence parallelism is on (the stock wrapper refuses SP), and
+``QKNorm`` for the per-head q/k norms (``model.qk_layernorm``, Qwen3). Llama-3.x RoPE scaling
+(``model.rope_scaling``) is applied to each built chunk's RoPE frequencies (``apply_rope_scaling``).
 """
 
 from __future__ import annotations

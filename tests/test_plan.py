@@ -93,6 +93,7 @@ def test_counts_equal_the_hf_model_on_the_meta_device(name):
 
     hf = dict(PUBLIC_CONFIGS[name])
     _, m = model_config_from_hf(hf)
+    assert (m.rope_scaling, m.qk_layernorm) == (("llama3", False) if "Llama" in name else (None, True))
     cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(cfg)
