@@ -12,7 +12,7 @@ shapes, missing tensors, bad --tp) are checked without ranks. Real SmolLM2-135M:
 
 The 2026 families (a second launch): Llama-3.1 RoPE scaling (original context 16, logits at 48
 positions), Qwen3 (q/k norms, head_dim 24) and a Qwen2.5-style padded embedding (640 rows) convert,
-match HF at TP1 / TP2 / PP2, round-trip bit-identically, and take one trainer step at TP2 whose
+match HF at TP1 / TP2 / PP2, round-trip bit-identically, and take one trainer step at TP2 (Qwen3 with SP) whose
 gradients equal the HF model's float64 gradients of the same loss (the serial reference). Their
 llama3 frequencies equal transformers' at Llama-3.1-8B's numbers; Gemma is refused by name.
 """
@@ -155,6 +155,7 @@ def test_families_logits_roundtrip_and_trainer(families, demo_data, tmp_path):
 # --- the 2026 families: Llama-3.x RoPE scaling, Qwen3, Qwen2.5-style padded vocab ---------------
 
 NEW_FAMILIES = {"llama31": 48, "qwen3": 12, "qwen2pad": 12}     # family -> positions of the logits
+TRAIN_EXTRA = {"qwen3": ["parallel.sequence_parallel=true"]}   # q/k norms under SP: the local QKNorm
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +168,8 @@ def new_families(tmp_path_factory):
 def _new_families_ranks(rank, world, families, root, train_args):
     """Each family: convert for tp=2 pp=2, logits at TP1 / TP2 / PP2 and as a Megatron-backend
     teacher at TP2, convert back; then one
-    trainer step at TP2 from the converted dir (its gradients dumped); Qwen2pad's trained run
+    trainer step at TP2 (Qwen3 with sequence parallelism) from the converted dir (its gradients
+    dumped); Qwen2pad's trained run
     exported to HF."""
     import torch.distributed as dist
 
@@ -195,7 +197,8 @@ def _new_families_ranks(rank, world, families, root, train_args):
         teacher = torch.cat(shards, -1)[..., :spec["logits"].shape[-1]]
         diffs["teacher_tp2"] = float((teacher - spec["logits"]).abs().max())
         destroy_student_groups()
-        cfg = load_config(f"{meg}/config.yaml", train_args + [f"run.dir={run}", f"checkpoint.load={meg}"])
+        cfg = load_config(f"{meg}/config.yaml", train_args + [f"run.dir={run}", f"checkpoint.load={meg}"]
+                          + TRAIN_EXTRA.get(fam, []))
         summary = train(cfg, hooks=DumpGrads(f"{run}/grads"))
         destroy_student_groups()
         grads, trained = plain(f"{run}/grads"), plain(summary["checkpoint"])
