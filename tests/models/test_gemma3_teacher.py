@@ -93,3 +93,29 @@ def test_gemma3_online_hf_teacher(demo_data, tmp_path):
     logit_diff, max_id, true_vocab, n_aligned = out[0]
     assert logit_diff <= 1e-6, logit_diff            # relative to the largest logit (fp32)
     assert n_aligned > 50 and max_id < true_vocab, out[0]
+
+
+def test_gemma3_multimodal_checkpoint_is_a_text_teacher(tmp_path):
+    """Gemma-3 4B / 12B / 27B are Gemma3ForConditionalGeneration checkpoints (vocab_size in
+    text_config): the HF backend opens one and its logits on text are the model's."""
+    import transformers
+
+    from megatron_fusion.teachers.backends import open_backend
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                layer_types=["sliding_attention", "full_attention"], max_position_embeddings=256)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=28, patch_size=14)
+    torch.manual_seed(0)
+    cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)
+    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
+    model.save_pretrained(tmp_path / "g3")
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    with open_backend("hf", model_dir=tmp_path / "g3", device="cpu", dtype="fp32") as (backend, spec, writer):
+        assert type(backend.model).__name__ == "Gemma3ForConditionalGeneration"
+        assert backend.vocab_size == 300 and writer and Path(spec) == tmp_path / "g3"
+        got = backend.local_logits(ids)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), float((got - want).abs().max())
