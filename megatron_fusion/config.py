@@ -362,6 +362,9 @@ class FuseConfig:
         _check((self.lambda_matched == "adaptive") == (self.lambda_unmatched == "adaptive"),
                "fuse.lambda_unmatched", "adaptive sets both hybrid weights (w_U = 1 - w_M): set "
                "fuse.lambda_matched and fuse.lambda_unmatched both to adaptive, or both to numbers")
+        _check(self.loss != "hybrid" or self.temperature == 1.0, "fuse.temperature",
+               "is ULD's softmax temperature (methods.md §2); fuse.loss=hybrid uses the "
+               "teachers' probabilities at T = 1")
         if self.loss == "hybrid":
             for t in self.teachers:
                 _check(bool(t.tokenizer), f"teacher {t.name}.tokenizer",
