@@ -132,7 +132,7 @@ class FuseStage(Stage):
             resp = mb["loss_mask"] > 0
             mb["teachers"] = []
             for j, t in enumerate(self.teachers):
-                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)   # host tensors
+                values, ids, aligned, ce = t.fetch(mb["sample_id"], seq)[:4]   # host tensors
                 b = mb["tokens"].shape[0]
                 if values.shape != (b, seq, k) or ids.shape != (b, seq, k) or aligned.shape != (b, seq):
                     raise TeacherDataError(
