@@ -180,8 +180,11 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--alignment", choices=["offset", "mined"], default="offset")
-    ap.add_argument("--shard-dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                    help="dtype of the stored top-K values (the shard header's dtype)")
+    ap.add_argument("--shard-dtype", choices=["logp16", "bfloat16", "float16"], default="logp16",
+                    help="what the shards store per top-K entry (the header's dtype): logp16 = "
+                         "the teacher's log-probs in 16-bit fixed point + sigma+eps and mu-lse "
+                         "(format 4, what fuse.loss=hybrid needs; 68 B/position at K=10); "
+                         "bfloat16 / float16 = the standardised values only (format 3, uld)")
     ap.add_argument("--eps", type=float, default=1e-6)
     ap.add_argument("--max-teacher-len", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=0.8, help="warn under this aligned fraction")

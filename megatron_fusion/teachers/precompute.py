@@ -17,8 +17,8 @@ from pathlib import Path
 from megatron_fusion.data.sft import SFTDataset
 from megatron_fusion.teachers.align import report_alignment
 from megatron_fusion.teachers.backends import TeacherBackend
-from megatron_fusion.teachers.shards import (TopKHeader, TopKStoreError, TopKWriter, read_topk_header,
-                                             remove_stale_temps)
+from megatron_fusion.teachers.shards import (LOGP_DTYPE, TopKHeader, TopKStoreError, TopKWriter,
+                                             read_topk_header, remove_stale_temps)
 from megatron_fusion.teachers.topk import compute_batch_topk
 
 
@@ -30,7 +30,7 @@ def shard_path(out_dir: str | Path, teacher: str, index: int) -> Path:
 def precompute_teacher_topk(dataset: SFTDataset, teacher_tokenizer, backend: TeacherBackend,
                             out_dir: str | Path, *, teacher: str, k: int = 10,
                             alignment: str = "offset", eps: float = 1e-6,
-                            dtype: str = "bfloat16", samples_per_shard: int = 256,
+                            dtype: str = LOGP_DTYPE, samples_per_shard: int = 256,
                             batch_size: int = 4, max_teacher_len: int | None = None,
                             threshold: float = 0.8, write: bool = True,
                             progress: bool = True) -> dict:
@@ -76,7 +76,8 @@ def precompute_teacher_topk(dataset: SFTDataset, teacher_tokenizer, backend: Tea
                                         dataset.seq_len, k=k, eps=eps, alignment=alignment,
                                         max_teacher_len=max_teacher_len):
                 writer.add(r.sample_id, r.values, r.ids, r.aligned_mask, r.teacher_ce,
-                           r.teacher_ce_tokens, r.teacher_ce_byte, r.teacher_ce_bytes)
+                           r.teacher_ce_tokens, r.teacher_ce_byte, r.teacher_ce_bytes,
+                           logprobs=(r.logp, r.d, r.c) if dtype == LOGP_DTYPE else None)
                 sh_aligned += int(r.aligned_mask.sum())
                 sh_resp += r.n_response
                 tokens += r.teacher_tokens
@@ -124,7 +125,7 @@ def _finished(path: Path, expected: dict, first_id: int, end_id: int, meta: dict
 
 
 def expected_header(dataset: SFTDataset, teacher: str, teacher_tokenizer, k: int = 10,
-                    dtype: str = "bfloat16") -> dict:
+                    dtype: str = LOGP_DTYPE) -> dict:
     """The header fields a trainer should pass to ``TopKReader(expected=...)``."""
     return {"teacher": teacher, "teacher_tokenizer_hash": teacher_tokenizer.content_hash,
             "pivot_tokenizer_hash": dataset.tokenizer.content_hash, "k": k,
