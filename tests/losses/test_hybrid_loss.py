@@ -226,7 +226,7 @@ def test_identity_case_is_topk_kl(tail):
     s_hyb, _, _ = ours(case["full"], case)
     s_uld, _, _ = ours(case["full"], dict(case, w=(0.0, 1.0)))
     assert float(s_uld) == 0.0
-    V, kt = case["vocab_size"], case["kt"]
+    V = case["vocab_size"]
     lps = torch.log_softmax(case["full"][..., :V].double(), -1)
     lpt, tid = case["lpt"], case["mids"]
     p = lpt.exp()
@@ -399,6 +399,12 @@ def _rank_checks(rank, world, cases):
             loss.backward()
             bwd = rec.take()
         result["comm"][name] = (fwd, bwd)
+    # two teachers in one call (the fuse stage): the same collectives, 4 + 2·2 scalars wide
+    _, a, b = group_cases()[1]
+    v_local = a["full"].shape[-1] // world
+    with CommRecorder() as rec:
+        ours_grouped(a["full"][..., rank * v_local:(rank + 1) * v_local], a, b, tp_group=tp)
+        result["comm"]["grouped_tail"] = (rec.take(), [])
     result["n_tok"] = case["mask"].numel()
     buf = io.BytesIO()
     torch.save(result, buf)
@@ -436,12 +442,13 @@ def test_tp_matches_reference(world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_no_new_collective(world):
     """Same collectives as cross_entropy_and_topk: one all-gather of k int64 keys, one float64
-    all-reduce now 5 (tail: 6) scalars wide instead of 4, nothing in backward."""
+    all-reduce now 5 (tail: 6; two teachers with tail: 8) scalars wide instead of 4, nothing in
+    backward (the grouped call records forward and backward together: one all-reduce in all)."""
     _, per_rank = _launch(world)
     for r in per_rank:
         n = r["n_tok"]
         base_fwd, base_bwd = r["comm"]["ce_topk"]
-        for name, width in (("hybrid", 5), ("hybrid_tail", 6)):
+        for name, width in (("hybrid", 5), ("hybrid_tail", 6), ("grouped_tail", 8)):
             fwd, bwd = r["comm"][name]
             assert bwd == [] and base_bwd == [], (name, bwd)
             assert [c[0] for c in fwd] == [c[0] for c in base_fwd], (name, fwd, base_fwd)
