@@ -159,11 +159,16 @@ def _finished(path: Path, expected: dict, first_id: int, end_id: int, meta: dict
         return None
     # a shard from another run (other teacher, data, K...) is a configuration error, not resume
     want = dict(expected, sample_id_start=first_id, sample_id_end=end_id)
+    want.pop("dtype")
     read_topk_header(path, want, verify=False)
     for key, v in meta.items():
         if header["meta"].get(key) != v:
             raise TopKStoreError(f"{path}: header field 'meta.{key}' is "
                                  f"{header['meta'].get(key)!r}, the run expects {v!r}")
+    if header["dtype"] != expected["dtype"]:   # the same work in the other format: rewrite it
+        warnings.warn(f"recomputing {path}: it stores dtype {header['dtype']!r}, this run "
+                      f"writes {expected['dtype']!r}")
+        return None
     return header
 
 
