@@ -426,8 +426,7 @@ class TopKReader:
             if key not in header:
                 raise TopKStoreError(f"{p}: header has no field {key!r}")
         # format 3 stores values (bf16 / fp16), format 4 log-probs: the dtype says which
-        if header["dtype"] not in (_TOPK_DTYPES if version == 4 else _DTYPES) or (
-                version == 4 and header["dtype"] != LOGP_DTYPE):
+        if header["dtype"] not in ((LOGP_DTYPE,) if version == 4 else tuple(_DTYPES)):
             raise TopKStoreError(f"{p}: header field 'dtype' is {header['dtype']!r} "
                                  f"(format version {version})")
         if self.require_logprobs and header["dtype"] != LOGP_DTYPE:
