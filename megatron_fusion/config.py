@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -28,7 +28,7 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, field_name: str, msg: str):
         super().__init__(f"config error: {field_name}: {msg}")
-        self.field_name = field_name
+        self.field_name, self.detail = field_name, msg
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
@@ -292,6 +292,11 @@ class TeacherConfig:
     """Online hf teacher: the dtype the model is loaded and run in on its rank's device
     (cuda:LOCAL_RANK, or cpu without CUDA); auto = bf16 on CUDA, fp32 on CPU. The megatron
     backend runs in the run's train.precision (leave auto)."""
+    vocab_match: Optional[str] = None
+    """fuse.loss=hybrid: the cached teacher -> pivot vocabulary match (methods.md §9,
+    teachers/vocab_match.py). None = <run.dir>/vocab_match/<name>.vmap. A missing file is built
+    from `tokenizer` and data.tokenizer and written there; a file made for other tokenizers
+    stops the run naming it and the header field."""
 
     def __post_init__(self):
         _check(bool(self.name), "fuse.teachers[].name", "must be set")
@@ -340,6 +345,20 @@ class FuseConfig:
     alignment: Literal["offset", "mined"] = "offset"
     """Teacher -> pivot position alignment (methods.md §1): online teachers use it; offline
     shards must have been made with it (their meta.alignment is checked)."""
+    loss: Literal["uld", "hybrid"] = "uld"
+    """Distillation term per teacher: uld = ULD on the z-scored top-K (methods.md §2, the
+    paper's); hybrid = KL on the teacher's top-K tokens that the pivot vocabulary shares, ULD on
+    the rest (methods.md §9). hybrid replaces lambda_uld * L_ULD by the hybrid term (weights
+    lambda_matched / lambda_unmatched); CE and GLD are unchanged. Needs teacher log-probs
+    (offline shards that carry them, or online teachers) and each teacher's `tokenizer`."""
+    tail_bucket: bool = False
+    """hybrid: the probability mass outside the matched tokens as one more KL bucket on both
+    sides (methods.md §9)."""
+    lambda_matched: Union[float, Literal["adaptive"]] = 1.0
+    """hybrid: weight w_M of the matched KL (+ tail bucket), >= 0; adaptive = GOLD's rule per
+    teacher, w_M = matched teacher tokens / teacher vocab size (needs lambda_unmatched: adaptive)."""
+    lambda_unmatched: Union[float, Literal["adaptive"]] = 1.0
+    """hybrid: weight w_U of the ULD over the unmatched remainder, >= 0; adaptive = 1 - w_M."""
 
     def __post_init__(self):
         _check(self.k >= 1, "fuse.k", "must be >= 1")
@@ -355,6 +374,27 @@ class FuseConfig:
         _check(self.temperature > 0, "fuse.temperature", "must be > 0")
         for n in ("lambda_ce", "lambda_uld", "lambda_gld"):
             _check(getattr(self, n) >= 0, f"fuse.{n}", "must be >= 0")
+        _check(self.loss in ("uld", "hybrid"), "fuse.loss",
+               f"must be uld or hybrid, got {self.loss!r}")
+        _check(isinstance(self.tail_bucket, bool), "fuse.tail_bucket",
+               f"must be true or false, got {self.tail_bucket!r}")
+        _check(not self.tail_bucket or self.loss == "hybrid", "fuse.tail_bucket",
+               "is part of fuse.loss=hybrid (fuse.loss is uld)")
+        for n in ("lambda_matched", "lambda_unmatched"):
+            v = getattr(self, n)
+            _check(v == "adaptive" or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       and v >= 0), f"fuse.{n}",
+                   f"must be a number >= 0 or adaptive, got {v!r}")
+        _check((self.lambda_matched == "adaptive") == (self.lambda_unmatched == "adaptive"),
+               "fuse.lambda_unmatched", "adaptive sets both hybrid weights (w_U = 1 - w_M): set "
+               "fuse.lambda_matched and fuse.lambda_unmatched both to adaptive, or both to numbers")
+        _check(self.loss != "hybrid" or self.temperature == 1.0, "fuse.temperature",
+               "is ULD's softmax temperature (methods.md §2); fuse.loss=hybrid uses the "
+               "teachers' probabilities at T = 1")
+        if self.loss == "hybrid":
+            for t in self.teachers:
+                _check(bool(t.tokenizer), f"teacher {t.name}.tokenizer",
+                       "must be set for fuse.loss=hybrid (the vocabulary match is built from it)")
         names = [t.name for t in self.teachers]
         _check(len(names) == len(set(names)), "fuse.teachers", f"duplicate teacher names {names}")
 
@@ -496,7 +536,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        errors = []
+        for arm in inner:          # the first arm that takes the value (number, then a word)
+            try:
+                return _coerce(value, arm, name)
+            except ConfigError as e:
+                errors.append(e.detail)
+        raise ConfigError(name, " or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise ConfigError(name, f"{value!r} is not one of {list(args)}")
