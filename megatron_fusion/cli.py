@@ -6,6 +6,7 @@
         --data sft.jsonl --pivot-tokenizer PIVOT --seq-len 4096 --out topk/qwen
     megatron-fusion precompute-logprobs --backend hf --source-model DIR --source-name qwen \\
         --data pairs.jsonl --seq-len 4096 --out logprobs/qwen
+    megatron-fusion match-vocab --teacher-tokenizer QWEN_TOK --pivot-tokenizer PIVOT --out qwen.vmap
     megatron-fusion convert hf-to-megatron --hf HF_DIR --out RUN_DIR [--tp 2 --pp 2] [--spec te|local]
     megatron-fusion convert megatron-to-hf --megatron RUN_DIR --out HF_DIR [--arch ... --dtype ...]
     megatron-fusion convert check --hf HF_DIR --megatron RUN_DIR [--tp 2 --pp 2] [--tol 1e-4]
@@ -26,7 +27,7 @@ import math
 import os
 import sys
 
-COMMANDS = ("train", "plan", "precompute-topk", "precompute-logprobs", "convert")
+COMMANDS = ("train", "plan", "precompute-topk", "precompute-logprobs", "match-vocab", "convert")
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -180,11 +181,18 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--alignment", choices=["offset", "mined"], default="offset")
-    ap.add_argument("--shard-dtype", choices=["bfloat16", "float16"], default="bfloat16",
-                    help="dtype of the stored top-K values (the shard header's dtype)")
+    ap.add_argument("--shard-dtype", choices=["logp16", "bfloat16", "float16"], default="logp16",
+                    help="what the shards store per top-K entry (the header's dtype): logp16 = "
+                         "the teacher's log-probs in 16-bit fixed point + sigma+eps and mu-lse "
+                         "(format 4, what fuse.loss=hybrid needs; 68 B/position at K=10); "
+                         "bfloat16 / float16 = the standardised values only (format 3, uld)")
     ap.add_argument("--eps", type=float, default=1e-6)
     ap.add_argument("--max-teacher-len", type=int, default=None)
     ap.add_argument("--threshold", type=float, default=0.8, help="warn under this aligned fraction")
+    ap.add_argument("--vocab-match", default=None,
+                    help="teacher -> pivot vocabulary-match cache (megatron-fusion match-vocab; "
+                         "made here if missing): the matched top-K mass the summary and the shard "
+                         "headers report. Default: the match is built in memory")
     _add_output_args(ap, samples_per_shard=256)
     args = ap.parse_args(argv)
 
@@ -197,7 +205,7 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
             alignment=args.alignment, eps=args.eps, dtype=args.shard_dtype,
             samples_per_shard=args.samples_per_shard, batch_size=args.batch_size,
             max_teacher_len=args.max_teacher_len, threshold=args.threshold, write=write,
-            progress=not args.no_progress)
+            progress=not args.no_progress, match_cache=args.vocab_match)
         summary["dataset_stats"] = ds.stats.as_dict()
         return summary
 
@@ -241,7 +249,7 @@ def _convert_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="megatron-fusion convert",
                                  description="HF <-> Megatron checkpoint conversion, and its check.")
     sub = ap.add_subparsers(dest="direction", required=True)
-    h = sub.add_parser("hf-to-megatron", help="a Hugging Face Llama/Mistral/Qwen2/Phi-3 model -> a "
+    h = sub.add_parser("hf-to-megatron", help="a Hugging Face Llama(-3.x)/Mistral/Qwen2/Qwen3/Phi-3 model -> a "
                        "Megatron run dir (train from it with checkpoint.load=OUT)")
     h.add_argument("--hf", required=True, help="HF model dir (config.json + safetensors)")
     h.add_argument("--out", required=True, help="Megatron run dir to write")
@@ -286,8 +294,10 @@ def convert_main(argv: list[str]) -> int:
             spec = a.spec or convert.default_layer_spec()
             ckpt = convert.single_process(convert.hf_to_megatron, a.hf, a.out, tp=a.tp, pp=a.pp,
                                           spec=spec)
+            extras = "".join([f", llama3 RoPE scaling x{m.rope_scaling_factor:g}" if m.rope_scaling else "",
+                              ", q/k norms" if m.qk_layernorm else ""])
             print(f"{arch} -> {ckpt} (tp={a.tp} pp={a.pp}, padded vocab "
-                  f"{m.padded_vocab_size(a.tp)}, {spec} layer spec)")
+                  f"{m.padded_vocab_size(a.tp)}, {spec} layer spec{extras})")
         else:
             out = convert.single_process(convert.megatron_to_hf, a.megatron, a.out, arch=a.arch,
                                          dtype=a.dtype)
@@ -295,6 +305,50 @@ def convert_main(argv: list[str]) -> int:
     except convert.ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+# --- match-vocab --------------------------------------------------------------------------------
+
+def match_vocab_main(argv: list[str] | None = None) -> int:
+    """``match-vocab``: build the teacher -> pivot vocabulary match (methods.md §9) into its checked
+    cache file, or check an existing one against both tokenizers; prints a JSON summary."""
+    from megatron_fusion.errors import UserError
+    from megatron_fusion.teachers.vocab_match import VocabMatch
+    from megatron_fusion.tokenizers import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="megatron-fusion match-vocab",
+                                 description=match_vocab_main.__doc__.splitlines()[0])
+    ap.add_argument("--teacher-tokenizer", required=True, help="teacher tokenizer (.model, dir, "
+                    "tokenizer.json, .gguf)")
+    ap.add_argument("--pivot-tokenizer", required=True, help="pivot tokenizer")
+    ap.add_argument("--out", required=True, help="the cache file (written atomically)")
+    ap.add_argument("--check", action="store_true",
+                    help="only check an existing cache (error if there is none)")
+    args = ap.parse_args(argv)
+    out = args.out
+    try:
+        teacher = load_tokenizer(args.teacher_tokenizer)
+        pivot = load_tokenizer(args.pivot_tokenizer)
+    except (OSError, ValueError) as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+    existed = os.path.exists(out)
+    try:
+        if args.check and not existed:
+            raise UserError(f"{out}: file not found (--check checks an existing cache)")
+        match = VocabMatch.load_or_build(out, teacher, pivot)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": str(out), "action": "checked" if existed else "built",
+                      "matched": match.n_matched, "teacher_vocab": match.teacher_vocab_size,
+                      "pivot_vocab": match.pivot_vocab_size,
+                      "matched_fraction_of_teacher_vocab": match.matched_fraction,
+                      "matched_fraction_of_pivot_vocab":
+                          match.n_matched / max(1, match.pivot_vocab_size),
+                      "teacher_tokenizer_hash": match.teacher_hash,
+                      "pivot_tokenizer_hash": match.pivot_hash}, indent=1))
     return 0
 
 
@@ -316,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "precompute-logprobs":
         precompute_logprobs_main(rest)
         return 0
+    if cmd == "match-vocab":
+        return match_vocab_main(rest)
     if cmd == "convert":
         return convert_main(rest)
     print(f"megatron-fusion: unknown command {cmd!r} ({', '.join(COMMANDS)})", file=sys.stderr)

@@ -16,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -28,7 +28,7 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, field_name: str, msg: str):
         super().__init__(f"config error: {field_name}: {msg}")
-        self.field_name = field_name
+        self.field_name, self.detail = field_name, msg
 
 
 def _check(cond: bool, field_name: str, msg: str) -> None:
@@ -46,7 +46,9 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), as the 14B families to fuse are."""
+    """Llama-style decoder (RMSNorm, SwiGLU, RoPE, GQA), as the 14B families to fuse are; with
+    Llama-3.x RoPE scaling (``rope_scaling``) and Qwen3's q/k norms (``qk_layernorm``) as options
+    (docs/models.md)."""
 
     num_layers: int = 2
     """Transformer layers."""
@@ -77,6 +79,21 @@ class ModelConfig:
     """Gated SiLU MLP."""
     rotary_base: float = 10000.0
     """RoPE base (theta)."""
+    rope_scaling: Optional[Literal["llama3"]] = None
+    """RoPE frequency scaling: None = plain RoPE; 'llama3' = Llama-3.1/3.2/3.3's (HF
+    ``rope_type: llama3``): wavelengths above original/low_freq_factor are divided by
+    rope_scaling_factor, those below original/high_freq_factor kept, the band between blended."""
+    rope_scaling_factor: float = 8.0
+    """llama3 scaling: ``factor`` (8 for Llama-3.1, 32 for Llama-3.2-1B/3B)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: ``low_freq_factor``."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: ``high_freq_factor`` (> rope_low_freq_factor)."""
+    rope_original_max_position_embeddings: int = 8192
+    """llama3 scaling: ``original_max_position_embeddings`` (the pre-training context)."""
+    qk_layernorm: bool = False
+    """RMSNorm over each query and key head (head_dim weights, shared by the heads) before RoPE
+    (Qwen3's q_norm / k_norm)."""
     tie_embeddings: bool = False
     """Share input embedding and output layer weights."""
     add_qkv_bias: bool = False
@@ -89,8 +106,9 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
             _check(getattr(self, name) > 0, f"model.{name}", "must be > 0")
-        _check(self.hidden_size % self.num_attention_heads == 0, "model.hidden_size",
-               f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        _check(self.kv_channels is not None or self.hidden_size % self.num_attention_heads == 0,
+               "model.hidden_size", f"{self.hidden_size} is not divisible by num_attention_heads="
+               f"{self.num_attention_heads} (set model.kv_channels for an explicit head dim)")
         if self.num_query_groups is not None:
             _check(self.num_query_groups > 0 and self.num_attention_heads % self.num_query_groups == 0,
                    "model.num_query_groups",
@@ -99,6 +117,14 @@ class ModelConfig:
         _check(self.vocab_size >= 0, "model.vocab_size", "must be >= 0")
         _check(self.make_vocab_size_divisible_by > 0, "model.make_vocab_size_divisible_by", "must be > 0")
         _check(self.norm_epsilon > 0, "model.norm_epsilon", "must be > 0")
+        _check(not self.qk_layernorm or self.normalization == "RMSNorm", "model.qk_layernorm",
+               "needs normalization=RMSNorm (the q/k norms are RMSNorms)")
+        _check(self.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be > 0")
+        _check(self.rope_low_freq_factor > 0, "model.rope_low_freq_factor", "must be > 0")
+        _check(self.rope_high_freq_factor > self.rope_low_freq_factor, "model.rope_high_freq_factor",
+               f"{self.rope_high_freq_factor} must be > rope_low_freq_factor={self.rope_low_freq_factor}")
+        _check(self.rope_original_max_position_embeddings > 0,
+               "model.rope_original_max_position_embeddings", "must be > 0")
 
     @property
     def head_dim(self) -> int:
@@ -215,7 +241,7 @@ class DataConfig:
     'greedy' packs each step's samples into rows of seq_length slots by first-fit-decreasing,
     every sample its own segment (positions from 0, no attention across samples);
     train.micro_batch then counts rows (fpo: pairs' rows, 2 x micro_batch). Not with
-    parallel.vpp."""
+    parallel.vpp or fuse.loss=hybrid yet."""
 
     def __post_init__(self):
         _check(self.packing in ("none", "greedy"), "data.packing",
@@ -276,6 +302,11 @@ class TeacherConfig:
     """Online hf teacher: the dtype the model is loaded and run in on its rank's device
     (cuda:LOCAL_RANK, or cpu without CUDA); auto = bf16 on CUDA, fp32 on CPU. The megatron
     backend runs in the run's train.precision (leave auto)."""
+    vocab_match: Optional[str] = None
+    """fuse.loss=hybrid: the cached teacher -> pivot vocabulary match (methods.md §9,
+    teachers/vocab_match.py). None = <run.dir>/vocab_match/<name>.vmap. A missing file is built
+    from `tokenizer` and data.tokenizer and written there; a file made for other tokenizers
+    stops the run naming it and the header field."""
 
     def __post_init__(self):
         _check(bool(self.name), "fuse.teachers[].name", "must be set")
@@ -324,6 +355,20 @@ class FuseConfig:
     alignment: Literal["offset", "mined"] = "offset"
     """Teacher -> pivot position alignment (methods.md §1): online teachers use it; offline
     shards must have been made with it (their meta.alignment is checked)."""
+    loss: Literal["uld", "hybrid"] = "uld"
+    """Distillation term per teacher: uld = ULD on the z-scored top-K (methods.md §2, the
+    paper's); hybrid = KL on the teacher's top-K tokens that the pivot vocabulary shares, ULD on
+    the rest (methods.md §9). hybrid replaces lambda_uld * L_ULD by the hybrid term (weights
+    lambda_matched / lambda_unmatched); CE and GLD are unchanged. Needs teacher log-probs
+    (offline shards that carry them, or online teachers) and each teacher's `tokenizer`."""
+    tail_bucket: bool = False
+    """hybrid: the probability mass outside the matched tokens as one more KL bucket on both
+    sides (methods.md §9)."""
+    lambda_matched: Union[float, Literal["adaptive"]] = 1.0
+    """hybrid: weight w_M of the matched KL (+ tail bucket), >= 0; adaptive = GOLD's rule per
+    teacher, w_M = matched teacher tokens / teacher vocab size (needs lambda_unmatched: adaptive)."""
+    lambda_unmatched: Union[float, Literal["adaptive"]] = 1.0
+    """hybrid: weight w_U of the ULD over the unmatched remainder, >= 0; adaptive = 1 - w_M."""
 
     def __post_init__(self):
         _check(self.k >= 1, "fuse.k", "must be >= 1")
@@ -339,6 +384,27 @@ class FuseConfig:
         _check(self.temperature > 0, "fuse.temperature", "must be > 0")
         for n in ("lambda_ce", "lambda_uld", "lambda_gld"):
             _check(getattr(self, n) >= 0, f"fuse.{n}", "must be >= 0")
+        _check(self.loss in ("uld", "hybrid"), "fuse.loss",
+               f"must be uld or hybrid, got {self.loss!r}")
+        _check(isinstance(self.tail_bucket, bool), "fuse.tail_bucket",
+               f"must be true or false, got {self.tail_bucket!r}")
+        _check(not self.tail_bucket or self.loss == "hybrid", "fuse.tail_bucket",
+               "is part of fuse.loss=hybrid (fuse.loss is uld)")
+        for n in ("lambda_matched", "lambda_unmatched"):
+            v = getattr(self, n)
+            _check(v == "adaptive" or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       and v >= 0), f"fuse.{n}",
+                   f"must be a number >= 0 or adaptive, got {v!r}")
+        _check((self.lambda_matched == "adaptive") == (self.lambda_unmatched == "adaptive"),
+               "fuse.lambda_unmatched", "adaptive sets both hybrid weights (w_U = 1 - w_M): set "
+               "fuse.lambda_matched and fuse.lambda_unmatched both to adaptive, or both to numbers")
+        _check(self.loss != "hybrid" or self.temperature == 1.0, "fuse.temperature",
+               "is ULD's softmax temperature (methods.md §2); fuse.loss=hybrid uses the "
+               "teachers' probabilities at T = 1")
+        if self.loss == "hybrid":
+            for t in self.teachers:
+                _check(bool(t.tokenizer), f"teacher {t.name}.tokenizer",
+                       "must be set for fuse.loss=hybrid (the vocabulary match is built from it)")
         names = [t.name for t in self.teachers]
         _check(len(names) == len(set(names)), "fuse.teachers", f"duplicate teacher names {names}")
 
@@ -480,7 +546,13 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], name)
+        errors = []
+        for arm in inner:          # the first arm that takes the value (number, then a word)
+            try:
+                return _coerce(value, arm, name)
+            except ConfigError as e:
+                errors.append(e.detail)
+        raise ConfigError(name, " or ".join(errors))
     if origin is Literal:
         if value not in args:
             raise ConfigError(name, f"{value!r} is not one of {list(args)}")

@@ -1,4 +1,5 @@
-"""Hugging Face <-> Megatron checkpoint conversion (Llama, Mistral, Qwen2, Phi-3 families).
+"""Hugging Face <-> Megatron checkpoint conversion (Llama incl. Llama-3.x RoPE scaling, Mistral,
+Qwen2 / Qwen2.5, Qwen3 dense, Phi-3 families; docs/models.md has the table).
 
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2] [--spec te]
     python tools/convert_megatron_to_hf.py --megatron MEG_DIR --out HF_DIR
@@ -31,7 +32,12 @@ safetensors shards as it goes (never a second full copy), config.json and the to
 
 Layouts (checked by the logits tests): Megatron's linear_qkv rows are, per query group,
 [q heads of the group..., k, v]; linear_fc1 is [gate; up]; RoPE is non-interleaved
-(rotate_half on [first half, second half]) in both, so q/k need no permutation.
+(rotate_half on [first half, second half]) in both, so q/k need no permutation. Qwen3's
+q_norm / k_norm (RMSNorm over head_dim, before RoPE) are Megatron's q_layernorm / k_layernorm;
+Llama-3.x's ``rope_type: llama3`` maps onto ``model.rope_scaling: llama3`` and its four numbers.
+An embedding padded past the tokenizer (Qwen2.5: 152,064 rows for 151,665 tokens) converts with
+all its rows (``model.vocab_size`` = the HF rows) and is written back with them; the trainer
+takes softmaxes, z-scores and top-K over the tokenizer's ids only.
 """
 
 from __future__ import annotations
@@ -54,7 +60,17 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Phi3ForCausalLM": "phi3",
+    "Qwen3ForCausalLM": "qwen3",
 }
+UNSUPPORTED_ARCHITECTURES = {   # known families the Megatron model cannot express: why, what to do
+    arch: ("Gemma's decoder differs from the Megatron GPT model (RMSNorm with (1 + weight), GeGLU "
+           "MLP, embeddings scaled by sqrt(hidden), extra post-attention / post-MLP norms" +
+           extra + "); use it as a teacher with backend: hf (offline or online)")
+    for arch, extra in (("GemmaForCausalLM", ""),
+                        ("Gemma2ForCausalLM", ", logit soft-capping, sliding-window layers"),
+                        ("Gemma3ForCausalLM", ", q/k norms, sliding-window layers"),
+                        ("Gemma3ForConditionalGeneration", ", q/k norms, sliding-window layers, a "
+                                                           "vision tower"))}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt",
                    "chat_template.jinja", "chat_template.json", "generation_config.json")
@@ -80,6 +96,9 @@ def model_config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
     """(architecture, ModelConfig) for an HF config.json dict; ConversionError if unsupported."""
     archs = hf.get("architectures") or []
     arch = archs[0] if archs else None
+    if arch in UNSUPPORTED_ARCHITECTURES:
+        raise ConversionError(f"config.json: architectures={archs} is not supported by the Megatron "
+                              f"model: {UNSUPPORTED_ARCHITECTURES[arch]}")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"config.json: architectures={archs} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
@@ -90,10 +109,10 @@ def model_config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
     if hf.get("mlp_bias"):
         raise ConversionError("config.json: mlp_bias=true is not supported (Megatron model has no "
                               "MLP bias)")
-    if family in ("llama", "mistral") and hf.get("attention_bias"):
+    if family in ("llama", "mistral", "qwen3") and hf.get("attention_bias"):
         raise ConversionError("config.json: attention_bias=true (biases on q/k/v and o_proj) is not "
                               "supported: the model has a QKV bias only (Qwen2)")
-    if family == "qwen2" and hf.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
         raise ConversionError("config.json: use_sliding_window=true is not supported (full attention)")
     theta, rope = _rope(hf)
     rope_type = rope.pop("rope_type", rope.pop("type", "default"))
@@ -101,9 +120,16 @@ def model_config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
     if partial != 1.0:
         raise ConversionError(f"config.json: partial_rotary_factor={partial} (partial RoPE) is not "
                               "supported")
-    if rope_type not in (None, "default"):
+    scaling = {}
+    if rope_type == "llama3":
+        missing = [k for k in LLAMA3_ROPE_FIELDS if k not in rope]
+        if missing:
+            raise ConversionError(f"config.json: rope scaling 'llama3' without {missing[0]}")
+        scaling = dict(rope_scaling="llama3", **{f: float(rope[k]) for k, f in LLAMA3_ROPE_FIELDS.items()})
+        scaling["rope_original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    elif rope_type not in (None, "default"):
         raise ConversionError(f"config.json: rope scaling {rope_type!r} is not supported (plain RoPE "
-                              "only)")
+                              "or llama3)")
     if theta != int(theta):
         raise ConversionError(f"config.json: rope_theta={theta} is not an integer (Megatron's "
                               "rotary_base is)")
@@ -130,8 +156,27 @@ def model_config_from_hf(hf: dict) -> tuple[str, ModelConfig]:
         rotary_base=theta,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         add_qkv_bias=family == "qwen2",
+        qk_layernorm=family == "qwen3",
+        **scaling,
     )
     return arch, m
+
+
+LLAMA3_ROPE_FIELDS = {"factor": "rope_scaling_factor", "low_freq_factor": "rope_low_freq_factor",
+                      "high_freq_factor": "rope_high_freq_factor",
+                      "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+"""HF ``rope_parameters`` (``rope_scaling`` in transformers 4.x) keys of rope_type llama3 ->
+ModelConfig fields."""
+
+
+def rope_parameters_for(m: ModelConfig) -> dict:
+    """The HF rope parameters of ``m``: transformers 5's ``rope_parameters`` dict (theta included)."""
+    out = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    if m.rope_scaling == "llama3":
+        out["rope_type"] = "llama3"
+        for k, f in LLAMA3_ROPE_FIELDS.items():
+            out[k] = getattr(m, f)
+    return out
 
 
 # --- tensor packing -------------------------------------------------------------------------
@@ -206,6 +251,11 @@ def conversion_plan(arch: str, m: ModelConfig, padded_vocab: int) -> list[Entry]
                               [(hf + "self_attn.q_proj.bias", (nh * d,)),
                                (hf + "self_attn.k_proj.bias", (ng * d,)),
                                (hf + "self_attn.v_proj.bias", (ng * d,))], *qkv))
+        if m.qk_layernorm:
+            plan.append(Entry(mg + "self_attention.q_layernorm.weight",
+                              [(hf + "self_attn.q_norm.weight", (d,))], *ident))
+            plan.append(Entry(mg + "self_attention.k_layernorm.weight",
+                              [(hf + "self_attn.k_norm.weight", (d,))], *ident))
         plan.append(Entry(mg + "self_attention.linear_proj.weight",
                           [(hf + "self_attn.o_proj.weight", (H, nh * d))], *ident))
         plan.append(Entry(mg + "pre_mlp_layernorm.norm.weight",
@@ -441,18 +491,34 @@ def hf_config_for(m: ModelConfig, arch: str, base: dict | None, dtype: str) -> d
                   head_dim=m.head_dim, intermediate_size=m.ffn_size, vocab_size=m.vocab_size,
                   max_position_embeddings=m.max_position_embeddings or m.seq_length,
                   rms_norm_eps=m.norm_epsilon, tie_word_embeddings=m.tie_embeddings, hidden_act="silu")
+    rope = rope_parameters_for(m)
     if base is None:
-        fields["rope_theta"] = m.rotary_base
+        fields["rope_parameters"] = rope
         if family == "phi3":
             fields.pop("head_dim")
         out = transformers.AutoConfig.for_model(family, **fields).to_dict()
     else:
         out = dict(base)
         out.update({k: v for k, v in fields.items() if k != "head_dim" or "head_dim" in base})
+        _set_rope(out, rope)
     out["architectures"] = [arch]
     out["dtype"] = dtype
     out.pop("torch_dtype", None)
     return out
+
+
+def _set_rope(hf: dict, rope: dict) -> None:
+    """Write ``rope`` into an HF config dict in the layout it already uses: transformers 5's
+    ``rope_parameters`` (theta inside), or 4.x's ``rope_theta`` + ``rope_scaling`` (None when plain)."""
+    if "rope_parameters" in hf or "rope_theta" not in hf:
+        params = dict(hf.get("rope_parameters") or {})
+        for k in ("rope_type", "type", *LLAMA3_ROPE_FIELDS):
+            params.pop(k, None)
+        hf["rope_parameters"] = {**params, **rope}
+        return
+    hf["rope_theta"] = rope["rope_theta"]
+    scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+    hf["rope_scaling"] = scaling if scaling["rope_type"] != "default" else None
 
 
 def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, arch: str | None = None,
@@ -478,12 +544,15 @@ def megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, arch: str |
     base = next((json.loads((d / "hf_config.json").read_text()) for d in dirs
                  if (d / "hf_config.json").is_file()), None)
     arch = arch or ((base or {}).get("architectures") or [None])[0] or (
-        "Qwen2ForCausalLM" if m.add_qkv_bias else "LlamaForCausalLM")
+        "Qwen2ForCausalLM" if m.add_qkv_bias else "Qwen3ForCausalLM" if m.qk_layernorm
+        else "LlamaForCausalLM")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(f"architecture {arch!r} is not supported "
                               f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
     if m.add_qkv_bias != (SUPPORTED_ARCHITECTURES[arch] == "qwen2"):
         raise ConversionError(f"{cfg_path}: model.add_qkv_bias={m.add_qkv_bias} does not fit {arch}")
+    if m.qk_layernorm != (SUPPORTED_ARCHITECTURES[arch] == "qwen3"):
+        raise ConversionError(f"{cfg_path}: model.qk_layernorm={m.qk_layernorm} does not fit {arch}")
     dtype = dtype or (base or {}).get("dtype") or (base or {}).get("torch_dtype") or "float32"
     torch_dtype = getattr(torch, dtype)
 

@@ -10,7 +10,9 @@ spec's fused masked softmax needs the compiled ``scaled_*_softmax_cuda`` extensi
 megatron's fused kernels), else attention takes the plain softmax; one line per process says
 which (``kernel_report``). The local spec has ``ShardedNorm`` in place of the stock torch-norm
 wrapper, whose parameters carry ``sequence_parallel`` so ``finalize_model_grads`` all-reduces
-their gradients over TP when sequence parallelism is on (the stock wrapper refuses SP).
+their gradients over TP when sequence parallelism is on (the stock wrapper refuses SP), and
+``QKNorm`` for the per-head q/k norms (``model.qk_layernorm``, Qwen3). Llama-3.x RoPE scaling
+(``model.rope_scaling``) is applied to each built chunk's RoPE frequencies (``apply_rope_scaling``).
 """
 
 from __future__ import annotations
@@ -119,6 +121,35 @@ class ShardedNorm(torch.nn.Module):
         return self.norm(x)
 
 
+class QKNorm(torch.nn.RMSNorm):
+    """The per-head query / key RMSNorm (``qk_layernorm``, Qwen3's q_norm / k_norm) of the local
+    spec: a plain ``torch.nn.RMSNorm`` over head_dim, so its state-dict key is ``weight`` as in the
+    TE spec's TENorm. Megatron's stock wrapper refuses sequence parallelism, which does not touch
+    these norms (they see TP-sharded heads, not sequence-sharded hidden states); their gradients
+    are summed over TP by ``finalize_model_grads`` (it matches q_layernorm / k_layernorm by name)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+
+
+def apply_rope_scaling(model, m: ModelConfig) -> None:
+    """Llama-3.x frequency scaling (``model.rope_scaling: llama3``) on a built GPTModel's RoPE.
+
+    megatron-core's ``RotaryEmbedding._apply_scaling`` is HF's ``_compute_llama3_parameters``
+    formula, but GPTModel passes it only the factor (low/high factors and the original context
+    fixed at 1, 4, 8192); this calls it with all four, once, on the unscaled inverse frequencies.
+    Every pipeline stage holds its own RotaryEmbedding: each is scaled."""
+    rope = getattr(model, "rotary_pos_emb", None)
+    if m.rope_scaling is None or rope is None:
+        return
+    if m.rope_scaling != "llama3":
+        raise ValueError(f"model.rope_scaling: {m.rope_scaling!r} is not implemented")
+    rope.inv_freq = rope._apply_scaling(
+        rope.inv_freq, factor=m.rope_scaling_factor, low_freq_factor=m.rope_low_freq_factor,
+        high_freq_factor=m.rope_high_freq_factor,
+        original_max_position_embeddings=m.rope_original_max_position_embeddings)
+
+
 def _dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
@@ -146,6 +177,7 @@ def build_transformer_config(cfg: Config, *, num_layers: int | None = None,
         activation_func=F.silu if m.swiglu else F.gelu,
         add_bias_linear=False,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
         tensor_model_parallel_size=tp if tp is not None else p.tp,
         pipeline_model_parallel_size=pp if pp is not None else p.pp,
@@ -197,11 +229,14 @@ def layer_spec(cfg: Config, tcfg, *, te: bool, vp_stage: int | None = None,
     )
 
     if te:
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=tcfg.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=tcfg.qk_layernorm)
+    spec = get_gpt_layer_local_spec(normalization=tcfg.normalization, qk_layernorm=tcfg.qk_layernorm)
     norm = ModuleSpec(module=ShardedNorm)
     spec.submodules.input_layernorm = norm
     spec.submodules.pre_mlp_layernorm = norm
+    if tcfg.qk_layernorm:
+        attention = spec.submodules.self_attention.submodules
+        attention.q_layernorm = attention.k_layernorm = QKNorm
     n_local = get_num_layers_to_build(tcfg, vp_stage=vp_stage, pp_rank=pp_rank)
     return TransformerBlockSubmodules(layer_specs=[spec] * n_local, layer_norm=ShardedNorm)
 
@@ -239,6 +274,7 @@ def build_model(cfg: Config, *, model_cfg: ModelConfig | None = None, vocab_size
             rotary_base=int(m.rotary_base),
             vp_stage=vp_stage,
         )
+        apply_rope_scaling(model, m)
         if torch.cuda.is_available():
             model.cuda(torch.cuda.current_device())
         chunks.append(model)

@@ -49,8 +49,8 @@ RECOMPUTE_LEVELS = (None, "selective", "full")
 class ParamCount:
     """Parameters of a Llama-style decoder, split the way TP/PP shard them."""
 
-    per_layer: int          # one transformer layer (attention + MLP + its two norms)
-    layer_norms: int        # the part of per_layer that TP replicates (norm weights)
+    per_layer: int          # one transformer layer (attention + MLP + its norms)
+    layer_norms: int        # the part of per_layer that TP replicates (norm weights, q/k norms)
     num_layers: int
     embedding: int          # V * h
     output: int             # V * h, 0 when tied
@@ -67,7 +67,9 @@ class ParamCount:
 
 
 def param_count(m: ModelConfig, vocab: Optional[int] = None) -> ParamCount:
-    """Exact parameter count: GQA attention (+ qkv bias), SwiGLU/GeLU MLP without biases, norms.
+    """Exact parameter count: GQA attention (+ qkv bias, + q/k norms), SwiGLU/GeLU MLP without
+    biases, norms. Equal to the HF model's for the converted families (tests/test_plan.py builds
+    Llama-3.1-8B, Qwen3-8B and Qwen3-14B from their public configs on the meta device).
 
     ``vocab`` defaults to the true vocabulary (the Hugging Face count); pass
     ``m.padded_vocab_size(tp)`` for what Megatron allocates.
@@ -76,8 +78,10 @@ def param_count(m: ModelConfig, vocab: Optional[int] = None) -> ParamCount:
     attn = h * (q + 2 * k) + q * h + ((q + 2 * k) if m.add_qkv_bias else 0)
     mlp = h * f * (2 if m.swiglu else 1) + f * h
     norm = h * (2 if m.normalization == "LayerNorm" else 1)
+    qk_norms = 2 * m.head_dim if m.qk_layernorm else 0      # Qwen3: one head_dim RMSNorm each for q, k
     v = m.vocab_size if vocab is None else vocab
-    return ParamCount(per_layer=attn + mlp + 2 * norm, layer_norms=2 * norm, num_layers=m.num_layers,
+    replicated = 2 * norm + qk_norms                        # every TP rank holds these whole
+    return ParamCount(per_layer=attn + mlp + replicated, layer_norms=replicated, num_layers=m.num_layers,
                       embedding=v * h, output=0 if m.tie_embeddings else v * h, final_norm=norm)
 
 

@@ -260,7 +260,10 @@ class Trainer:
         tcfg.grad_scale_func = self.optimizer.scale_loss
         tcfg.no_sync_func = (self.model[0].no_sync if len(self.model) == 1
                              else [m.no_sync for m in self.model])
-        self.stage = build_stage(cfg, cfg.model.vocab_size, self.groups, self.train_ds, self.tokenizer)
+        # The stage's softmax / z-score / top-K run over the tokenizer's ids: embedding rows past
+        # them (Qwen2.5's padded vocab, model.vocab_size > tokenizer) are never a target.
+        self.stage = build_stage(cfg, self.tokenizer.vocab_size, self.groups, self.train_ds,
+                                 self.tokenizer)
         self.layout = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "vpp": cfg.parallel.vpp,
                        "dp": self.dp}
         self.state, self.latest = TrainState(), latest

@@ -86,7 +86,7 @@ def test_synthetic_topk_passes_the_trainers_reader(tmp_path):
                            {"teacher": name, "k": 4, "dataset_hash": ds.dataset_hash,
                             "pivot_tokenizer_hash": tok.content_hash})
         t.check_covers(ids)
-        values, tids, aligned, ce = t.fetch(torch.tensor(ids), 96)
+        values, tids, aligned, ce, _ = t.fetch(torch.tensor(ids), 96)
         assert values.shape == (5, 96, 4) and tids.shape == (5, 96, 4) and aligned.shape == (5, 96)
         assert 0.85 < aligned.float().mean() < 1.0
         v = values[aligned]

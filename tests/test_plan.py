@@ -60,6 +60,62 @@ def test_exact_counts_of_the_three_families():
     assert plan.param_count(tied).output == 0
 
 
+# Public config.json values (Hugging Face model cards) of the 2026 pivots, as HF config dicts
+PUBLIC_CONFIGS = {
+    "Llama-3.1-8B": dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=False, hidden_act="silu",
+        rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                           "high_freq_factor": 4.0,
+                                           "original_max_position_embeddings": 8192}),
+    "Qwen3-8B": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
+        intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        hidden_act="silu", rope_theta=1000000.0, attention_bias=False),
+    "Qwen3-14B": dict(
+        architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=5120,
+        intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8,
+        head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        hidden_act="silu", rope_theta=1000000.0, attention_bias=False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC_CONFIGS))
+def test_counts_equal_the_hf_model_on_the_meta_device(name):
+    """plan.param_count of the converted ModelConfig == the transformers model's numel (built on
+    the meta device from the public config: nothing is allocated)."""
+    import torch
+    import transformers
+
+    from megatron_fusion.convert import model_config_from_hf
+
+    hf = dict(PUBLIC_CONFIGS[name])
+    _, m = model_config_from_hf(hf)
+    assert (m.rope_scaling, m.qk_layernorm) == (("llama3", False) if "Llama" in name else (None, True))
+    cfg = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert plan.param_count(m).total == sum(p.numel() for p in model.parameters())
+
+
+def test_plan_prints_the_llama31_8b_count(capsys):
+    """`megatron-fusion plan` on a Llama-3.1-8B SFT layout (its shape as dotted overrides)."""
+    from megatron_fusion.convert import model_config_from_hf
+
+    _, m = model_config_from_hf(PUBLIC_CONFIGS["Llama-3.1-8B"])
+    fields = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "vocab_size", "rotary_base", "rope_scaling", "norm_epsilon")
+    model = [f"model.{f}={getattr(m, f)}" for f in fields] + ["model.seq_length=8192"]
+    rc, out, err = run_plan(capsys, "--config", "configs/test/tiny_cpu.yaml", "--nodes", "1",
+                            "--gpus-per-node", "8", "--gpu-mem-gb", "80", "parallel.tp=8", "parallel.pp=1",
+                            "train.precision=bf16", "train.micro_batch=1", "train.global_batch=8",
+                            "parallel.distributed_optimizer=true", *model)
+    assert rc in (0, 1), out + err
+    assert billions(out, "pivot") == pytest.approx(8_030_261_248 / 1e9, abs=0.005)
+
+
 def _count_on_rank(rank, world_size):
     from megatron_fusion import model as model_lib
     from megatron_fusion.config import config_from_dict
@@ -72,6 +128,8 @@ def _count_on_rank(rank, world_size):
              ffn_hidden_size=40, vocab_size=250, add_qkv_bias=True, seq_length=16),
         dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=4, ffn_hidden_size=64,
              vocab_size=300, tie_embeddings=True, seq_length=16),
+        dict(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2, kv_channels=12,
+             ffn_hidden_size=64, vocab_size=300, qk_layernorm=True, seq_length=16),   # Qwen3-style
     ]
     for shape in shapes:
         cfg = config_from_dict({"model": shape, "parallel": {"tp": 2, "pp": 2}, "train": {"precision": "fp32"}})

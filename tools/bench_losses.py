@@ -9,6 +9,10 @@ Compared on the same logits ``[batch, seq, vocab]`` (TP = 1, one process):
   uld+gld         both losses on one shared top-K
   fusion          ce + uld + gld from ``cross_entropy_and_topk`` (how the fusion stage calls them:
                   one shard-sized gradient; vs mcore_ce: PERF target 1, loss part only)
+  hybrid          ce + hybrid + gld from ``cross_entropy_topk_and_match``, as the fusion stage
+                  calls them with ``fuse.loss: hybrid`` (one teacher, grouped form, tail bucket on;
+                  70 % of the teacher's top-K entries matched): the same one Function, two more
+                  all-reduced scalars per token, the matched columns gathered and scattered
   fusion_separate ce (``token_logprobs``) + uld + gld on one shared ``standardized_topk``: two
                   autograd Functions, two shard-sized gradients (the path before the fused one)
   naive_uld+gld   a gather-the-full-vocab implementation: fp32 copy of all logits, full z-score
@@ -42,7 +46,7 @@ import time
 
 import torch
 
-METHODS = ["mcore_ce", "ce", "std_topk", "ce_topk", "uld", "gld", "uld+gld", "fusion",
+METHODS = ["mcore_ce", "ce", "std_topk", "ce_topk", "uld", "gld", "uld+gld", "fusion", "hybrid",
            "fusion_separate", "naive_uld+gld", "naive_fusion"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -91,8 +95,15 @@ def make_inputs(args, device):
     labels = torch.randint(0, v, (b, s), generator=g)
     mask = torch.ones(b, s)
     mask[:, : s // 4] = 0                       # a prompt: no distillation there
+    # hybrid: the teacher's top-K log-probs (descending, mass < 1) and the pivot id of each entry,
+    # distinct per position, 30 % unmatched (-1)
+    t_logp = torch.log_softmax(t_vals * 2, -1) - 0.2
+    base = torch.randint(0, v, (b, s, 1), generator=g)
+    m_ids = (base + torch.arange(k) * (v // k)) % v
+    m_ids = torch.where(torch.rand(b, s, k, generator=g) < 0.7, m_ids, -1)
     return dict(logits=logits, t_vals=t_vals.to(device), t_ids=t_ids.to(device),
-                labels=labels.to(device), mask=mask.to(device))
+                labels=labels.to(device), mask=mask.to(device), t_logp=t_logp.to(device),
+                m_ids=m_ids.to(device))
 
 
 def naive_topk(logits, k, eps=1e-6):
@@ -107,8 +118,11 @@ def build(method, inp, args):
     (untimed) restores what a method may have overwritten."""
     from megatron.core import tensor_parallel
 
-    from megatron_fusion.losses import (cross_entropy_and_topk, gld_from_topk, gld_loss,
-                                        standardized_topk, token_logprobs, uld_from_topk, uld_loss)
+    from megatron_fusion.losses import (HybridLossConfig, cross_entropy_and_topk,
+                                        cross_entropy_topk_and_match, gld_from_topk, gld_loss,
+                                        hybrid_from_outputs, standardized_topk, token_logprobs,
+                                        uld_from_topk, uld_loss)
+    from megatron_fusion.losses.hybrid import clean_teacher
     k, ct = args.k, args.chunk_tokens
     t_vals, t_ids, labels, mask = inp["t_vals"], inp["t_ids"], inp["labels"], inp["mask"]
     labels_sb = labels.transpose(0, 1).contiguous()
@@ -121,6 +135,17 @@ def build(method, inp, args):
     def fused_fusion(x):
         out = cross_entropy_and_topk(x, labels, k, chunk_tokens=ct)
         return out.ce.sum() + ours_uld_gld(x, out.std_topk)
+
+    hybrid_cfg = HybridLossConfig(tail_bucket=True)
+
+    def fused_hybrid(x):    # as FuseStage.loss_func with fuse.loss=hybrid and one teacher
+        p_t, _, mids = clean_teacher(inp["t_logp"], inp["m_ids"], mask)
+        out = cross_entropy_topk_and_match(x, labels, k, match_ids=mids[..., None, :],
+                                           match_probs=p_t[..., None, :], tail_bucket=True,
+                                           chunk_tokens=ct)
+        h, _ = hybrid_from_outputs(out.teacher(0), inp["t_logp"], mids, mask, config=hybrid_cfg)
+        g, _ = gld_loss(None, t_vals, t_ids, mask, k=k, student_topk=out.std_topk)
+        return out.ce.sum() + h + g
 
     def naive_uld_gld(x):
         vals, ids = naive_topk(x, k)
@@ -142,6 +167,7 @@ def build(method, inp, args):
         "gld": lambda x: gld_loss(x, t_vals, t_ids, mask, k=k, chunk_tokens=ct)[0],
         "uld+gld": lambda x: ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct)),
         "fusion": fused_fusion,
+        "hybrid": fused_hybrid,
         "fusion_separate": lambda x: (-token_logprobs(x, labels, chunk_tokens=ct).sum()
                                       + ours_uld_gld(x, standardized_topk(x, k, chunk_tokens=ct))),
         "naive_uld+gld": naive_uld_gld,

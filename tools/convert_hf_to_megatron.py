@@ -1,4 +1,4 @@
-"""Convert a Hugging Face Llama / Mistral / Qwen2 / Phi-3 model into a Megatron run dir.
+"""Convert a Hugging Face Llama (incl. 3.x) / Mistral / Qwen2 / Qwen3 / Phi-3 model into a Megatron run dir.
 
     python tools/convert_hf_to_megatron.py --hf HF_DIR --out MEG_DIR [--tp 2 --pp 2] [--spec te|local]
 

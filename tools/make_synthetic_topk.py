@@ -11,7 +11,10 @@ For benchmarks and the GPU check, where no network reaches a real model or data 
   with the header fields the trainer's reader checks (teacher, k, dataset hash, pivot tokenizer
   hash): sorted random standardised values, random ids in ``[0, --vocab)``, about 95% of the
   positions aligned, a random teacher CE per sample (so minCE/avgCE weighting runs too). The
-  cost of ULD/GLD does not depend on the values, so these time the real path;
+  cost of ULD/GLD does not depend on the values, so these time the real path. ``--logprobs``
+  writes format-4 shards (dtype ``logp16``, what ``fuse.loss: hybrid`` reads): per position a
+  random ``d = sigma + eps`` in [1.5, 3.5] and top-1 log-prob in [-2, -0.05], ``c`` such that
+  ``log p = a d + c`` for the same sorted values ``a`` (read back to the 16-bit code's step);
 - optionally a random-weight Hugging Face Llama sized for the pivot tokenizer (``--hf-teacher``)
   for ``tools/precompute_teacher_topk.py --backend hf``.
 
@@ -51,7 +54,8 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
                              k: int = 10, vocab: int = 151936, seed: int = 0,
                              samples_per_shard: int = 32, overflow: str = "truncate",
                              aligned_fraction: float = 0.95, pivot_vocab: int = 512,
-                             hf_teacher: str | Path | None = None) -> dict:
+                             hf_teacher: str | Path | None = None,
+                             logprobs: bool = False) -> dict:
     """Write the data, tokenizer, shards (and HF teacher); return the manifest (also on disk)."""
     import numpy as np
     import torch
@@ -60,7 +64,7 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
     from megatron_fusion.data.sft import SFTDataset
     from megatron_fusion.data.tiny import make_demo_data
     from megatron_fusion.tokenizers import load_tokenizer
-    from megatron_fusion.teachers.shards import TopKHeader, TopKWriter
+    from megatron_fusion.teachers.shards import LOGP_DTYPE, TopKHeader, TopKWriter
 
     if seq_len < 2 or samples < 1 or k < 1 or not teachers:
         raise ValueError("make_synthetic_topk: needs --seq-len >= 2, --samples >= 1, --k >= 1 and "
@@ -95,6 +99,7 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
             header = TopKHeader(teacher=name, teacher_tokenizer_hash=f"synthetic:{name}",
                                 pivot_tokenizer_hash=tok.content_hash, k=k,
                                 dataset_hash=ds.dataset_hash,
+                                dtype=LOGP_DTYPE if logprobs else "bfloat16",
                                 meta={"synthetic": True, "seed": seed, "generator":
                                       "tools/make_synthetic_topk.py"})
             with TopKWriter(tdir / f"{name}-{si:05d}.topk", header) as w:
@@ -106,9 +111,15 @@ def make_synthetic_fuse_data(out: str | Path, *, seq_len: int, samples: int, tea
                     aligned = torch.rand(seq_len, generator=g) < aligned_fraction
                     resp = int(item["loss_mask"].sum())
                     ce = float(torch.rand((), generator=g) * 2 + 1)
+                    lp = None
+                    if logprobs:   # a consistent (log p, d, c) for these values (module doc)
+                        d = 1.5 + 2 * torch.rand(seq_len, generator=g, dtype=torch.float64)
+                        top = -0.05 - 1.95 * torch.rand(seq_len, generator=g, dtype=torch.float64)
+                        c = top - values[:, 0].double() * d
+                        lp = (values.double() * d[:, None] + c[:, None], d, c)
                     w.add(int(item["sample_id"]), values, ids, aligned, teacher_ce=ce,
                           teacher_ce_tokens=resp, teacher_ce_byte=ce,    # synthetic: same number
-                          teacher_ce_bytes=resp)                        # per "byte" (minCE/avgCE)
+                          teacher_ce_bytes=resp, logprobs=lp)           # per "byte" (minCE/avgCE)
         topk_dirs[name] = str(tdir)
     manifest = {
         "train": str(train), "tokenizer": demo["pivot_tokenizer"], "seq_len": seq_len,
@@ -160,6 +171,8 @@ def main(argv=None) -> int:
     ap.add_argument("--samples-per-shard", type=int, default=32)
     ap.add_argument("--overflow", choices=["truncate", "reject"], default="truncate",
                     help="as the run's data.overflow (it enters the dataset hash)")
+    ap.add_argument("--logprobs", action="store_true",
+                    help="format-4 shards with synthetic teacher log-probs (fuse.loss=hybrid)")
     ap.add_argument("--hf-teacher", default=None,
                     help="also save a random-weight HF Llama for the pivot tokenizer here")
     args = ap.parse_args(argv)
@@ -168,7 +181,8 @@ def main(argv=None) -> int:
                                      teachers=[t.strip() for t in args.teachers.split(",") if t.strip()],
                                      k=args.k, vocab=args.vocab, seed=args.seed,
                                      samples_per_shard=args.samples_per_shard,
-                                     overflow=args.overflow, hf_teacher=args.hf_teacher)
+                                     overflow=args.overflow, hf_teacher=args.hf_teacher,
+                                     logprobs=args.logprobs)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

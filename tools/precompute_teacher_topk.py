@@ -4,8 +4,10 @@
         --teacher-model teacher/ --teacher-name t0 --out runs/topk/t0 --seq-len 2048
 
 On a GPU the HF teacher loads onto cuda:LOCAL_RANK in bf16 by default (explicitly:
-``--device cuda --dtype bf16``; ``--device cpu --dtype fp32`` for the CPU reference). The stored
-values' dtype is ``--shard-dtype`` (bfloat16 or float16).
+``--device cuda --dtype bf16``; ``--device cpu --dtype fp32`` for the CPU reference). What the shards
+store is ``--shard-dtype``: ``logp16`` (default, format 4: the teacher's top-K log-probs, which
+``fuse.loss: hybrid`` needs, and the standardised values derived from them) or ``bfloat16`` /
+``float16`` (format 3: standardised values only, enough for ``uld``).
 
 A teacher that is a megatron-fusion run (config.yaml + checkpoint), tensor-parallel over the ranks:
 

@@ -215,8 +215,10 @@ def fetch_per_sample(fetch: Callable, microbatches: list[dict], seq_len: int,
     for p, (m, i) in owner.items():
         ids[p] = microbatches[m]["sample_id"][i]
     parts = [fetch(ids[j:j + micro_batch], seq_len) for j in range(0, n, micro_batch)]
-    step = [torch.cat([part[f] for part in parts]) for f in range(len(parts[0]))]
-    return [tuple(t[mb["step_pos"]] for t in step) for mb in microbatches]
+    # a field a teacher does not give (None, e.g. log-probs without the hybrid loss) stays None
+    step = [None if parts[0][f] is None else torch.cat([part[f] for part in parts])
+            for f in range(len(parts[0]))]
+    return [tuple(None if t is None else t[mb["step_pos"]] for t in step) for mb in microbatches]
 
 
 def collate_unpacked_metrics(items: list[dict], seq_len: int) -> dict:

@@ -33,7 +33,8 @@ from megatron_fusion.losses.ce_topk import (CETopK, CETopKMatch, cross_entropy_a
                                             cross_entropy_topk_and_match)
 from megatron_fusion.losses.fpo import clip_to_reference, fpo_loss
 from megatron_fusion.losses.gld import eccentricity, gld_from_topk, gld_loss, wasserstein_1d
-from megatron_fusion.losses.hybrid import HybridLossConfig, hybrid_from_outputs, hybrid_loss
+from megatron_fusion.losses.hybrid import (HybridLossConfig, HybridTerms, hybrid_from_outputs,
+                                           hybrid_loss, hybrid_terms)
 from megatron_fusion.losses.logprobs import sequence_logprobs, token_logprobs
 from megatron_fusion.losses.topk import distributed_topk, standardized_topk
 from megatron_fusion.losses.uld import uld_from_topk, uld_loss, zscore_within_topk
@@ -41,7 +42,7 @@ from megatron_fusion.losses.weighting import combine_teachers
 
 __all__ = [
     "cross_entropy_and_topk", "CETopK", "cross_entropy_topk_and_match", "CETopKMatch",
-    "hybrid_loss", "hybrid_from_outputs", "HybridLossConfig",
+    "hybrid_loss", "hybrid_from_outputs", "hybrid_terms", "HybridTerms", "HybridLossConfig",
     "distributed_topk", "standardized_topk", "uld_loss", "uld_from_topk", "zscore_within_topk",
     "gld_loss", "gld_from_topk", "eccentricity", "wasserstein_1d", "token_logprobs",
     "sequence_logprobs", "fpo_loss", "clip_to_reference", "combine_teachers",

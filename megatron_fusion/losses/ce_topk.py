@@ -88,16 +88,21 @@ class _VocabParallelCETopK(torch.autograd.Function):
         sum_exp = torch.zeros(n_tok, dtype=cdt, device=dev)
         # per token, the one all-reduce: [sum-exp, target, sum z, sum z^2] in float64, plus for
         # the hybrid loss [sum_M p_t z_j] and, with the tail bucket, [sum_M exp(z_j - max)]
+        # several teachers at once: match_ids [b, s, G, Kt] gives G scalars of each kind
         hybrid = match_ids is not None
-        n_stats = 4 + int(hybrid) + int(hybrid and tail_bucket)
+        grouped = hybrid and match_ids.dim() == logits_local.dim() + 1
+        n_grp = match_ids.shape[-2] if grouped else 1
+        n_stats = 4 + n_grp * (int(hybrid) + int(hybrid and tail_bucket))
         stats = torch.zeros((n_tok, n_stats), dtype=torch.float64, device=dev)
+        zt_cols = slice(4, 4 + n_grp)
+        sm_cols = slice(4 + n_grp, 4 + 2 * n_grp)
         m_col = m_owned = m_p = None
         if hybrid:   # matched teacher entries -> pivot ids (-1: unmatched); this rank's share
-            m_ids = match_ids.reshape(n_tok, -1).long()
+            m_ids = match_ids.reshape(n_tok, -1).long()                          # [N, G*Kt]
             m_col, m_owned = owned_columns(m_ids, lay)
             m_p = torch.where(m_ids >= 0, match_probs.reshape(m_ids.shape).to(cdt), 0.0)
-            z_m = torch.where(m_owned, x.gather(1, m_col).to(cdt), 0.0)          # [N, Kt]
-            stats[:, 4] = (m_p * z_m).sum(-1)
+            z_m = torch.where(m_owned, x.gather(1, m_col).to(cdt), 0.0)          # [N, G*Kt]
+            stats[:, zt_cols] = (m_p * z_m).view(n_tok, n_grp, -1).sum(-1)
         for sl in token_chunks(n_tok, lay.v_local, chunk_tokens, dev):
             xc = x[sl, :nv]
             lmax[sl] = cands.add(sl, xc)        # the local top-1 is the row max: no amax pass
@@ -113,28 +118,31 @@ class _VocabParallelCETopK(torch.autograd.Function):
         stats[:, 0] = sum_exp
         stats[:, 1] = target
         if hybrid and tail_bucket:   # the global max is known from the all-gather already
-            stats[:, 5] = torch.where(m_owned, (z_m - gmax[:, None]).exp(), 0.0).sum(-1)
+            stats[:, sm_cols] = torch.where(m_owned, (z_m - gmax[:, None]).exp(), 0.0) \
+                .view(n_tok, n_grp, -1).sum(-1)
         all_reduce_(stats, lay)                                        # the one all-reduce
         lse = gmax + stats[:, 0].to(cdt).log()
         ce = lse - stats[:, 1].to(cdt)
         mu, sigma = zscore_stats(stats[:, 2:4], lay.vocab_size, cdt)
         values = (raw - mu[:, None]) / (sigma[:, None] + eps)
-        zt = stats[:, 4].to(cdt) if hybrid else torch.zeros_like(lse)
+        zt = stats[:, zt_cols].to(cdt) if hybrid else torch.zeros_like(lse)          # [N, G]
         # student mass on the matched ids: sum_M exp(z_j - max) / sum exp(z - max)
-        sm = (stats[:, 5] / stats[:, 0]).to(cdt) if hybrid and tail_bucket \
+        sm = (stats[:, sm_cols] / stats[:, :1]).to(cdt) if hybrid and tail_bucket \
             else torch.zeros_like(lse)
         ctx.save_for_backward(logits_local, lab_col, lab_owned, lse, ids, values, mu, sigma,
                               m_col, m_owned, m_p, sm)
         ctx.lay, ctx.eps, ctx.chunk_tokens = lay, eps, chunk_tokens
-        ctx.hybrid, ctx.tail = hybrid, hybrid and tail_bucket
+        ctx.hybrid, ctx.tail, ctx.n_grp = hybrid, hybrid and tail_bucket, n_grp
         ctx.mark_non_differentiable(ids)
         if not hybrid:
             ctx.mark_non_differentiable(zt)
         if not ctx.tail:
             ctx.mark_non_differentiable(sm)
+        per_group = (*labels.shape, n_grp) if grouped else labels.shape
         return (ce.view(labels.shape), values.view(*lead, k), raw.view(*lead, k),
-                ids.view(*lead, k), lse.view(labels.shape), zt.view(labels.shape),
-                sm.view(labels.shape))
+                ids.view(*lead, k), lse.view(labels.shape),
+                zt.view(per_group if hybrid else labels.shape),
+                sm.view(per_group if ctx.tail else labels.shape))
 
     @staticmethod
     def backward(ctx, grad_ce, grad_values, grad_raw, _grad_ids, grad_lse, grad_zt, grad_sm):
@@ -179,16 +187,21 @@ class _VocabParallelCETopK(torch.autograd.Function):
             g_soft = g_lse if g_soft is None else g_soft + g_lse
         m_src = None
         if grad_zt is not None or grad_sm is not None:
-            # matched entries this rank owns: d zt / d z_j = p_t; d sm / d z_j = softmax_j
+            # matched entries this rank owns: d zt / d z_j = p_t; d sm / d z_j = softmax_j;
+            # entries [N, G*Kt] are G groups of Kt, each group with its own zt / sm
+            n_tok, n_grp = m_p.shape[0], ctx.n_grp
             m_src = torch.zeros(m_p.shape, dtype=cdt, device=x.device)
             if grad_zt is not None:
-                m_src = m_src + grad_zt.reshape(-1, 1).to(cdt) * m_p
+                g_zt = grad_zt.reshape(n_tok, n_grp, 1).to(cdt)
+                m_src = m_src + (g_zt * m_p.view(n_tok, n_grp, -1)).view(m_p.shape)
             if grad_sm is not None:
-                g_sm = grad_sm.reshape(-1).to(cdt)
+                g_sm = grad_sm.reshape(n_tok, n_grp).to(cdt)
                 soft_m = (x.gather(1, m_col).to(cdt) - lse[:, None]).exp()
-                m_src = m_src + g_sm[:, None] * torch.where(m_owned, soft_m, 0.0)
+                soft_m = torch.where(m_owned, soft_m, 0.0).view(n_tok, n_grp, -1)
+                m_src = m_src + (g_sm[..., None] * soft_m).view(m_p.shape)
                 # sm is the forward's output: sum_M softmax over all ranks (replicated)
-                g_soft = (-g_sm * sm) if g_soft is None else g_soft - g_sm * sm
+                d_soft = (g_sm * sm.view(n_tok, n_grp)).sum(-1)
+                g_soft = -d_soft if g_soft is None else g_soft - d_soft
             m_src = torch.where(m_owned, m_src, torch.zeros_like(m_src))
         direct = logits_local.dtype == cdt                               # fp32/fp64: in place
         for sl in token_chunks(x.shape[0], lay.v_local, ctx.chunk_tokens, x.device):
@@ -249,8 +262,10 @@ class CETopKMatch(NamedTuple):
     raw_values: torch.Tensor    # [b, s, k] as CETopK.raw_values
     ids: torch.Tensor           # [b, s, k] as CETopK.ids
     lse: torch.Tensor           # [b, s] logsumexp of the student logits over the true vocab
-    matched_z: torch.Tensor     # [b, s] sum_i p_t(i) z_s[j_i] over the matched entries
-    matched_mass: torch.Tensor  # [b, s] sum_i p_s(j_i) over the matched entries (0 without tail)
+    matched_z: torch.Tensor     # [b, s] sum_i p_t(i) z_s[j_i] over the matched entries ([b, s, G]
+                                # for G teachers at once: match_ids [b, s, G, Kt])
+    matched_mass: torch.Tensor  # [b, s] ([b, s, G]) sum_i p_s(j_i) over the matched entries
+                                # (0 without tail)
 
     @property
     def std_topk(self):
@@ -259,6 +274,13 @@ class CETopKMatch(NamedTuple):
     @property
     def raw_topk(self):
         return self.raw_values, self.ids
+
+    def teacher(self, j: int) -> "CETopKMatch":
+        """Teacher ``j``'s view of a grouped call (``match_ids [b, s, G, Kt]``): the shared CE,
+        top-K and lse with that teacher's ``matched_z`` / ``matched_mass`` ``[b, s]``."""
+        mass = self.matched_mass[..., j] if self.matched_mass.dim() == self.lse.dim() + 1 \
+            else self.matched_mass
+        return self._replace(matched_z=self.matched_z[..., j], matched_mass=mass)
 
 
 def cross_entropy_topk_and_match(logits_local: torch.Tensor, labels: torch.Tensor, k: int, *,
@@ -271,21 +293,28 @@ def cross_entropy_topk_and_match(logits_local: torch.Tensor, labels: torch.Tenso
     Args:
         match_ids: ``[b, s, Kt]`` int pivot (student) id of each teacher top-K entry, -1 where
             the teacher token has no pivot match. The matched ids of one position must be
-            distinct (``megatron_fusion.losses.hybrid`` checks it).
-        match_probs: ``[b, s, Kt]`` the teacher's probability of each entry (constants; entries
-            with ``match_ids == -1`` are ignored).
-        tail_bucket: also return ``matched_mass`` (one more all-reduced scalar per token).
+            distinct (``megatron_fusion.losses.hybrid`` checks it). ``[b, s, G, Kt]``: G
+            teachers in the same call (the fuse stage): one sweep, one gradient, and G scalars
+            of each kind in the one all-reduce; ``matched_z`` / ``matched_mass`` are then
+            ``[b, s, G]`` (:meth:`CETopKMatch.teacher` gives teacher j's view).
+        match_probs: same shape as ``match_ids``, the teacher's probability of each entry
+            (constants; entries with ``match_ids == -1`` are ignored).
+        tail_bucket: also return ``matched_mass`` (one more all-reduced scalar per token and
+            teacher).
         Others as :func:`cross_entropy_and_topk`.
     Returns:
         :class:`CETopKMatch`; ``lse``, ``matched_z`` and ``matched_mass`` are differentiable and
         their gradients land in the same single shard-sized gradient as the CE and the top-K.
     Communication (forward, per token and rank): the same ONE all-gather of k int64 keys and ONE
-    float64 all-reduce, now of 5 scalars (6 with the tail bucket); backward none.
+    float64 all-reduce, now of 4 + G scalars (4 + 2G with the tail bucket); backward none.
     """
-    if match_ids.shape != match_probs.shape or match_ids.shape[:-1] != logits_local.shape[:-1]:
+    lead = tuple(logits_local.shape[:-1])
+    if match_ids.shape != match_probs.shape or match_ids.dim() not in (len(lead) + 1,
+                                                                      len(lead) + 2) \
+            or tuple(match_ids.shape[:len(lead)]) != lead:
         raise ValueError(f"cross_entropy_topk_and_match: match_ids {tuple(match_ids.shape)} and "
-                         f"match_probs {tuple(match_probs.shape)} must both be [b, s, Kt] with "
-                         f"[b, s] = {tuple(logits_local.shape[:-1])}")
+                         f"match_probs {tuple(match_probs.shape)} must both be [b, s, Kt] or "
+                         f"[b, s, G, Kt] with [b, s] = {lead}")
     return CETopKMatch(*_VocabParallelCETopK.apply(
         logits_local, labels, k, vocab_size, tp_group, eps, chunk_tokens,
         match_ids, match_probs.detach(), bool(tail_bucket)))

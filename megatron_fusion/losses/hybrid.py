@@ -30,6 +30,7 @@ w_M = matched teacher vocabulary / teacher vocabulary size, w_U = 1 - w_M).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -100,6 +101,50 @@ def clean_teacher(teacher_logprobs: torch.Tensor, match_ids: torch.Tensor, mask:
     return lp.exp(), lp, torch.where(keep, match_ids.long(), -1)
 
 
+class HybridTerms(NamedTuple):
+    """The hybrid loss's parts per aligned position ``[b, s]`` (0 where the mask is 0)."""
+
+    matched: torch.Tensor       # KL_M
+    tail: torch.Tensor          # the tail bucket's q_t log(q_t / q_s) (0 without it)
+    unmatched: torch.Tensor     # ULD_U over the unmatched remainder
+    matched_mass: torch.Tensor  # sum_M p_t: the teacher's top-K probability on matched tokens
+    teacher_mass: torch.Tensor  # sum p_t over its whole top-K
+
+
+def hybrid_terms(out: CETopKMatch, teacher_logprobs: torch.Tensor, match_ids: torch.Tensor,
+                 mask: torch.Tensor, *, tail_bucket: bool = False) -> HybridTerms:
+    """The unweighted parts of the hybrid loss from the fused Function's outputs (no
+    communication); ``out``, ``match_ids`` as :func:`hybrid_from_outputs`."""
+    keep = mask > 0
+    cdt = out.lse.dtype
+    p_t, lp_t, mids = clean_teacher(teacher_logprobs.to(cdt), match_ids, mask)
+    matched = mids >= 0                                                 # [b, s, K]
+    pm = torch.where(matched, p_t, 0.0)
+    p_mass = pm.sum(-1)                                                 # sum_M p_t
+    kl = torch.where(matched, p_t * lp_t, 0.0).sum(-1) - out.matched_z + p_mass * out.lse
+    tail = torch.zeros_like(kl)
+    if tail_bucket:
+        q_t = (1.0 - p_mass).clamp_min(0.0)
+        q_s = (1.0 - out.matched_mass).clamp_min(torch.finfo(cdt).tiny)
+        tail = torch.xlogy(q_t, q_t) - q_t * q_s.log()
+    # ULD over the unmatched remainder: teacher's unmatched probabilities (descending) against
+    # the student's largest probabilities outside the matched pivot ids (from its top-K)
+    kt = p_t.shape[-1]
+    n_u = kt - matched.sum(-1, keepdim=True)                            # [b, s, 1]
+    t_u = torch.where(matched, 0.0, p_t).sort(-1, descending=True).values
+    p_s = (out.raw_values - out.lse[..., None]).exp()                   # [b, s, k], descending
+    excluded = (out.ids[..., :, None] == torch.where(matched, mids, -2)[..., None, :]).any(-1)
+    order = excluded.to(torch.int8).argsort(dim=-1, stable=True)[..., :kt]  # kept entries first
+    s_u = p_s.gather(-1, order)
+    rank = torch.arange(kt, device=p_s.device)
+    uld = torch.where(rank < n_u, (s_u - t_u).abs(), 0.0).sum(-1)
+
+    def masked(t):
+        return torch.where(keep, t, 0.0)
+    return HybridTerms(masked(kl), masked(tail), masked(uld), masked(p_mass),
+                       masked(p_t.sum(-1)))
+
+
 def hybrid_from_outputs(out: CETopKMatch, teacher_logprobs: torch.Tensor,
                         match_ids: torch.Tensor, mask: torch.Tensor, *,
                         config: HybridLossConfig = HybridLossConfig(),
@@ -114,28 +159,8 @@ def hybrid_from_outputs(out: CETopKMatch, teacher_logprobs: torch.Tensor,
         raise ValueError(f"reduction must be 'sum' or 'sequence', got {reduction!r}")
     w_m, w_u = config.weights(matched_fraction)
     keep = mask > 0
-    cdt = out.lse.dtype
-    p_t, lp_t, mids = clean_teacher(teacher_logprobs.to(cdt), match_ids, mask)
-    matched = mids >= 0                                                 # [b, s, K]
-    pm = torch.where(matched, p_t, 0.0)
-    p_mass = pm.sum(-1)                                                 # sum_M p_t
-    kl = torch.where(matched, p_t * lp_t, 0.0).sum(-1) - out.matched_z + p_mass * out.lse
-    if config.tail_bucket:
-        q_t = (1.0 - p_mass).clamp_min(0.0)
-        q_s = (1.0 - out.matched_mass).clamp_min(torch.finfo(cdt).tiny)
-        kl = kl + torch.xlogy(q_t, q_t) - q_t * q_s.log()
-    # ULD over the unmatched remainder: teacher's unmatched probabilities (descending) against
-    # the student's largest probabilities outside the matched pivot ids (from its top-K)
-    kt = p_t.shape[-1]
-    n_u = kt - matched.sum(-1, keepdim=True)                            # [b, s, 1]
-    t_u = torch.where(matched, 0.0, p_t).sort(-1, descending=True).values
-    p_s = (out.raw_values - out.lse[..., None]).exp()                   # [b, s, k], descending
-    excluded = (out.ids[..., :, None] == torch.where(matched, mids, -2)[..., None, :]).any(-1)
-    order = excluded.to(torch.int8).argsort(dim=-1, stable=True)[..., :kt]  # kept entries first
-    s_u = p_s.gather(-1, order)
-    rank = torch.arange(kt, device=p_s.device)
-    uld = torch.where(rank < n_u, (s_u - t_u).abs(), 0.0).sum(-1)
-    per_pos = torch.where(keep, w_m * kl + w_u * uld, 0.0)
+    t = hybrid_terms(out, teacher_logprobs, match_ids, mask, tail_bucket=config.tail_bucket)
+    per_pos = w_m * (t.matched + t.tail) + w_u * t.unmatched
     if reduction == "sequence":
         return per_pos.sum(-1), keep.sum(-1)
     return per_pos.sum(), keep.sum()

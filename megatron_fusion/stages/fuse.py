@@ -21,6 +21,22 @@ Teacher weights w_jb: ``uniform`` (the config's static weights, normalised), ``m
 so that a finer tokenizer does not look better for the same text), stored with its top-K or
 sent with it online (FuseLLM; docs/methods.md §2).
 
+``fuse.loss: hybrid`` (docs/methods.md §9) replaces λ_uld·ULD_j by the hybrid term of each
+teacher, ``w_M,j (KL_M + tail) + w_U,j ULD_U`` per aligned position, from the teacher's top-K
+log-probs (``fetch``'s 5th element) and its ids mapped to pivot ids by the teacher's vocabulary
+match (``teachers[].vocab_match``, built from both tokenizers on first use and cached). ALL
+teachers' matched entries go into ONE call of the fused CE + top-K Function (``match_ids
+[b, s, N, K]``): still one sweep over the shard, one all-gather, one all-reduce (4 + N scalars,
+4 + 2N with the tail bucket) and one shard-sized gradient; GLD uses the same student top-K. The
+same teacher weights w_jb and the same normaliser N_uld_j apply:
+
+    loss_sum = λ_ce·Σce + N_ce·( Σ_j Σ_b w_jb·hyb_jb / N_uld_j + λ_gld·Σ_j Σ_b w_jb·gld_jb / N_gld_j )
+
+reported exactly as ``loss/hybrid`` and its parts ``loss/matched``, ``loss/unmatched``,
+``loss/tail`` (Σ_j w_j mean_t of each, unweighted by w_M / w_U), per teacher
+``loss/hybrid/<name>`` and ``teacher/<name>/matched_mass`` (share of its top-K probability on
+matched tokens).
+
 Offline teachers are checked before step 1 (docs/methods.md §6): header fields (teacher, K,
 data, both tokenizer hashes, ``meta.eps`` / ``meta.alignment`` == ``fuse.eps`` /
 ``fuse.alignment``), the aligned fraction their shards record against
@@ -36,7 +52,10 @@ import torch.distributed as dist
 from megatron_fusion.config import Config, ConfigError
 from megatron_fusion.data.packing import fetch_per_sample, per_sample
 from megatron_fusion.errors import TeacherDataError
-from megatron_fusion.losses import combine_teachers, cross_entropy_and_topk, gld_loss, uld_loss
+from megatron_fusion.losses import (HybridLossConfig, combine_teachers, cross_entropy_and_topk,
+                                    cross_entropy_topk_and_match, gld_loss, hybrid_terms,
+                                    uld_loss)
+from megatron_fusion.losses.hybrid import clean_teacher
 from megatron_fusion.parallel import to_device
 from megatron_fusion.stages.base import Stage, register
 from megatron_fusion.stages.sft import REPORT_CE, SFTStage
@@ -47,20 +66,46 @@ from megatron_fusion.teachers.online.protocol import batch_fingerprint
 @register("fuse")
 class FuseStage(Stage):
     def __init__(self, cfg: Config, vocab_size: int, groups, *, dataset=None, tokenizer=None,
-                 teachers: list | None = None):
+                 teachers: list | None = None, matches: list | None = None):
+        """``teachers`` / ``matches`` (tests): teacher sources with ``fetch`` and, for
+        ``fuse.loss: hybrid``, their ``VocabMatch``es, in config order, instead of building them
+        from the config."""
         f = cfg.fuse
         self.cfg, self.f, self.groups = cfg, f, groups
         self.vocab_size = vocab_size
         self.sft = SFTStage(vocab_size, groups.tp)
         self.names = [t.name for t in f.teachers]
+        self.hybrid = f.loss == "hybrid"
         static = torch.tensor([t.weight for t in f.teachers], dtype=torch.float64)
         if (static <= 0).any():
             raise ConfigError("fuse.teachers[].weight", "must be > 0")
         self.static_w = (static / static.sum()).to(groups.device)
-        self.report_keys = [REPORT_CE, "loss/uld", "loss/gld", "loss/total"]
+        term = "hybrid" if self.hybrid else "uld"
+        self.report_keys = [REPORT_CE, f"loss/{term}", "loss/gld", "loss/total"]
+        if self.hybrid:
+            self.report_keys += ["loss/matched", "loss/unmatched"] + (
+                ["loss/tail"] if f.tail_bucket else [])
         for n in self.names:
-            self.report_keys += [f"loss/uld/{n}", f"loss/gld/{n}", f"teacher/{n}/aligned_frac",
+            self.report_keys += [f"loss/{term}/{n}", f"loss/gld/{n}", f"teacher/{n}/aligned_frac",
                                  f"teacher/{n}/weight"]
+            if self.hybrid:
+                self.report_keys.append(f"teacher/{n}/matched_mass")
+        self.matches = []
+        if self.hybrid:
+            if tokenizer is None and dataset is not None:
+                tokenizer = dataset.tokenizer
+            self.matches = matches if matches is not None else \
+                self._vocab_matches(cfg, tokenizer, groups)
+            adaptive = f.lambda_matched == "adaptive"
+            hcfg = HybridLossConfig(
+                lambda_matched=1.0 if adaptive else float(f.lambda_matched),
+                lambda_unmatched=1.0 if adaptive else float(f.lambda_unmatched),
+                adaptive=adaptive, tail_bucket=f.tail_bucket)
+            # per teacher (w_M, w_U), and its id table on the host (fetch gives host ids);
+            # None on ranks without the logits (not the last pipeline stage)
+            self.hybrid_w = [None if m is None else hcfg.weights(m.matched_fraction)
+                             for m in self.matches]
+            self.match_tables = [None if m is None else m.dense() for m in self.matches]
         if teachers is not None:
             self.teachers = teachers
         else:
@@ -85,7 +130,9 @@ class FuseStage(Stage):
                                     pivot_tokenizer_hash=dataset.tokenizer.content_hash)
                 if t_tok is not None:
                     expected["teacher_tokenizer_hash"] = t_tok.content_hash
-                teacher = OfflineTeacher(t.name, t.topk_dir, expected, strict=True)
+                # the hybrid loss needs the teachers' log-probs: old shards are refused by name
+                need = {"require_logprobs": True} if self.hybrid else {}
+                teacher = OfflineTeacher(t.name, t.topk_dir, expected, strict=True, **need)
                 teacher.check_alignment(f.min_aligned_fraction, f.min_aligned_fraction_hard)
                 self.teachers.append(teacher)
             if dataset is not None:  # every training sample must have top-K: fail before step 1
@@ -98,6 +145,25 @@ class FuseStage(Stage):
             raise ConfigError("fuse.weighting", f"{f.weighting} needs teacher CE in the top-K "
                               "shards (re-run tools/precompute_teacher_topk.py)")
         self._norm = None
+
+    @staticmethod
+    def _vocab_matches(cfg: Config, pivot, groups) -> list:
+        """Each teacher's vocabulary match (methods.md §9): ``teachers[].vocab_match`` or
+        <run.dir>/vocab_match/<name>.vmap, built from both tokenizers when missing (every
+        last-stage rank may write it: the write is atomic and the content the same)."""
+        if not groups.is_last_stage:
+            return [None] * len(cfg.fuse.teachers)
+        from megatron_fusion.teachers.vocab_match import VocabMatch
+        from megatron_fusion.tokenizers import load_tokenizer
+
+        if pivot is None:
+            raise ConfigError("fuse.loss", "hybrid needs the pivot tokenizer (data.tokenizer)")
+        out = []
+        for t in cfg.fuse.teachers:
+            path = t.vocab_match or f"{cfg.run.dir}/vocab_match/{t.name}.vmap"
+            out.append(VocabMatch.load_or_build(path, load_tokenizer(t.tokenizer, name=t.name),
+                                                pivot))
+        return out
 
     @classmethod
     def build(cls, cfg: Config, vocab_size: int, groups, dataset, tokenizer) -> "FuseStage":
@@ -136,23 +202,45 @@ class FuseStage(Stage):
             resp = per_sample(mb, mb["loss_mask"], fill=0) > 0            # [b, s] per sample
             mb["teachers"] = []
             for j, t in enumerate(self.teachers):
-                values, ids, aligned, ce = fetched[j][i]                  # host tensors
+                got = fetched[j][i]                                       # host tensors
+                values, ids, aligned, ce = got[:4]
                 b = mb["sample_id"].shape[0]
                 if values.shape != (b, seq, k) or ids.shape != (b, seq, k) or aligned.shape != (b, seq):
                     raise TeacherDataError(
                         f"teacher {t.name}: top-K shapes {tuple(values.shape)}/{tuple(ids.shape)}/"
                         f"{tuple(aligned.shape)} do not match the batch [b={b}, s={seq}, K={k}]")
-                moved = to_device({"values": values, "ids": ids, "aligned": aligned, "ce": ce},
-                                  groups.device)
+                host = {"values": values, "ids": ids, "aligned": aligned, "ce": ce}
+                if self.hybrid:
+                    host.update(self._hybrid_inputs(j, t.name, got, b, seq, k))
+                moved = to_device(host, groups.device)
                 mask = moved["aligned"] & resp
                 mb["teachers"].append({"values": moved["values"], "ids": moved["ids"],
                                        "mask": mask, "ce": moved["ce"],
+                                       "logp": moved.get("logp"), "mids": moved.get("mids"),
                                        "fingerprint": batch_fingerprint(mb["sample_id"])})
                 counts[1 + 2 * j] += mask.sum()
                 counts[2 + 2 * j] += mask.any(dim=1).sum()
             counts[0] += resp.sum()
         dist.all_reduce(counts, group=groups.dp)
         self._norm = counts.cpu().tolist()    # once per step: [N_ce, N_uld_j, N_gld_j ...]
+
+    def _hybrid_inputs(self, j: int, name: str, got: tuple, b: int, seq: int, k: int) -> dict:
+        """The teacher's top-K log-probs and its ids mapped to pivot ids (-1: unmatched), on the
+        host as fetch gives them; checked here so that a bad input is one line naming it."""
+        logp = got[4] if len(got) > 4 else None
+        if logp is None:
+            raise TeacherDataError(f"teacher {name}: no teacher log-probs with its top-K; "
+                                   "fuse.loss=hybrid needs them (re-run the precompute)")
+        if logp.shape != (b, seq, k):
+            raise TeacherDataError(f"teacher {name}: log-probs of shape {tuple(logp.shape)} do "
+                                   f"not match the batch [b={b}, s={seq}, K={k}]")
+        ids, aligned, table = got[1], got[2].bool(), self.match_tables[j]
+        live = torch.where(aligned[..., None], ids.long(), 0)
+        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= table.numel()):
+            raise TeacherDataError(f"teacher {name}: top-K ids outside its vocabulary of "
+                                   f"{table.numel()} (the vocabulary match's teacher tokenizer)")
+        mids = torch.where(aligned[..., None], table[live], -1)
+        return {"logp": logp.float(), "mids": mids}
 
     def _weights(self, batch) -> torch.Tensor:
         """[N, b] per-sample teacher weights (sum to 1 over teachers)."""
@@ -175,9 +263,17 @@ class FuseStage(Stage):
                 raise TeacherDataError("teacher top-K belongs to another batch (fingerprint mismatch)")
         # CE and the student top-K shared by ULD and GLD from ONE autograd.Function: one pass over
         # the logits shard, one all-gather + one all-reduce per token, and ONE shard-sized
-        # gradient in backward (CE + top-K terms), not one per loss (PERF target 2).
-        student = cross_entropy_and_topk(output, batch["labels"], f.k, vocab_size=self.vocab_size,
-                                         tp_group=self.groups.tp)
+        # gradient in backward (CE + top-K terms), not one per loss (PERF target 2). The hybrid
+        # loss adds every teacher's matched entries to the same call.
+        if self.hybrid:
+            cleaned = [clean_teacher(t["logp"], t["mids"], t["mask"]) for t in batch["teachers"]]
+            student = cross_entropy_topk_and_match(
+                output, batch["labels"], f.k, match_ids=torch.stack([m for _, _, m in cleaned], -2),
+                match_probs=torch.stack([p for p, _, _ in cleaned], -2), tail_bucket=f.tail_bucket,
+                vocab_size=self.vocab_size, tp_group=self.groups.tp)
+        else:
+            student = cross_entropy_and_topk(output, batch["labels"], f.k,
+                                             vocab_size=self.vocab_size, tp_group=self.groups.tp)
         mask_ce = batch["loss_mask"].float()                                     # [b, s]
         ce_sum, ce_count = (student.ce * mask_ce).sum(), mask_ce.sum()           # == SFTStage.ce_sum
         n_ce = max(norm[0], 1.0)
@@ -187,30 +283,51 @@ class FuseStage(Stage):
         st_uld = st_full if f.zscore == "full" else tuple(per_sample(batch, x)
                                                            for x in student.raw_topk)
         w = self._weights(batch)                                                  # [N, b]
-        uld_total = output.new_zeros((), dtype=torch.float32)
+        term = "hybrid" if self.hybrid else "uld"
+        dist_total = output.new_zeros((), dtype=torch.float32)      # the ULD or hybrid term
         gld_total = output.new_zeros((), dtype=torch.float32)
+        parts = {p: output.new_zeros((), dtype=torch.float32)
+                 for p in ("matched", "unmatched", "tail")}         # hybrid reports only
         report = {REPORT_CE: torch.stack([ce_sum.detach(), ce_count])}
         for j, (name, t) in enumerate(zip(self.names, batch["teachers"])):
             mask = t["mask"]
-            u_seq, u_cnt = uld_loss(None, t["values"], mask, k=f.k, temperature=f.temperature,
-                                    zscore=f.zscore, vocab_size=self.vocab_size,
-                                    tp_group=self.groups.tp, student_topk=st_uld, reduction="sequence")
+            n_uld, n_gld = norm[1 + 2 * j], norm[2 + 2 * j]
+            if self.hybrid:
+                h = hybrid_terms(student.teacher(j), t["logp"], cleaned[j][2], mask,
+                                 tail_bucket=f.tail_bucket)
+                w_m, w_u = self.hybrid_w[j]
+                d_seq = (w_m * (h.matched + h.tail) + w_u * h.unmatched).sum(-1)  # [b]
+                d_cnt = mask.sum(-1)
+                if n_uld > 0:
+                    for p in parts:
+                        parts[p] = parts[p] + (w[j] * getattr(h, p).detach().sum(-1)).sum() / n_uld
+                report[f"teacher/{name}/matched_mass"] = torch.stack(
+                    [h.matched_mass.sum().float(), h.teacher_mass.sum().float()])
+            else:
+                d_seq, d_cnt = uld_loss(None, t["values"], mask, k=f.k, temperature=f.temperature,
+                                        zscore=f.zscore, vocab_size=self.vocab_size,
+                                        tp_group=self.groups.tp, student_topk=st_uld,
+                                        reduction="sequence")
             g_seq, g_cnt = gld_loss(None, t["values"], t["ids"], mask, k=f.k,
                                     vocab_size=self.vocab_size, tp_group=self.groups.tp,
                                     student_topk=st_full, reduction="sequence")
-            n_uld, n_gld = norm[1 + 2 * j], norm[2 + 2 * j]
             if n_uld > 0:
-                uld_total = uld_total + (w[j] * u_seq).sum() / n_uld
+                dist_total = dist_total + (w[j] * d_seq).sum() / n_uld
             if n_gld > 0:
                 gld_total = gld_total + (w[j] * g_seq).sum() / n_gld
-            report[f"loss/uld/{name}"] = torch.stack([u_seq.detach().sum(), u_cnt.sum().float()])
+            report[f"loss/{term}/{name}"] = torch.stack([d_seq.detach().sum().float(),
+                                                         d_cnt.sum().float()])
             report[f"loss/gld/{name}"] = torch.stack([g_seq.detach().sum(), g_cnt.sum().float()])
             resp = batch["loss_mask"].sum()
             report[f"teacher/{name}/aligned_frac"] = torch.stack([mask.sum().float(), resp.float()])
             report[f"teacher/{name}/weight"] = torch.stack(
                 [w[j].sum().detach().float(), w.new_full((), float(w.shape[1]))])
-        loss_sum = f.lambda_ce * ce_sum + n_ce * (f.lambda_uld * uld_total + f.lambda_gld * gld_total)
-        report["loss/uld"] = torch.stack([(n_ce * uld_total).detach(), ce_count])
+        lam = 1.0 if self.hybrid else f.lambda_uld      # hybrid: w_M / w_U weigh its parts
+        loss_sum = f.lambda_ce * ce_sum + n_ce * (lam * dist_total + f.lambda_gld * gld_total)
+        report[f"loss/{term}"] = torch.stack([(n_ce * dist_total).detach(), ce_count])
+        if self.hybrid:
+            for p in ("matched", "unmatched") + (("tail",) if f.tail_bucket else ()):
+                report[f"loss/{p}"] = torch.stack([n_ce * parts[p], ce_count])
         report["loss/gld"] = torch.stack([(n_ce * gld_total).detach(), ce_count])
         report["loss/total"] = torch.stack([loss_sum.detach(), ce_count])
         return loss_sum, ce_count.to(torch.int), report

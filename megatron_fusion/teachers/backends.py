@@ -40,7 +40,8 @@ class HFTeacherBackend:
     """A transformers causal LM (local directory, or a GGUF file in it), eval, no grad, loaded in
     ``dtype`` onto ``device`` (the caller's rank device: ``cuda:LOCAL_RANK`` or cpu).
 
-    ``vocab_size`` is the model's output rows (``config.vocab_size``), which may include padding
+    ``vocab_size`` is the model's output rows (the text config's ``vocab_size``; Gemma-3 4B+ load
+    as Gemma3ForConditionalGeneration and run on text alone), which may include padding
     rows no tokenizer id reaches (Qwen2.5: 152,064 rows, 151,665 tokens); the true vocabulary of
     a batch is the teacher tokenizer's size (``true_vocab_size``).
     """
@@ -56,7 +57,9 @@ class HFTeacherBackend:
         self.device = torch.device(device)
         self.dtype = dtype
         self.model = model.to(device=self.device, dtype=dtype).eval()
-        self.vocab_size = int(self.model.config.vocab_size)
+        # the text model's rows: a multimodal checkpoint (Gemma-3 4B+, Gemma3ForConditionalGeneration)
+        # keeps vocab_size in its text_config; get_text_config() is the config itself otherwise
+        self.vocab_size = int(self.model.config.get_text_config().vocab_size)
         self.tp_group = None
 
     @torch.no_grad()

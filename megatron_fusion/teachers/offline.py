@@ -19,9 +19,12 @@ class OfflineTeacher:
     them, else a ``ConfigError`` names the missing ``tokenizer``. Synthetic shards
     (tools/make_synthetic_topk.py: random values, made by no tokenizer, eps or alignment) are
     the exception: those checks do not apply to them, and a warning says so.
+    ``require_logprobs`` (``fuse.loss: hybrid``): shards without the teacher's log-probs (format
+    3) are refused before step 1, one line naming the file (``TeacherDataError``).
     """
 
-    def __init__(self, name: str, topk_dir: str, expected: dict, *, strict: bool = False):
+    def __init__(self, name: str, topk_dir: str, expected: dict, *, strict: bool = False,
+                 require_logprobs: bool = False):
         from megatron_fusion.teachers.shards import TopKReader, TopKStoreError, read_topk_header
 
         if not topk_dir:
@@ -44,7 +47,8 @@ class OfflineTeacher:
                 raise ConfigError(f"teacher {name}.tokenizer",
                                   f"must be set: the shards in {topk_dir} record teacher "
                                   f"tokenizer hash {h}, checked against it before step 1")
-            self.reader = TopKReader(topk_dir, expected=expected)
+            self.reader = TopKReader(topk_dir, expected=expected,
+                                     require_logprobs=require_logprobs)
         except TopKStoreError as e:
             raise TeacherDataError(f"teacher {name}: {e}") from None
         self.name = name
@@ -73,11 +77,15 @@ class OfflineTeacher:
 
     def fetch(self, sample_ids: torch.Tensor, seq_len: int):
         """-> values [b,s,K] f32, ids [b,s,K] i64, aligned [b,s] bool, teacher CE [b] f32 (nats
-        per byte of response text: what minCE / avgCE compare, as the online wire's)."""
+        per byte of response text: what minCE / avgCE compare, as the online wire's), logp
+        [b,s,K] f32: the teacher's log-probs at the top-K ids over its full vocabulary (0 where
+        not aligned; None when the shards are format 3). Host tensors; the same values as
+        ``OnlineTeacher.fetch`` for the same teacher and data."""
         from megatron_fusion.teachers.shards import TopKStoreError
 
         try:   # a shard's checksum is verified on its first read: a corrupt one fails here
-            values, ids, aligned = self.reader.batch(sample_ids.tolist(), seq_len)
-            return values, ids, aligned, self.reader.teacher_ce_byte(sample_ids.tolist())
+            values, ids, aligned, logp = self.reader.batch(sample_ids.tolist(), seq_len,
+                                                           logprobs=True)
+            return values, ids, aligned, self.reader.teacher_ce_byte(sample_ids.tolist()), logp
         except TopKStoreError as e:
             raise TeacherDataError(f"teacher {self.name}: {e}") from None

@@ -14,8 +14,13 @@ and per UTF-8 byte of the response text those tokens cover (``teacher_ce_byte``,
 their character spans): the minCE / avgCE weights compare the per-byte number, which does not
 depend on how finely a tokenizer splits the text (docs/methods.md §2).
 
+The same forward also gives the teacher's log-probs at its top-K ids over its full vocabulary and
+the z-score scalars ``d = sigma + eps``, ``c = mu - logsumexp`` (``teachers.logprobs.
+topk_logprob_stats``, vocab-parallel): what format-4 shards and the online wire store.
+
 Device: the forward, top-K, log-probs and the placement at pivot positions run on the logits'
-device; ONE host copy per batch (``to_host``) brings values, ids, masks and CE sums back. Used by
+device; ONE host copy per batch (``to_host``) brings values, ids, masks, log-probs and CE sums
+back. Used by
 the offline precompute (``teachers.precompute``) and by online teachers (``teachers.online``).
 """
 
@@ -46,6 +51,11 @@ class SampleTopK:
     teacher_ce_tokens: int = 0        # teacher tokens (predicted, response) the mean is over
     teacher_ce_byte: float = float("nan")  # the same NLL sum per byte of text (nats/byte)
     teacher_ce_bytes: int = 0         # UTF-8 bytes of response text those tokens cover
+    # the teacher's log-probs at its top-K ids over its full vocabulary (float64, 0 where not
+    # aligned) and the z-score scalars d = sigma + eps, c = mu - logsumexp [P] (methods.md §6)
+    logp: torch.Tensor | None = None  # [P, K]
+    d: torch.Tensor | None = None     # [P]
+    c: torch.Tensor | None = None     # [P]
 
 
 def teacher_inputs(sample, teacher_tokenizer, pivot_positions: int,
@@ -127,6 +137,7 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
     host in ONE copy per batch (values, ids, masks and CE sums together)."""
     # the student's own functions (docs/methods.md §2): top-K and vocab-parallel log-softmax
     from megatron_fusion.losses import standardized_topk, token_logprobs
+    from megatron_fusion.teachers.logprobs import topk_logprob_stats
 
     vocab = true_vocab_size(backend, teacher_tokenizer)
     prepared = []
@@ -161,15 +172,22 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
                                         tp_group=backend.tp_group)  # [b, T, K] x2
         logp = token_logprobs(logits, labels.to(dev, non_blocking=True), vocab_size=vocab,
                               tp_group=backend.tp_group)            # [b, T], same on all TP ranks
+        # the top-K's log-probs and d, c (float64, [b, T, K] / [b, T]): methods.md §6
+        t_lp, t_d, t_c = topk_logprob_stats(logits, ids, eps=eps, vocab_size=vocab,
+                                            tp_group=backend.tp_group)
         del logits
         src_d, resp_d = src.to(dev, non_blocking=True), resp.to(dev, non_blocking=True)
         mask = (src_d >= 0) & resp_d                                # [b, P]: aligned AND response
         rows = src_d.clamp(min=0)[..., None].expand(-1, -1, k)      # [b, P, K]
         v = torch.where(mask[..., None], values.gather(1, rows).float(), 0.0)   # [b, P, K]
         i = torch.where(mask[..., None], ids.gather(1, rows), 0)                # [b, P, K]
+        lp = torch.where(mask[..., None], t_lp.gather(1, rows), 0.0)            # [b, P, K]
+        pos = src_d.clamp(min=0)                                                # [b, P]
+        dd = torch.where(mask, t_d.gather(1, pos), 0.0)                         # [b, P]
+        cc = torch.where(mask, t_c.gather(1, pos), 0.0)                         # [b, P]
         nll_sum = torch.where(ce_mask.to(dev, non_blocking=True), -logp.double(),
                               0.0).sum(-1)                          # [b]
-        v, i, mask, nll_sum = to_host(v, i, mask, nll_sum)          # one copy per batch
+        v, i, mask, nll_sum, lp, dd, cc = to_host(v, i, mask, nll_sum, lp, dd, cc)  # one copy
     n_ce = ce_mask.sum(-1)                                          # [b] (host input)
     out = []
     for r, (s, P, t_ids, _, _, n_bytes) in enumerate(prepared):
@@ -177,7 +195,8 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
         ce = float(nll_sum[r]) / n if n else float("nan")
         ce_byte = float(nll_sum[r]) / n_bytes if n and n_bytes else float("nan")
         out.append(SampleTopK(s.sample_id, v[r, :P], i[r, :P], mask[r, :P], int(resp[r].sum()),
-                              len(t_ids), ce, n, ce_byte, n_bytes if n else 0))
+                              len(t_ids), ce, n, ce_byte, n_bytes if n else 0,
+                              lp[r, :P], dd[r, :P], cc[r, :P]))
     return out
 
 

@@ -273,3 +273,19 @@ def test_packing_efficiency_closed_form():
     # 6 slots: 2 a row (4 free slots each), 8 samples -> 4 rows, 36 / (4*16) real
     ds = _Data(_items([6] * 24))
     assert packing_efficiency(ds, SampleOrder(len(ds), 0), cfg, dp=1)["greedy"] == 48 / 64
+
+
+def test_what_packing_does_not_cover_fails_naming_the_field():
+    from megatron_fusion.config import (Config, ConfigError, DataConfig, FuseConfig, ParallelConfig,
+                                        TeacherConfig)
+    from megatron_fusion.data.order import check_packing
+
+    packed = DataConfig(packing="greedy")
+    with pytest.raises(ConfigError, match="data.packing.*parallel.vpp"):
+        check_packing(Config(data=packed, parallel=ParallelConfig(pp=2, vpp=2)))
+    hybrid = FuseConfig(teachers=[TeacherConfig(name="tA", tokenizer="t.model")], loss="hybrid")
+    with pytest.raises(ConfigError, match="data.packing.*hybrid"):
+        check_packing(Config(stage="fuse", data=packed, fuse=hybrid))
+    check_packing(Config(stage="fpo", data=packed))          # fpo packs (chosen/rejected segments)
+    with pytest.raises(ConfigError, match="data.packing"):
+        DataConfig(packing="best")

@@ -163,8 +163,9 @@ def reference_losses(micro, logits, teachers, vocab: int, k: int, weights,
 
 def identity_ranks(rank, world, data, root):
     """Teacher = the pivot itself: its top-K precomputed (Megatron backend, pivot tokenizer) from
-    the step-0 checkpoint, then one fusion step against it from that checkpoint; and the hybrid
-    loss on the initial logits with the identity vocabulary match (1 rank)."""
+    the step-0 checkpoint, then one fusion step against it from that checkpoint (ULD, and
+    fuse.loss=hybrid with the tail bucket); and the hybrid loss on the initial logits with the
+    identity vocabulary match (1 rank)."""
     from megatron_fusion.data.build import build_tokenizer
     from megatron_fusion.losses.hybrid import hybrid_loss
     from megatron_fusion.parallel import destroy_student_groups, init_student_groups
@@ -190,6 +191,14 @@ def identity_ranks(rank, world, data, root):
     destroy_student_groups()
     with open(f"{root}/fuse/metrics.jsonl") as fh:
         step1 = next(r for r in map(json.loads, fh) if r.get("step") == 1 and "loss/total" in r)
+    # the same step with fuse.loss=hybrid (+ tail bucket): the stage builds the identity match
+    train(load_config(None, tr.tiny_overrides(data, f"{root}/fuse_hybrid") + tr.fuse_overrides(fuse)
+                      + ["train.steps=1", f"checkpoint.load={root}/init", "fuse.loss=hybrid",
+                         "fuse.tail_bucket=true"]))
+    destroy_student_groups()
+    with open(f"{root}/fuse_hybrid/metrics.jsonl") as fh:
+        hybrid_step1 = next(r for r in map(json.loads, fh) if r.get("step") == 1
+                            and "loss/total" in r)
 
     micro = step1_batches(load_config(None, tr.tiny_overrides(data, f"{root}/ref")
                                       + tr.fuse_overrides(fuse)))
@@ -206,7 +215,7 @@ def identity_ranks(rank, world, data, root):
         hybrid.append((float(s), float(n), bool(((mids == t_lp.indices) | (mids < 0)).all()),
                        int((mids < 0).sum())))
     destroy_student_groups()
-    return {"precompute": summary, "step1": step1, "hybrid": hybrid,
+    return {"precompute": summary, "step1": step1, "hybrid": hybrid, "hybrid_step1": hybrid_step1,
             "matched_fraction": match.matched_fraction, "vocab": v,
             "identity_where_matched": bool(torch.equal(match.teacher_ids, match.pivot_ids)),
             "unmatched_kinds": sorted({kind for i, (_, kind) in enumerate(tok.vocab_pieces())

@@ -152,7 +152,55 @@ def all_cases():
     return cases
 
 
+def group_cases():
+    """Two teachers (different vocabularies, maps, K and weights) on one student: the fuse
+    stage's grouped call, match_ids [b, s, G, Kt]. Reference: the sum of the two references."""
+    cases = []
+    for i, (tail, dtype) in enumerate(((False, F64), (True, F64), (True, torch.float32))):
+        a = make_case(f"group{i}_a", dtype=dtype, tail=tail, seed=20 + i, w=(1.0, 0.7))
+        b = make_case(f"group{i}_b", dtype=dtype, tail=tail, seed=40 + i, vt=60,
+                      frac_matched=0.8, w=(0.3, 1.4))
+        b["full"] = a["full"]
+        b["mask"] = a["mask"]
+        cases.append((f"group{i}" + ("_tail" if tail else ""), a, b))
+    return cases
+
+
+def ours_grouped(shard, a, b, tp_group=None, chunk_tokens=None):
+    x = shard.clone().requires_grad_()
+    cdt = F64 if shard.dtype == F64 else torch.float32
+    parts = [clean_teacher(c["lpt"].to(cdt), c["mids"], c["mask"]) for c in (a, b)]
+    labels = torch.zeros(a["mask"].shape, dtype=torch.long)
+    out = cross_entropy_topk_and_match(
+        x, labels, a["k"], match_ids=torch.stack([m for _, _, m in parts], -2),
+        match_probs=torch.stack([p for p, _, _ in parts], -2), tail_bucket=a["tail"],
+        vocab_size=a["vocab_size"], tp_group=tp_group, chunk_tokens=chunk_tokens)
+    total = 0
+    for j, c in enumerate((a, b)):
+        cfg = HybridLossConfig(lambda_matched=c["w"][0], lambda_unmatched=c["w"][1],
+                               tail_bucket=c["tail"])
+        s, _ = hybrid_from_outputs(out.teacher(j), c["lpt"].to(cdt), parts[j][2], c["mask"],
+                                   config=cfg)
+        total = total + s
+    total.backward()
+    return total.detach(), x.grad
+
+
+def assert_group_matches(name, a, b, got_loss, got_grad):
+    (la, ga), (lb, gb) = reference(a), reference(b)
+    tol = tolerances(a)
+    torch.testing.assert_close(got_loss.to(F64), la + lb, **tol, msg=name)
+    torch.testing.assert_close(got_grad.to(F64), ga + gb, **tol, msg=name)
+
+
 # ============================================================ serial (TP 1)
+def test_grouped_teachers_match_reference():
+    """G teachers in one Function call == the sum of each teacher's float64 reference."""
+    for name, a, b in group_cases():
+        assert_group_matches(name, a, b, *ours_grouped(a["full"], a, b))
+        assert_group_matches(name, a, b, *ours_grouped(a["full"], a, b, chunk_tokens=3))
+
+
 @pytest.mark.parametrize("chunk_tokens", [None, 2])
 def test_serial_matches_reference(chunk_tokens):
     for case in all_cases():
@@ -178,7 +226,7 @@ def test_identity_case_is_topk_kl(tail):
     s_hyb, _, _ = ours(case["full"], case)
     s_uld, _, _ = ours(case["full"], dict(case, w=(0.0, 1.0)))
     assert float(s_uld) == 0.0
-    V, kt = case["vocab_size"], case["kt"]
+    V = case["vocab_size"]
     lps = torch.log_softmax(case["full"][..., :V].double(), -1)
     lpt, tid = case["lpt"], case["mids"]
     p = lpt.exp()
@@ -322,6 +370,10 @@ def _rank_checks(rank, world, cases):
         shard = case["full"][..., rank * v_local:(rank + 1) * v_local]
         result["cases"][case["name"]] = ours(shard, case, tp_group=tp,
                                              chunk_tokens=None if i % 2 else 2)
+    for name, a, b in group_cases():
+        v_local = a["full"].shape[-1] // world
+        shard = a["full"][..., rank * v_local:(rank + 1) * v_local]
+        result["cases"][name] = ours_grouped(shard, a, b, tp_group=tp)
     # communication: the hybrid issues exactly the collectives of cross_entropy_and_topk
     case = cases[0]
     v_local = case["full"].shape[-1] // world
@@ -347,6 +399,12 @@ def _rank_checks(rank, world, cases):
             loss.backward()
             bwd = rec.take()
         result["comm"][name] = (fwd, bwd)
+    # two teachers in one call (the fuse stage): the same collectives, 4 + 2·2 scalars wide
+    _, a, b = group_cases()[1]
+    v_local = a["full"].shape[-1] // world
+    with CommRecorder() as rec:
+        ours_grouped(a["full"][..., rank * v_local:(rank + 1) * v_local], a, b, tp_group=tp)
+        result["comm"]["grouped_tail"] = (rec.take(), [])
     result["n_tok"] = case["mask"].numel()
     buf = io.BytesIO()
     torch.save(result, buf)
@@ -374,18 +432,23 @@ def test_tp_matches_reference(world):
             assert torch.equal(res[0][0], other[0]), f"{case['name']}: ranks disagree"
         grad = torch.cat([r[2] for r in res], dim=-1)
         assert_matches(case, res[0][0], res[0][1], grad)
+    for name, a, b in group_cases():
+        res = [r["cases"][name] for r in per_rank]
+        assert all(torch.equal(res[0][0], o[0]) for o in res[1:]), f"{name}: ranks disagree"
+        assert_group_matches(name, a, b, res[0][0], torch.cat([r[1] for r in res], dim=-1))
 
 
 @pytest.mark.dist
 @pytest.mark.parametrize("world", [2, 4])
 def test_no_new_collective(world):
     """Same collectives as cross_entropy_and_topk: one all-gather of k int64 keys, one float64
-    all-reduce now 5 (tail: 6) scalars wide instead of 4, nothing in backward."""
+    all-reduce now 5 (tail: 6; two teachers with tail: 8) scalars wide instead of 4, nothing in
+    backward (the grouped call records forward and backward together: one all-reduce in all)."""
     _, per_rank = _launch(world)
     for r in per_rank:
         n = r["n_tok"]
         base_fwd, base_bwd = r["comm"]["ce_topk"]
-        for name, width in (("hybrid", 5), ("hybrid_tail", 6)):
+        for name, width in (("hybrid", 5), ("hybrid_tail", 6), ("grouped_tail", 8)):
             fwd, bwd = r["comm"][name]
             assert bwd == [] and base_bwd == [], (name, bwd)
             assert [c[0] for c in fwd] == [c[0] for c in base_fwd], (name, fwd, base_fwd)

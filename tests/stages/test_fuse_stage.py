@@ -1,5 +1,7 @@
 """Fusion stage end to end on CPU: CE + ULD + GLD trajectories equal across layouts, gradient
-accumulation invariance, resume, and teacher top-K that does not fit the run fails before step 1."""
+accumulation invariance, resume, and teacher top-K that does not fit the run fails before step 1.
+The same launches also train with ``fuse.loss: hybrid`` (+ tail bucket, adaptive weights, GLD):
+TP2, PP2 and DP2 trajectories equal TP1's for 5 steps."""
 
 from __future__ import annotations
 
@@ -12,6 +14,11 @@ from tests.helpers import trainer_ranks as tr
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 KEYS = ("loss/total", "loss/ce", "loss/uld", "loss/gld", "loss/uld/tA", "loss/gld/tB")
+HYBRID = ["fuse.loss=hybrid", "fuse.tail_bucket=true", "fuse.lambda_matched=adaptive",
+          "fuse.lambda_unmatched=adaptive"]
+HYBRID_KEYS = ("loss/total", "loss/ce", "loss/hybrid", "loss/matched", "loss/unmatched",
+               "loss/tail", "loss/gld", "loss/hybrid/tA", "loss/hybrid/tB",
+               "teacher/tB/matched_mass")
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +29,12 @@ def traj(demo_data, fuse_data, tmp_path_factory):
         ("tp1", []),
         ("accum4x1", ["train.micro_batch=1"]),       # 4 micro-batches of 1
         ("accum1x4", ["train.micro_batch=4"]),       # 1 micro-batch of 4
+        ("tp1_hybrid", HYBRID),
     ]), timeout_s=600)[0]
     two = run_on_ranks(tr.fuse_layouts, 2, (demo_data, fuse_data, root, [
         ("tp2", ["parallel.tp=2"]), ("pp2", ["parallel.pp=2"]), ("dp2", []),
+        ("tp2_hybrid", HYBRID + ["parallel.tp=2"]), ("pp2_hybrid", HYBRID + ["parallel.pp=2"]),
+        ("dp2_hybrid", HYBRID),
     ]), timeout_s=600)[0]
     four = run_on_ranks(tr.fuse_layouts, 4, (demo_data, fuse_data, root, [
         ("tp2pp2", ["parallel.tp=2", "parallel.pp=2"]),
@@ -36,8 +46,8 @@ def _series(recs, key):
     return [r[key] for r in recs if key in r and "step" in r and r["step"] > 0][:5]
 
 
-def _close(name, got, ref, tol=1e-5):
-    for key in KEYS:
+def _close(name, got, ref, tol=1e-5, keys=KEYS):
+    for key in keys:
         a, b = _series(got, key), _series(ref, key)
         assert len(b) == 5 and len(a) == 5, (name, key, a, b)
         for step, (x, y) in enumerate(zip(a, b), 1):
@@ -57,6 +67,26 @@ def test_fusion_terms_are_active(traj):
 @pytest.mark.parametrize("name", ["tp2", "pp2", "dp2", "tp2pp2"])
 def test_fusion_trajectory_matches_tp1(traj, name):
     _close(name, traj[name], traj["tp1"])
+
+
+def test_hybrid_terms_are_active(traj):
+    ref = traj["tp1_hybrid"]
+    for key in ("loss/matched", "loss/unmatched", "loss/gld"):
+        assert all(v > 0 for v in _series(ref, key)), (key, _series(ref, key))
+    assert all("loss/uld" not in r for r in ref)                 # hybrid replaces ULD
+    mass = _series(ref, "teacher/tA/matched_mass")
+    assert all(0.05 < m < 1.0 for m in mass), mass               # both parts carry mass
+    first = next(r for r in ref if r.get("step") == 1)
+    hyb = first["loss/hybrid"]
+    assert abs(first["loss/total"] - (first["loss/ce"] + hyb + 0.5 * first["loss/gld"])) \
+        <= 1e-6 * first["loss/total"]
+    # per-teacher hybrid terms, and the tail moves the total: not a reshuffled ULD run
+    assert abs(first["loss/total"] - _series(traj["tp1"], "loss/total")[0]) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["tp2_hybrid", "pp2_hybrid", "dp2_hybrid"])
+def test_hybrid_trajectory_matches_tp1(traj, name):
+    _close(name, traj[name], traj["tp1_hybrid"], keys=HYBRID_KEYS)
 
 
 def test_gradient_accumulation_4x1_equals_1x4(traj):

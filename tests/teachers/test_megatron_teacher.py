@@ -151,12 +151,15 @@ def test_tp2_shards_equal_tp1(results):
     assert r1.sample_ids == r2.sample_ids and len(r1) >= 5 and r1.header == r2.header
     n_vals = n_exact = 0
     for sid in r1.sample_ids:
-        v1, i1, m1 = r1.get(sid)
-        v2, i2, m2 = r2.get(sid)
+        v1, i1, m1, l1 = r1.get(sid, logprobs=True)
+        v2, i2, m2, l2 = r2.get(sid, logprobs=True)
         assert m1.any() and torch.equal(m1, m2) and torch.equal(i1, i2)
-        assert torch.allclose(v1, v2, rtol=2 ** -7, atol=0)        # within one bf16 step
-        n_vals += v1.numel()
-        n_exact += int((v1 == v2).sum())
+        # format 4: log-probs within one step of the 16-bit code (2^-10), the values derived
+        # from them within that over sigma + eps
+        assert torch.allclose(l1, l2, rtol=0, atol=2 ** -10)
+        assert torch.allclose(v1, v2, rtol=2 ** -7, atol=2e-3)
+        n_vals += l1.numel()
+        n_exact += int((l1 == l2).sum())
     assert n_exact >= 0.9 * n_vals
     ids = r1.sample_ids
     assert torch.equal(r1.teacher_ce_tokens(ids), r2.teacher_ce_tokens(ids))

@@ -126,7 +126,7 @@ def assert_same_topk(off: dict, on: dict, files: list[str]) -> None:
     aligned = 0
     for key in on:
         assert torch.equal(on[key]["sample_id"], off[key]["sample_id"]), key
-        for name in ("values", "ids", "aligned", "ce"):
+        for name in ("values", "ids", "aligned", "ce", "logp"):   # logp: format-4 shards
             a, b = on[key][name], off[key][name]
             assert a.dtype == b.dtype and a.shape == b.shape, (key, name, a.dtype, b.dtype)
             assert torch.equal(a, b) or (name == "ce" and torch.allclose(
@@ -296,13 +296,14 @@ def _instrument(argv: list[str]) -> list[str]:
 
         def wrap(fetch):
             def fetch_and_dump(self, sample_ids, seq_len):
-                values, ids, aligned, ce = fetch(self, sample_ids, seq_len)
+                got = fetch(self, sample_ids, seq_len)
+                values, ids, aligned, ce, logp = got
                 out.mkdir(parents=True, exist_ok=True)
                 calls[0] += 1
                 torch.save({"sample_id": sample_ids.clone(), "values": values, "ids": ids,
-                            "aligned": aligned, "ce": ce},
+                            "aligned": aligned, "ce": ce, "logp": logp},
                            out / f"rank{os.environ['RANK']}_{calls[0]:03d}.pt")
-                return values, ids, aligned, ce
+                return got
             return fetch_and_dump
 
         # the online run resumes in a second launch: continue the numbering

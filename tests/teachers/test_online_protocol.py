@@ -69,15 +69,22 @@ BATCH_B = _ids_with_top_bit(50, 1)
 
 
 def _records(sample_ids: list[int], lengths: list[int], ces: list[float]) -> list[SampleTopK]:
-    """SampleTopK-like teacher results: float32 values (not bf16-exact), ids, aligned mask."""
+    """SampleTopK-like teacher results: float64 log-probs (not on the 2^-10 grid), d, c, the
+    values they give, ids, aligned mask."""
     g = torch.Generator().manual_seed(sum(sample_ids))
     out = []
     for sid, p, ce in zip(sample_ids, lengths, ces):
         aligned = torch.rand(p, generator=g) > 0.3                         # [P]
-        values = torch.randn(p, K, generator=g) * 3 * aligned[:, None]     # [P, K]
+        logp = -(torch.rand(p, K, generator=g, dtype=torch.float64) * 9).sort(-1).values
+        d = 1.5 + torch.rand(p, generator=g, dtype=torch.float64)          # [P]
+        c = -5 - torch.rand(p, generator=g, dtype=torch.float64)           # [P]
+        m = aligned[:, None]
+        values = torch.where(m, (logp - c[:, None]) / d[:, None], 0.0).float()   # [P, K]
         ids = torch.randint(0, 50_000, (p, K), generator=g)                # [P, K] int64
         out.append(SampleTopK(sid, values, ids, aligned, n_response=int(aligned.sum()),
-                              teacher_tokens=p + 2, teacher_ce=2 * ce, teacher_ce_byte=ce))
+                              teacher_tokens=p + 2, teacher_ce=2 * ce, teacher_ce_byte=ce,
+                              logp=torch.where(m, logp, 0.0), d=torch.where(aligned, d, 0.0),
+                              c=torch.where(aligned, c, 0.0)))
     return out
 
 
@@ -89,16 +96,24 @@ def _round_trip_batches():
 
 
 def _expected(records: list[SampleTopK]):
-    """What the student must get for ``records``: values as float32 of their bf16 rounding."""
+    """What the student must get for ``records``: log-probs on the 2^-10 grid of the 16-bit
+    code, values ``(log p - c) / d`` from them and float32 ``d``, ``c`` (as a format-4 shard)."""
     b = len(records)
     values, ids = torch.zeros(b, SEQ, K), torch.zeros(b, SEQ, K, dtype=torch.long)
+    logp = torch.zeros(b, SEQ, K)
     aligned = torch.zeros(b, SEQ, dtype=torch.bool)
     for r, st in enumerate(records):
         n = min(st.values.shape[0], SEQ)
-        values[r, :n] = st.values[:n].to(torch.bfloat16).float()
+        m = st.aligned_mask[:n]
+        q = torch.round(-st.logp[:n] * 1024) / -1024                         # the grid
+        d = torch.where(m, st.d[:n].float().double(), 1.0)                  # float32 d, c
+        a = (q - st.c[:n].float().double()[:, None]) / d[:, None]
+        values[r, :n] = torch.where(m[:, None], a.float(), 0.0)
+        logp[r, :n] = torch.where(m[:, None], q.float(), 0.0)
         ids[r, :n] = st.ids[:n]
-        aligned[r, :n] = st.aligned_mask[:n]
-    return values, ids, aligned, torch.tensor([st.teacher_ce_byte for st in records])  # per byte
+        aligned[r, :n] = m
+    ce = torch.tensor([st.teacher_ce_byte for st in records])               # per byte
+    return values, ids, aligned, ce, logp
 
 
 # --- scenarios: (student on rank 0, teacher on rank 1) ------------------------------------------
@@ -353,17 +368,18 @@ def _result(ranks, name):
 def test_round_trip_values_ids_mask_ce_and_metrics(ranks):
     student, teacher = _result(ranks, "round_trip")
     for (ids, recs, *_), got in zip(_round_trip_batches(), student["got"]):
-        values, t_ids, aligned, ce = got
-        assert (values.dtype, t_ids.dtype, aligned.dtype, ce.dtype) == (
-            torch.float32, torch.int64, torch.bool, torch.float32)
+        values, t_ids, aligned, ce, logp = got
+        assert (values.dtype, t_ids.dtype, aligned.dtype, ce.dtype, logp.dtype) == (
+            torch.float32, torch.int64, torch.bool, torch.float32, torch.float32)
         want = _expected(recs)
         assert values.shape == (len(ids), SEQ, K) and aligned.shape == (len(ids), SEQ)
         torch.testing.assert_close(values, want[0], rtol=0, atol=0)
+        torch.testing.assert_close(logp, want[4], rtol=0, atol=0)
         assert torch.equal(t_ids, want[1]) and torch.equal(aligned, want[2])
         torch.testing.assert_close(ce, want[3], rtol=0, atol=0, equal_nan=True)
-    # the bf16 wire format really rounds (else this test would not tell float32 from bf16)
-    sent = _round_trip_batches()[0][1][0].values[:SEQ]                     # float32, [SEQ, K]
-    assert not torch.equal(student["got"][0][0][0], sent)
+    # the 16-bit wire code really rounds (else this test would not tell float32 from it)
+    sent = _round_trip_batches()[0][1][0].logp[:SEQ].float()               # [SEQ, K]
+    assert not torch.equal(student["got"][0][4][0], sent)
     assert math.isnan(student["got"][0][3][0].item())
     m = student["metrics"]
     assert 0 <= m["wait_s"] < 10

@@ -68,7 +68,7 @@ def test_flipped_byte_is_caught_before_use(tmp_path, spy):
     raw[len(raw) // 2] ^= 0x10                       # inside shard 1's sample data
     paths[1].write_bytes(bytes(raw))
     teacher = OfflineTeacher("t0", str(tmp_path), {"teacher": "t0", "k": K})
-    v, _, _, ce = teacher.fetch(torch.tensor([0, 1]), 16)     # shard 0 is intact: usable
+    v, _, _, ce, _ = teacher.fetch(torch.tensor([0, 1]), 16)     # shard 0 is intact: usable
     assert v.shape == (2, 16, K) and torch.equal(ce, torch.tensor([0.5, 1.5]))
     for read in (lambda: teacher.fetch(torch.tensor([0, 5]), 16),
                  lambda: teacher.reader.teacher_ce_byte([6]),

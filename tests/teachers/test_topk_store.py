@@ -85,7 +85,7 @@ def test_teacher_ce_default_and_old_format(tmp_path):
     # a version-2 shard (CE per teacher token only) too: it cannot be converted without the text
     raw[8:12] = (2).to_bytes(4, "little")
     p.write_bytes(bytes(raw))
-    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 2, this reader reads 3 "
+    with pytest.raises(TopKStoreError, match=r"s\.topk: format version 2, this reader reads 3 and 4 "
                        r"\(its teacher CE is per teacher token"):
         TopKReader(p)
 

@@ -157,8 +157,8 @@ class _PairData(_SFTData):
 class _Teacher:
     """Deterministic top-K per sample id, on the host (like OfflineTeacher / OnlineTeacher)."""
 
-    def __init__(self, name: str, seed: int):
-        self.name, self.seed = name, seed
+    def __init__(self, name: str, seed: int, logprobs: bool = False):
+        self.name, self.seed, self.logprobs = name, seed, logprobs
 
     def fetch(self, sample_ids: torch.Tensor, seq_len: int):
         vals, ids, aligned, ce = [], [], [], []
@@ -168,7 +168,23 @@ class _Teacher:
             ids.append(torch.stack([torch.randperm(VOCAB, generator=g)[:K] for _ in range(seq_len)]))
             aligned.append(torch.rand(seq_len, generator=g) > 0.2)
             ce.append(torch.rand((), generator=g) * 3)
-        return torch.stack(vals), torch.stack(ids), torch.stack(aligned), torch.stack(ce).float()
+        out = (torch.stack(vals), torch.stack(ids), torch.stack(aligned), torch.stack(ce).float())
+        if self.logprobs:   # fuse.loss=hybrid: top-K log-probs (descending, mass < 1)
+            return out + (torch.log_softmax(out[0] * 2, -1) - 0.3,)
+        return out
+
+
+def _matches():
+    """A partial one-to-one teacher -> pivot map per teacher (teacher vocab = VOCAB here)."""
+    from megatron_fusion.teachers.vocab_match import VocabMatch
+
+    out = []
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        t_ids = torch.randperm(VOCAB, generator=g)[:VOCAB * 2 // 3].sort().values
+        out.append(VocabMatch(t_ids, torch.randperm(VOCAB, generator=g)[:t_ids.numel()],
+                              VOCAB, VOCAB, "t", "p"))
+    return out
 
 
 def _configs(tmp: str, data: _PairData):
@@ -181,6 +197,11 @@ def _configs(tmp: str, data: _PairData):
     fuse = {w: Config(stage="fuse", fuse=FuseConfig(
         teachers=[TeacherConfig(name="tA"), TeacherConfig(name="tB", weight=2.0)], k=K,
         weighting=w), **common) for w in ("uniform", "avgCE")}
+    fuse["hybrid"] = Config(stage="fuse", fuse=FuseConfig(
+        teachers=[TeacherConfig(name="tA", tokenizer="(synthetic)"),
+                  TeacherConfig(name="tB", tokenizer="(synthetic)", weight=2.0)], k=K,
+        weighting="avgCE", loss="hybrid", tail_bucket=True, lambda_matched="adaptive",
+        lambda_unmatched="adaptive"), **common)
     paths = []
     for j, name in enumerate(("s1", "s2")):
         g = torch.Generator().manual_seed(10 + j)
@@ -219,7 +240,7 @@ def _drive(stage, cfg, groups, data, collate_fn, mode=None) -> dict:
     prepare_syncs = syncs() - n0
     for mb in micro:
         for j, t in enumerate(mb.get("teachers", [])):
-            for k in ("values", "ids", "mask", "ce"):
+            for k in ("values", "ids", "mask", "ce", "logp", "mids"):
                 if torch.is_tensor(t[k]):
                     _check_on(t[k], dev, f"teacher {j} {k}")
         for k in ("ref", "sources"):
@@ -271,7 +292,10 @@ def _all_stages(tmp: str, groups, mode=None) -> dict:
     out = {"sft": _drive(SFTStage(VOCAB, groups.tp), fuse_cfgs["uniform"], groups, sft_data,
                          collate, mode)}
     for w, cfg in fuse_cfgs.items():
-        stage = FuseStage(cfg, VOCAB, groups, teachers=[_Teacher("tA", 1), _Teacher("tB", 2)])
+        hybrid = cfg.fuse.loss == "hybrid"
+        stage = FuseStage(cfg, VOCAB, groups, teachers=[_Teacher("tA", 1, hybrid),
+                                                        _Teacher("tB", 2, hybrid)],
+                          matches=_matches() if hybrid else None)
         out[f"fuse_{w}"] = _drive(stage, cfg, groups, sft_data, collate, mode)
     fpo = FPOStage(fpo_cfg, VOCAB, groups, dataset=pair_data)
     g = torch.Generator().manual_seed(3)
@@ -336,9 +360,12 @@ def test_stages_keep_tensors_on_the_model_device(tmp_path):
     # the fusion terms are live (not a trivially zero loss) and the reduction read back once
     assert ref["fuse_uniform"]["red"]["loss/uld"] > 0 and ref["fuse_avgCE"]["red"]["loss/gld"] > 0
     assert ref["fpo"]["red"]["fpo/loss"] > 0
-    for name in ("sft", "fuse_uniform", "fuse_avgCE", "fpo"):
+    hyb = ref["fuse_hybrid"]["red"]
+    assert hyb["loss/matched"] > 0 and hyb["loss/unmatched"] > 0 and hyb["loss/tail"] != 0
+    for name in ("sft", "fuse_uniform", "fuse_avgCE", "fuse_hybrid", "fpo"):
         assert got[name]["reduce_syncs"] == 1, (name, got[name]["reduce_syncs"])
-    assert got["fuse_uniform"]["prepare_syncs"] == 1        # the step's global counts, once
+    for name in ("fuse_uniform", "fuse_hybrid"):            # the step's global counts, once
+        assert got[name]["prepare_syncs"] == 1, (name, got[name]["prepare_syncs"])
     assert got["sft"]["prepare_syncs"] == 0 and got["fpo"]["prepare_syncs"] == 0
 
 

@@ -21,9 +21,11 @@ that DP rank. Gloo sends complete only when the student posts the matching recei
 teacher keeps at most ``fuse.prefetch`` micro-batches computed ahead and then waits.
 
 Message per micro-batch (bridge group, point-to-point, tag = teacher index): a header int64[8]
-``[status, b, s, K, msg_len, fingerprint, teacher_tokens, compute_us]``, then values [b, s, K] as
-bf16 bits (int16; the offline shards' dtype, so both paths give the same tensors), ids [b, s, K]
-int32, aligned [b, s] uint8, teacher CE [b] float32 (nats per byte of response text, methods.md §2). Never a full-vocabulary tensor. A teacher
+``[status, b, s, K, msg_len, fingerprint, teacher_tokens, compute_us]``, then the top-K log-probs
+[b, s, K] as the uint16 codes of a format-4 shard (int16 bits), ids [b, s, K] int32, aligned
+[b, s] uint8, teacher CE [b] float32 (nats per byte of response text, methods.md §2) and (d, c)
+[b, s, 2] float32: what a format-4 shard stores, decoded as a shard is read, so both paths give
+the same tensors (``protocol.decode_topk``, methods.md §6). Never a full-vocabulary tensor. A teacher
 that raises posts its message in the launch's store (read by a student whose receive fails) and
 sends ``status = ERROR`` with the message; a teacher that dies closes its connections; one that
 hangs trips ``fuse.timeout_s``: each ends the student's run with an error naming the teacher.

@@ -12,7 +12,7 @@ from megatron_fusion.config import Config
 from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.parallel import TeacherGroupSpec, WorldSplit
 from megatron_fusion.teachers.online.protocol import (ERROR, HEADER, OK, TeacherFailedError,
-                                                      batch_fingerprint, error_key,
+                                                      batch_fingerprint, decode_topk, error_key,
                                                       int_to_fingerprint)
 
 
@@ -64,7 +64,8 @@ class OnlineTeacher:
         return t
 
     def fetch(self, sample_ids: torch.Tensor, seq_len: int):
-        """-> values [b,s,K] f32, ids [b,s,K] i64, aligned [b,s] bool, teacher_ce [b] f32."""
+        """-> values [b,s,K] f32, ids [b,s,K] i64, aligned [b,s] bool, teacher_ce [b] f32,
+        logp [b,s,K] f32: as ``OfflineTeacher.fetch`` from format-4 shards of the same teacher."""
         t0 = time.perf_counter()
         h = self._recv(torch.zeros(HEADER, dtype=torch.long)).tolist()
         if h[0] == ERROR:
@@ -75,10 +76,11 @@ class OnlineTeacher:
         if h[0] != OK:
             raise TeacherFailedError(f"teacher {self.name}: malformed message header {h}")
         b, s, k = h[1:4]
-        values = self._recv(torch.empty(b, s, k, dtype=torch.int16))
+        codes = self._recv(torch.empty(b, s, k, dtype=torch.int16))
         ids = self._recv(torch.empty(b, s, k, dtype=torch.int32))
         aligned = self._recv(torch.empty(b, s, dtype=torch.uint8))
         ce = self._recv(torch.empty(b, dtype=torch.float32))
+        dc = self._recv(torch.empty(b, s, 2, dtype=torch.float32))
         self.wait_s += time.perf_counter() - t0
         self.tokens += h[6]
         self.compute_s += h[7] / 1e6
@@ -88,7 +90,8 @@ class OnlineTeacher:
                 f"teacher {self.name}: top-K for batch {int_to_fingerprint(h[5])} arrived for the "
                 f"student's batch {want} (fingerprint mismatch: the teacher reads another sample "
                 "order; same data.train, train.seed, train.global_batch and run.dir?)")
-        return (values.view(torch.bfloat16).float(), ids.long(), aligned.bool(), ce)
+        values, ids, aligned, logp = decode_topk(codes, ids, aligned, dc)
+        return values, ids, aligned, ce, logp
 
     def pop_metrics(self) -> dict:
         got = [self.wait_s, self.tokens, self.compute_s]
