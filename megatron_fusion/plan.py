@@ -245,7 +245,8 @@ def _topk_bytes(cfg: Config, lay: Layout, dp: int, b: int) -> float:
     """Teacher top-K of one optimizer step on this DP rank (x (1 + prefetch) when online), plus
     the student's gathered K*tp candidates (fp32 value + int64 id, with their gradient)."""
     f, s = cfg.fuse, cfg.model.seq_length
-    per_token_teacher = f.k * (4 + 2) + 1                      # int32 id, bf16 value, aligned flag
+    # shard format 4 (methods.md §6): int32 id + 16-bit log-prob code per K, fp32 (d, c), aligned flag
+    per_token_teacher = f.k * (4 + 2) + 8 + 1
     samples = cfg.train.global_batch // dp
     depth = 1 + (f.prefetch if any(tc.source == "online" for tc in f.teachers) else 0)
     teacher = samples * s * len(f.teachers) * per_token_teacher * depth

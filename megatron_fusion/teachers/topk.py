@@ -20,8 +20,8 @@ topk_logprob_stats``, vocab-parallel): what format-4 shards and the online wire 
 
 Device: the forward, top-K, log-probs and the placement at pivot positions run on the logits'
 device; ONE host copy per batch (``to_host``) brings values, ids, masks, log-probs and CE sums
-back. Used by
-the offline precompute (``teachers.precompute``) and by online teachers (``teachers.online``).
+back. Used by the offline precompute (``teachers.precompute``) and by online teachers
+(``teachers.online``).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def compute_batch_topk(samples, backend: TeacherBackend, teacher_tokenizer, pivo
 
     Tokenisation and the alignment maps are host work; the forward, the top-K, the log-probs and
     the placement at pivot positions run on the logits' device, and the results come back to the
-    host in ONE copy per batch (values, ids, masks and CE sums together)."""
+    host in ONE copy per batch (values, ids, masks, log-probs, d, c and CE sums together)."""
     # the student's own functions (docs/methods.md §2): top-K and vocab-parallel log-softmax
     from megatron_fusion.losses import standardized_topk, token_logprobs
     from megatron_fusion.teachers.logprobs import topk_logprob_stats

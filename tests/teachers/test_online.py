@@ -118,17 +118,33 @@ def _dumps(d: Path) -> dict:
     return {p.name: torch.load(p) for p in sorted(d.iterdir())}
 
 
-def assert_same_topk(off: dict, on: dict, files: list[str]) -> None:
-    """Online and offline dumps (``_dumps``) hold the same micro-batches, bit for bit."""
+def assert_same_topk(off: dict, on: dict, files: list[str], batch_dependent=()) -> None:
+    """Online and offline dumps (``_dumps``) hold the same micro-batches, bit for bit.
+
+    ``batch_dependent``: teachers whose logits depend on the batch they are computed in at the
+    last bit (an HF model on CPU: the offline precompute batches samples in dataset order, the
+    online teacher per student micro-batch; measured: 59 of 1,510 fp32 top-K values and the CE
+    of 2 of 15 samples differ between batches of 4 and of 1). Format 3 rounded the values to
+    bf16, which hid that almost always; format 4 keeps ``d`` and ``c`` in fp32. For these the
+    tensors must agree to the storage's resolution: ids and masks exactly, log-probs within one
+    step of the 16-bit code and nearly all exactly, values to 2e-3, CE to 1e-6 relative."""
     import torch
 
     assert sorted(off) == sorted(on) == sorted(files), (sorted(off), sorted(on))
     aligned = 0
     for key in on:
         assert torch.equal(on[key]["sample_id"], off[key]["sample_id"]), key
+        assert on[key]["teacher"] == off[key]["teacher"], key
+        close = on[key]["teacher"] in batch_dependent
         for name in ("values", "ids", "aligned", "ce", "logp"):   # logp: format-4 shards
             a, b = on[key][name], off[key][name]
             assert a.dtype == b.dtype and a.shape == b.shape, (key, name, a.dtype, b.dtype)
+            if close and name in ("values", "ce", "logp"):
+                tol = {"values": (1e-5, 2e-3), "ce": (1e-6, 0.0), "logp": (0.0, 2 ** -10)}[name]
+                assert torch.allclose(a, b, rtol=tol[0], atol=tol[1], equal_nan=True), (key, name)
+                if name == "logp":
+                    assert (a == b).float().mean() > 0.99, key
+                continue
             assert torch.equal(a, b) or (name == "ce" and torch.allclose(
                 a, b, rtol=0, atol=0, equal_nan=True)), (key, name)  # CE is NaN without response
         aligned += int(on[key]["aligned"].sum())
@@ -301,7 +317,7 @@ def _instrument(argv: list[str]) -> list[str]:
                 out.mkdir(parents=True, exist_ok=True)
                 calls[0] += 1
                 torch.save({"sample_id": sample_ids.clone(), "values": values, "ids": ids,
-                            "aligned": aligned, "ce": ce, "logp": logp},
+                            "aligned": aligned, "ce": ce, "logp": logp, "teacher": self.name},
                            out / f"rank{os.environ['RANK']}_{calls[0]:03d}.pt")
                 return got
             return fetch_and_dump

@@ -120,14 +120,20 @@ def layouts(demo_data, tmp_path_factory):
     return {"root": root, "runs": runs, "times": times, "data": data}
 
 
-def _assert_same_losses(off_recs: list[dict], on_recs: list[dict], teachers: list[str]) -> None:
+def _assert_same_losses(off_recs: list[dict], on_recs: list[dict], teachers: list[str],
+                        rel: float = 0.0) -> None:
+    """Equal losses at every step (``rel``: to that relative tolerance, for a batch-dependent
+    teacher: ``test_online.assert_same_topk``)."""
     def series(recs):
         return {r["step"]: [r[k] for k in LOSSES] for r in recs if "loss/total" in r}
 
     off, on = series(off_recs), series(on_recs)
     assert sorted(off) == sorted(on) == list(range(1, STEPS + 1))
     assert all(v > 0 for v in off[1])
-    assert on == off
+    if rel:
+        assert all(on[s] == pytest.approx(off[s], rel=rel) for s in off), (on, off)
+    else:
+        assert on == off
     steps = [r for r in on_recs if "loss/total" in r]
     assert all(r["teacher/wait_s"] >= 0 for r in steps)
     assert all(r[f"teacher/{t}/tokens_per_s"] > 0 for r in steps for t in teachers)
@@ -140,9 +146,10 @@ def test_dp2_two_online_teachers_equal_offline(layouts):
     off, on = _dumps(root / "dump_dp2_offline"), _dumps(root / "dump_dp2_online")
     # per DP rank: 3 steps x 1 micro-batch x 2 teachers (fetched tm, th per micro-batch)
     files = [f"rank{r}_{i:03d}.pt" for r in (0, 1) for i in range(1, 2 * STEPS + 1)]
-    assert_same_topk(off, on, files)
+    # th is an HF model on CPU: its logits depend on the batch at the last bit (see there)
+    assert_same_topk(off, on, files, batch_dependent=("th",))
     _assert_same_losses(layouts["runs"]["dp2_offline"], layouts["runs"]["dp2_online"],
-                        ["tm", "th"])
+                        ["tm", "th"], rel=1e-5)
 
 
 def test_pp2_online_teacher_sends_to_last_stage(layouts):

@@ -182,8 +182,13 @@ def test_padded_rows_never_enter_the_teacher_topk(padded):
             j = [jj for jj, (a, b) in enumerate(t_offs) if b == smp.offsets[t][1] and a < b][-1]
             assert torch.equal(r.ids[t], ref_i[j])
             assert torch.allclose(r.values[t].double(), ref_v[j], atol=1e-4)
+            # the log-probs and (d, c) of format-4 shards: over the true vocabulary only
+            assert torch.allclose(r.logp[t], lsm[j, ref_i[j]], atol=1e-5, rtol=0)
+            assert abs(r.d[t] - (z[j].std(unbiased=False) + EPS)) <= 1e-5 * r.d[t]
+            assert abs(r.c[t] - (z[j].mean() - torch.logsumexp(z[j], -1))) <= 1e-5
             n_checked += 1
         assert (r.values[~r.aligned_mask] == 0).all() and (r.ids[~r.aligned_mask] == 0).all()
+        assert (r.logp[~r.aligned_mask] == 0).all() and (r.d[~r.aligned_mask] == 0).all()
     assert n_checked > 50
 
 
@@ -226,6 +231,8 @@ def test_topk_on_another_device_one_host_copy(padded):
         assert a.values.dtype == torch.float32 and a.ids.dtype == torch.int64
         assert torch.equal(a.values, b.values) and torch.equal(a.ids, b.ids)
         assert torch.equal(a.aligned_mask, b.aligned_mask) and a.teacher_ce == b.teacher_ce
+        assert a.logp.device.type == a.d.device.type == a.c.device.type == "cpu"
+        assert torch.equal(a.logp, b.logp) and torch.equal(a.d, b.d) and torch.equal(a.c, b.c)
 
 
 def test_source_logprobs_on_another_device_one_host_copy(padded):
