@@ -32,6 +32,9 @@ same teacher weights w_jb and the same normaliser N_uld_j apply:
 
     loss_sum = λ_ce·Σce + N_ce·( Σ_j Σ_b w_jb·hyb_jb / N_uld_j + λ_gld·Σ_j Σ_b w_jb·gld_jb / N_gld_j )
 
+With packed rows (``data.packing``, methods.md §10) the per-sample log-probs, mapped ids and
+mask are placed into the rows the Function runs on (``to_rows``, once in ``prepare_step``), and
+the per-position parts are summed per sample (``per_sample``) where ``w_jb`` applies. Terms are
 reported exactly as ``loss/hybrid`` and its parts ``loss/matched``, ``loss/unmatched``,
 ``loss/tail`` (Σ_j w_j mean_t of each, unweighted by w_M / w_U), per teacher
 ``loss/hybrid/<name>`` and ``teacher/<name>/matched_mass`` (share of its top-K probability on
