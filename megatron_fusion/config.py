@@ -241,7 +241,7 @@ class DataConfig:
     'greedy' packs each step's samples into rows of seq_length slots by first-fit-decreasing,
     every sample its own segment (positions from 0, no attention across samples);
     train.micro_batch then counts rows (fpo: pairs' rows, 2 x micro_batch). Not with
-    parallel.vpp or fuse.loss=hybrid yet."""
+    parallel.vpp."""
 
     def __post_init__(self):
         _check(self.packing in ("none", "greedy"), "data.packing",

@@ -86,10 +86,6 @@ def rank_microbatches(dataset, order: SampleOrder, consumed: int, cfg: Config, d
 
 def check_packing(cfg: Config) -> None:
     """What packing does not cover yet fails naming the field (before the first forward)."""
-    if cfg.stage == "fuse" and cfg.fuse.loss == "hybrid":
-        raise ConfigError("data.packing", "'greedy' is not implemented for fuse.loss=hybrid yet "
-                          "(its matched-token inputs are not placed into packed rows); set "
-                          "data.packing=none")
     if cfg.parallel.vpp is not None:
         raise ConfigError("data.packing", "'greedy' gives a varying number of micro-batches per "
                           "step, which the interleaved schedule (parallel.vpp) cannot take; set "

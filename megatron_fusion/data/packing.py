@@ -2,6 +2,7 @@
 
     micro = pack_step(items, seq_len=s, rows_per_micro=mb, pad_id=ds.pad_id)  # one step's samples
     x_per_sample = per_sample(batch, x)       # [b, s, ...] packed rows -> [n, s, ...] per sample
+    x_rows = to_rows(batch, x_per_sample, 0)  # its inverse: [n, s, ...] -> [b, s, ...] (0 elsewhere)
 
 A sample of ``n`` ids needs ``L = min(n - 1, s)`` slots: position t holds token ``ids[t]`` and
 predicts ``ids[t + 1]``; the last id is only ever a label, so it takes no slot. This DP rank's
@@ -190,6 +191,29 @@ def per_sample(batch: dict, x: torch.Tensor, fill=None) -> torch.Tensor:
     if fill is None:
         return out
     return out.masked_fill(~valid.view(valid.shape + (1,) * (x.dim() - 2)), fill)
+
+
+def to_rows(batch: dict, x: torch.Tensor, fill) -> torch.Tensor:
+    """The inverse of ``per_sample``: ``x [n, s, ...]`` one row per sample (the unpacked layout)
+    -> ``[b, s, ...]`` laid out like the batch's rows. Sample i's first ``length`` positions go
+    to its segment; every slot no segment covers (padding, empty rows) is ``fill``, and so are the
+    per-sample positions after a sample's length (they have no slot). One scatter by the index
+    map ``per_sample`` reads, on ``x``'s device, with no data-dependent shape (no host sync);
+    differentiable in ``x``; the identity for an unpacked batch."""
+    if not is_packed(batch):
+        return x
+    seg = batch["segments"].to(x.device)                              # [n, 3]
+    n, s = x.shape[0], x.shape[1]
+    if seg.shape[0] != n:
+        raise ValueError(f"to_rows: {n} per-sample rows for a batch of {seg.shape[0]} samples")
+    b = batch["loss_mask"].shape[0]
+    t = torch.arange(s, device=x.device)
+    valid = t[None, :] < seg[:, 2:3]                                  # [n, s]
+    # flat slot row * s + start + t; a position without a slot goes to one spare slot b * s
+    flat = torch.where(valid, seg[:, 0:1] * s + seg[:, 1:2] + t[None, :], b * s)
+    out = x.new_full((b * s + 1,) + tuple(x.shape[2:]), fill)
+    out = out.index_put((flat.reshape(-1),), x.reshape((n * s,) + tuple(x.shape[2:])))
+    return out[:b * s].reshape((b, s) + tuple(x.shape[2:]))
 
 
 def fetch_per_sample(fetch: Callable, microbatches: list[dict], seq_len: int,

@@ -32,6 +32,9 @@ same teacher weights w_jb and the same normaliser N_uld_j apply:
 
     loss_sum = λ_ce·Σce + N_ce·( Σ_j Σ_b w_jb·hyb_jb / N_uld_j + λ_gld·Σ_j Σ_b w_jb·gld_jb / N_gld_j )
 
+With packed rows (``data.packing``, methods.md §10) the per-sample log-probs, mapped ids and
+mask are placed into the rows the Function runs on (``to_rows``, once in ``prepare_step``), and
+the per-position parts are summed per sample (``per_sample``) where ``w_jb`` applies. Terms are
 reported exactly as ``loss/hybrid`` and its parts ``loss/matched``, ``loss/unmatched``,
 ``loss/tail`` (Σ_j w_j mean_t of each, unweighted by w_M / w_U), per teacher
 ``loss/hybrid/<name>`` and ``teacher/<name>/matched_mass`` (share of its top-K probability on
@@ -50,7 +53,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_fusion.config import Config, ConfigError
-from megatron_fusion.data.packing import fetch_per_sample, per_sample
+from megatron_fusion.data.packing import fetch_per_sample, per_sample, to_rows
 from megatron_fusion.errors import TeacherDataError
 from megatron_fusion.losses import (HybridLossConfig, combine_teachers, cross_entropy_and_topk,
                                     cross_entropy_topk_and_match, gld_loss, hybrid_terms,
@@ -214,10 +217,12 @@ class FuseStage(Stage):
                     host.update(self._hybrid_inputs(j, t.name, got, b, seq, k))
                 moved = to_device(host, groups.device)
                 mask = moved["aligned"] & resp
-                mb["teachers"].append({"values": moved["values"], "ids": moved["ids"],
-                                       "mask": mask, "ce": moved["ce"],
-                                       "logp": moved.get("logp"), "mids": moved.get("mids"),
-                                       "fingerprint": batch_fingerprint(mb["sample_id"])})
+                entry = {"values": moved["values"], "ids": moved["ids"], "mask": mask,
+                         "ce": moved["ce"], "logp": None, "mids": None, "hmask": None,
+                         "fingerprint": batch_fingerprint(mb["sample_id"])}
+                if self.hybrid:   # the fused Function's inputs: in the batch's row layout
+                    entry.update(self._hybrid_rows(mb, moved["logp"], moved["mids"], mask))
+                mb["teachers"].append(entry)
                 counts[1 + 2 * j] += mask.sum()
                 counts[2 + 2 * j] += mask.any(dim=1).sum()
             counts[0] += resp.sum()
@@ -242,6 +247,15 @@ class FuseStage(Stage):
         mids = torch.where(aligned[..., None], table[live], -1)
         return {"logp": logp.float(), "mids": mids}
 
+    @staticmethod
+    def _hybrid_rows(mb: dict, logp: torch.Tensor, mids: torch.Tensor, mask: torch.Tensor) -> dict:
+        """Per-sample ``[n, s, K]`` log-probs / mapped ids and the ``[n, s]`` aligned response
+        mask -> the batch's rows ``[b, s, ...]``, where the fused CE Function reads them per token
+        (``to_rows``, the inverse of ``per_sample``: on the device, no collective). Slots of no
+        sample get the "ignore" fill: mask False, id -1, log-prob -inf. Unpacked: unchanged."""
+        return {"logp": to_rows(mb, logp, -torch.inf), "mids": to_rows(mb, mids, -1),
+                "hmask": to_rows(mb, mask, False)}
+
     def _weights(self, batch) -> torch.Tensor:
         """[N, b] per-sample teacher weights (sum to 1 over teachers)."""
         n, b = len(self.teachers), batch["sample_id"].shape[0]
@@ -265,8 +279,8 @@ class FuseStage(Stage):
         # the logits shard, one all-gather + one all-reduce per token, and ONE shard-sized
         # gradient in backward (CE + top-K terms), not one per loss (PERF target 2). The hybrid
         # loss adds every teacher's matched entries to the same call.
-        if self.hybrid:
-            cleaned = [clean_teacher(t["logp"], t["mids"], t["mask"]) for t in batch["teachers"]]
+        if self.hybrid:   # row layout ("hmask" etc., prepare_step): the Function runs on the rows
+            cleaned = [clean_teacher(t["logp"], t["mids"], t["hmask"]) for t in batch["teachers"]]
             student = cross_entropy_topk_and_match(
                 output, batch["labels"], f.k, match_ids=torch.stack([m for _, _, m in cleaned], -2),
                 match_probs=torch.stack([p for p, _, _ in cleaned], -2), tail_bucket=f.tail_bucket,
@@ -293,14 +307,18 @@ class FuseStage(Stage):
             mask = t["mask"]
             n_uld, n_gld = norm[1 + 2 * j], norm[2 + 2 * j]
             if self.hybrid:
-                h = hybrid_terms(student.teacher(j), t["logp"], cleaned[j][2], mask,
+                # per position on the rows, then summed per sample (the weights w_jb are per
+                # sample): one gather of the three parts, 0 after each sample's length
+                h = hybrid_terms(student.teacher(j), t["logp"], cleaned[j][2], t["hmask"],
                                  tail_bucket=f.tail_bucket)
+                per = per_sample(batch, torch.stack([h.matched, h.tail, h.unmatched], -1),
+                                 fill=0.0).sum(1)                            # [b, 3] per sample
                 w_m, w_u = self.hybrid_w[j]
-                d_seq = (w_m * (h.matched + h.tail) + w_u * h.unmatched).sum(-1)  # [b]
+                d_seq = w_m * (per[:, 0] + per[:, 1]) + w_u * per[:, 2]       # [b]
                 d_cnt = mask.sum(-1)
                 if n_uld > 0:
-                    for p in parts:
-                        parts[p] = parts[p] + (w[j] * getattr(h, p).detach().sum(-1)).sum() / n_uld
+                    for i, p in enumerate(("matched", "tail", "unmatched")):
+                        parts[p] = parts[p] + (w[j] * per[:, i].detach()).sum() / n_uld
                 report[f"teacher/{name}/matched_mass"] = torch.stack(
                     [h.matched_mass.sum().float(), h.teacher_mass.sum().float()])
             else:

@@ -14,7 +14,7 @@ import torch
 
 from megatron_fusion.data.order import collate
 from megatron_fusion.data.packing import (fetch_per_sample, first_fit_decreasing, pack_step,
-                                          per_sample)
+                                          per_sample, to_rows)
 from megatron_fusion.model import block_causal_mask, packed_seq_params
 
 S, PAD = 16, 3
@@ -112,6 +112,42 @@ def test_per_sample_gradient_goes_to_the_segment_slots():
     # unpacked batches: the identity
     plain = collate(items)
     assert per_sample(plain, plain["tokens"]) is plain["tokens"]
+
+
+def test_to_rows_inverts_per_sample_and_fills_the_other_slots():
+    """``to_rows`` (the hybrid loss's per-sample teacher inputs -> the packed rows) against a
+    loop reference: each sample's first ``length`` positions in its segment, ``fill`` in every
+    other slot (padding tails, an empty row); ``per_sample`` of it gives the samples back."""
+    lengths = [7, 16, 3, 5, 9, 1, 4, 2]
+    micro = pack_step(_items(lengths), seq_len=S, rows_per_micro=2, pad_id=PAD)
+    assert len(micro) == 2 and (micro[1]["segments"][:, 0] == 1).sum() == 0  # an empty row too
+    g = torch.Generator().manual_seed(5)
+    for mb in micro:
+        n, b = mb["segments"].shape[0], mb["tokens"].shape[0]
+        valid = torch.arange(S)[None] < mb["segments"][:, 2:3]              # [n, S]
+        cases = [(torch.randn(n, S, 4, generator=g, dtype=torch.float64), -torch.inf),
+                 (torch.randint(0, 50, (n, S, 2, 3), generator=g), -1),
+                 (torch.rand(n, S, generator=g) > 0.3, False)]
+        for x, fill in cases:
+            ref = torch.full((b, S) + x.shape[2:], fill, dtype=x.dtype)
+            for i, (r, st, ln) in enumerate(mb["segments"].tolist()):
+                ref[r, st:st + ln] = x[i, :ln]
+            got = to_rows(mb, x, fill)
+            assert got.dtype == x.dtype and torch.equal(got, ref)
+            # the round trip: per_sample(to_rows(x)) == x on every sample position
+            back = per_sample(mb, got, fill=fill)
+            keep = valid.view(valid.shape + (1,) * (x.dim() - 2))
+            assert torch.equal(back, torch.where(keep, x, torch.full_like(x, fill)))
+        # differentiable: the gradient of the rows lands on each sample's positions, 0 after
+        x = torch.randn(n, S, 2, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(b, S, 2, dtype=torch.float64)
+        (to_rows(mb, x, 0.0) * w).sum().backward()
+        assert torch.equal(x.grad, torch.where(valid[..., None], per_sample(mb, w), 0.0))
+    with pytest.raises(ValueError, match="to_rows: 2 per-sample rows"):
+        to_rows(micro[0], torch.zeros(2, S), 0)
+    plain = collate(_items([3, 4]))
+    x = torch.randn(2, S)
+    assert to_rows(plain, x, 0) is x                                        # unpacked: identity
 
 
 def test_block_causal_mask_matches_loop_reference():
@@ -284,8 +320,7 @@ def test_what_packing_does_not_cover_fails_naming_the_field():
     with pytest.raises(ConfigError, match="data.packing.*parallel.vpp"):
         check_packing(Config(data=packed, parallel=ParallelConfig(pp=2, vpp=2)))
     hybrid = FuseConfig(teachers=[TeacherConfig(name="tA", tokenizer="t.model")], loss="hybrid")
-    with pytest.raises(ConfigError, match="data.packing.*hybrid"):
-        check_packing(Config(stage="fuse", data=packed, fuse=hybrid))
+    check_packing(Config(stage="fuse", data=packed, fuse=hybrid))  # hybrid packs (to_rows)
     check_packing(Config(stage="fpo", data=packed))          # fpo packs (chosen/rejected segments)
     with pytest.raises(ConfigError, match="data.packing"):
         DataConfig(packing="best")

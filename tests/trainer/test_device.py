@@ -240,7 +240,7 @@ def _drive(stage, cfg, groups, data, collate_fn, mode=None) -> dict:
     prepare_syncs = syncs() - n0
     for mb in micro:
         for j, t in enumerate(mb.get("teachers", [])):
-            for k in ("values", "ids", "mask", "ce", "logp", "mids"):
+            for k in ("values", "ids", "mask", "ce", "logp", "mids", "hmask"):
                 if torch.is_tensor(t[k]):
                     _check_on(t[k], dev, f"teacher {j} {k}")
         for k in ("ref", "sources"):

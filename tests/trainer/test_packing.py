@@ -3,10 +3,11 @@
 - the model: a packed row's logits equal each sample's own unpacked forward (float error), and
   a sample never attends to another (perturbing one sample leaves the others' logits bit-equal);
 - the trainer: packed == unpacked step-1 losses and gradients for the same
-  samples, for ``sft`` at TP1, TP2, PP2 and DP2, for ``fuse`` (ULD + GLD, minCE weights) and ``fpo``
-  (chosen / rejected as segments) at TP1 and TP2, each packed run checked to hold fewer slots
-  than the unpacked one;
-- packed sft / fuse / fpo micro-batches on a virtual device (no host tensor meets the model's);
+  samples, for ``sft`` at TP1, TP2, PP2 and DP2, for ``fuse`` (ULD + GLD, minCE weights), the
+  hybrid loss (tail bucket, adaptive weights, avgCE, GLD) and ``fpo`` (chosen / rejected as
+  segments) at TP1 and TP2, each packed run checked to hold fewer slots than the unpacked one;
+- packed sft / fuse (uniform, avgCE, hybrid) / fpo micro-batches on a virtual device (no host
+  tensor meets the model's);
 - resume of a packed run is bit-identical;
 - Transformer Engine's THD path on a GPU (skips without one).
 """
@@ -119,6 +120,10 @@ def _check_packed(res, name, ref, tol=1e-5):
 
 
 FUSE = ["train.global_batch=8", "fuse.weighting=minCE", "fuse.lambda_gld=1.0"]
+# the hybrid loss (methods.md §9) with the tail bucket, adaptive weights, avgCE and GLD
+HYBRID = ["train.global_batch=8", "fuse.weighting=avgCE", "fuse.lambda_gld=1.0",
+          "fuse.loss=hybrid", "fuse.tail_bucket=true", "fuse.lambda_matched=adaptive",
+          "fuse.lambda_unmatched=adaptive"]
 FPO = ["model.seq_length=128", "train.global_batch=8"]   # 2-3 sequences a row; 8 pairs a step
 
 
@@ -139,6 +144,7 @@ def runs(demo_data, fuse_data, fpo_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("pack"))
     stage = {"sft": SFT + [f"checkpoint.load={root}/sft_init"],
              "fuse": tr.fuse_overrides(fuse_data) + FUSE + [f"checkpoint.load={root}/fuse_init"],
+             "hybrid": tr.fuse_overrides(fuse_data) + HYBRID + [f"checkpoint.load={root}/fuse_init"],
              "fpo": tr.fpo_overrides(fpo_data) + FPO + [f"checkpoint.load={root}/fpo_init"]}
     inits = [("sft_init", SFT), ("fuse_init", []), ("fpo_init", FPO)]
     one = [(f"{st}_{name}", stage[st] + extra) for st in stage
@@ -173,6 +179,22 @@ def test_fuse_packed_matches_unpacked(runs, name):
     assert ref["loss/uld"] > 0 and ref["loss/gld"] > 0
     # minCE picked a mix of teachers (so per-sample weights were exercised)
     assert 0 < ref["teacher/tA/weight"] < 1
+
+
+# hybrid: its matched-token inputs placed into the packed rows (to_rows), its per-position
+# parts taken back per sample for the avgCE weights
+@pytest.mark.parametrize("name", ["tp1_packed", "tp2_packed"])
+def test_hybrid_packed_matches_unpacked(runs, name):
+    _check_packed(runs, f"hybrid_{name}", "hybrid_tp1")
+    got, ref = runs[f"hybrid_{name}"]["last"], runs["hybrid_tp1"]["last"]
+    for k in ("loss/total", "loss/hybrid", "loss/matched", "loss/unmatched", "loss/tail",
+              "loss/gld", "loss/hybrid/tA", "loss/hybrid/tB", "teacher/tA/matched_mass",
+              "teacher/tB/weight", "teacher/tA/aligned_frac"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-5, abs=1e-7), k
+    assert "loss/uld" not in ref
+    assert ref["loss/matched"] > 0 and ref["loss/unmatched"] > 0 and ref["loss/tail"] != 0
+    # avgCE gave per-sample weights that are not all equal (so the per-sample sums matter)
+    assert 0 < ref["teacher/tA/weight"] < 1 and ref["teacher/tA/weight"] != 0.5
 
 
 # fpo: chosen and rejected as separate segments of one micro-batch
@@ -254,14 +276,15 @@ def _packed_stages(tmp, groups, mode=None):
 
     sft_data, pair_data = _ShortData(8, td.SEQ), _ShortData(8, td.SEQ, pairs=True)
     fuse_cfgs, fpo_cfg = td._configs(tmp, pair_data)
-    # (the hybrid loss is refused with packing for now: methods.md §10)
-    fuse_cfgs = {w: c for w, c in fuse_cfgs.items() if c.fuse.loss != "hybrid"}
     for c in (*fuse_cfgs.values(), fpo_cfg):
         c.data.packing = "greedy"
     out = {"sft": td._drive(SFTStage(td.VOCAB, groups.tp), fuse_cfgs["uniform"], groups, sft_data,
                             None, mode)}
-    for w, cfg in fuse_cfgs.items():
-        stage = FuseStage(cfg, td.VOCAB, groups, teachers=[td._Teacher("tA", 1), td._Teacher("tB", 2)])
+    for w, cfg in fuse_cfgs.items():   # uniform, avgCE and hybrid (tail, adaptive, avgCE)
+        hybrid = cfg.fuse.loss == "hybrid"
+        stage = FuseStage(cfg, td.VOCAB, groups, teachers=[td._Teacher("tA", 1, hybrid),
+                                                           td._Teacher("tB", 2, hybrid)],
+                          matches=td._matches() if hybrid else None)
         out[f"fuse_{w}"] = td._drive(stage, cfg, groups, sft_data, None, mode)
     fpo = FPOStage(fpo_cfg, td.VOCAB, groups, dataset=pair_data)
     fpo.ref = -torch.rand(len(pair_data), 2, generator=torch.Generator().manual_seed(3),
@@ -287,8 +310,12 @@ def test_packed_stages_keep_tensors_on_the_model_device(tmp_path):
     td._compare(ref, got)
     assert ref["fuse_avgCE"]["red"]["loss/uld"] > 0 and ref["fuse_avgCE"]["red"]["loss/gld"] > 0
     assert ref["fpo"]["red"]["fpo/loss"] > 0
+    hyb = ref["fuse_hybrid"]["red"]
+    assert hyb["loss/matched"] > 0 and hyb["loss/unmatched"] > 0 and hyb["loss/tail"] != 0
     # packed: fewer micro-batches than the 2 of 2 samples each; the same one read per step
     assert len(ref["sft"]["losses"]) == 1
-    for name in ("sft", "fuse_uniform", "fuse_avgCE", "fpo"):
+    for name in ("sft", "fuse_uniform", "fuse_avgCE", "fuse_hybrid", "fpo"):
         assert got[name]["reduce_syncs"] == 1, name
-    assert got["fuse_uniform"]["prepare_syncs"] == 1 and got["fpo"]["prepare_syncs"] == 0
+    for name in ("fuse_uniform", "fuse_hybrid"):       # the step's global counts, once
+        assert got[name]["prepare_syncs"] == 1, name
+    assert got["fpo"]["prepare_syncs"] == 0
