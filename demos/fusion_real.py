@@ -123,35 +123,39 @@ def stdlib_sources() -> list[Path]:
     return sorted(files, key=lambda p: str(p.relative_to(root)))
 
 
-def documents(domain: str) -> list[tuple[str, str]]:
-    """``(name, text)`` of every document of a domain, in a fixed order. ``name`` decides the
-    split; a stdlib file's code and its docstrings share the name, so they share the split."""
+def documents(domain: str) -> list[tuple[str, "callable"]]:
+    """``(name, load)`` of every document of a domain, in a fixed order; ``load()`` returns its
+    text ("" when unreadable), read only when the document is used. ``name`` decides the split;
+    a stdlib file's code and its docstrings share the name, so they share the split."""
     root = Path(sysconfig.get_paths()["stdlib"])
     docs = []
     if domain == "prose":
         import pydoc_data.topics
 
-        docs += [(f"pydoc:{k}", v) for k, v in sorted(pydoc_data.topics.topics.items())]
-    for p in stdlib_sources():
-        name = f"stdlib:{p.relative_to(root)}"
-        try:
-            text = p.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        if domain == "code":
-            docs.append((name, text))
-            continue
-        try:
-            tree = ast.parse(text)
-        except (SyntaxError, ValueError):
-            continue
-        nodes = [tree] + [n for n in ast.walk(tree)
-                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
-        strings = [ast.get_docstring(n) for n in nodes]
-        prose = "\n\n".join(s for s in strings if s and len(s) >= 80)
-        if prose:
-            docs.append((name, prose + "\n"))
+        docs += [(f"pydoc:{k}", lambda v=v: v) for k, v in sorted(pydoc_data.topics.topics.items())]
+    load = read_source if domain == "code" else read_docstrings
+    docs += [(f"stdlib:{p.relative_to(root)}", lambda p=p: load(p)) for p in stdlib_sources()]
     return docs
+
+
+def read_source(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+        return ""
+
+
+def read_docstrings(path: Path) -> str:
+    """The module's, classes' and functions' docstrings of at least 80 characters."""
+    try:
+        tree = ast.parse(read_source(path))
+    except (SyntaxError, ValueError):
+        return ""
+    nodes = [tree] + [n for n in ast.walk(tree)
+                      if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    strings = [ast.get_docstring(n) for n in nodes]
+    prose = "\n\n".join(s for s in strings if s and len(s) >= 80)
+    return prose + "\n" if prose else ""
 
 
 def chunk_text(text: str, tokenizer, chunk_tokens: int) -> list[str]:
@@ -198,13 +202,13 @@ def make_data(out: Path, tokenizer, sizes: Sizes) -> dict[str, str]:
         docs = documents(dom)
         random.Random(f"order:{dom}").shuffle(docs)        # which files are used first
         got = {s: [] for s in SPLITS}
-        for name, text in docs:
+        for name, load in docs:
             s = split_of(name)
             if len(got[s]) >= want[s]:
                 if all(len(got[x]) >= want[x] for x in SPLITS):
                     break
                 continue
-            pieces = [c for c in chunk_text(text, tokenizer, sizes.chunk_tokens)
+            pieces = [c for c in chunk_text(load(), tokenizer, sizes.chunk_tokens)
                       if len(tokenizer.encode(c)) <= sizes.seq_len - 1]
             for c in pieces[:sizes.max_chunks_per_file][:want[s] - len(got[s])]:
                 got[s].append({"prompt": "", "response": c, "domain": dom, "source": name})
@@ -317,9 +321,9 @@ def precompute(out: Path, t: Teacher, data: dict[str, str], pivot_tokenizer: str
     run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "hf",
          "--teacher-model", t.model_dir, "--teacher-tokenizer", t.tokenizer,
          "--teacher-name", t.name, "--data", data["train"], "--pivot-tokenizer", pivot_tokenizer,
-         "--seq-len", str(sizes.seq_len), "--out", str(topk), "--batch-size", "4",
-         "--no-progress"], f"teacher '{t.name}': top-K over {2 * sizes.n_train} training chunks",
-        quiet=True, env_vars=dict(env(), OMP_NUM_THREADS=str(os.cpu_count() or 1)))
+         "--seq-len", str(sizes.seq_len), "--out", str(topk), "--batch-size", "4"],
+        f"teacher '{t.name}': top-K over {2 * sizes.n_train} training chunks (the tool's progress below)",
+        env_vars=dict(env(), OMP_NUM_THREADS=str(os.cpu_count() or 1)))
     (topk / "DONE").write_text(data_hash)
     return str(topk)
 
@@ -498,8 +502,10 @@ class Experiment:
                         self.log(f"lambdas for {arm.loss}: {dict(zip(loss.keys, best))} (valid bpb "
                                  + ", ".join(f"{point_tag(p)} {mean_bpb(r, 'valid'):.4f}"
                                              for p, r in cands.items()) + ")")
-                point = chosen[arm.loss]
-                results[arm.label][seed] = self.one(arm, point, seed, init, common, topk, tok, data)
+                    results[arm.label][seed] = cands[best]
+                    continue
+                results[arm.label][seed] = self.one(arm, chosen[arm.loss], seed, init, common,
+                                                    topk, tok, data)
         summary = {"sizes": dataclasses.asdict(self.sizes), "seeds": self.seeds,
                    "teachers": {n: dataclasses.asdict(t) for n, t in self.teachers.items()},
                    "teacher_scores": teacher_scores,
