@@ -483,6 +483,7 @@ class Experiment:
                 res = score_teacher(self.teachers[n].model_dir, self.teachers[n].tokenizer, data)
                 atomic_json(f, res)
             teacher_scores[n] = json.loads(f.read_text())
+        self.check_train_spec()
         common = self.sizes.overrides() + [f"data.train={data['train']}",
                                            f"data.tokenizer={self.pivot_tokenizer}"]
         chosen: dict[str, tuple] = {}
@@ -514,6 +515,22 @@ class Experiment:
                    "wall_s": time.time() - t0}
         atomic_json(out / "results.json", summary)
         return summary
+
+    def check_train_spec(self) -> None:
+        """The inits and runs under ``out`` belong to one pivot recipe (sizes): cached results of
+        another one must not be reused, so other sizes in the same ``out`` stop here."""
+        spec = {k: v for k, v in dataclasses.asdict(self.sizes).items()}
+        f = self.out / "train_spec.json"
+        if f.exists():
+            old = json.loads(f.read_text())
+            diff = {k: (old.get(k), v) for k, v in spec.items() if old.get(k) != v}
+            if diff:
+                raise SystemExit(f"fusion_real: {self.out} holds runs of other sizes "
+                                 f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                                 "use another --out")
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_json(f, spec)
 
     def init(self, seed: int, common: list[str]) -> Path:
         init = self.out / "init" / f"s{seed}"

@@ -162,6 +162,10 @@ def test_lambdas_chosen_on_valid_not_test(tmp_path, monkeypatch):
     # paired delta vs sft on the held-out (test) split: 3.0 - 2.5 on both seeds
     assert "| uld+gld@all (uld=1, gld=0.5) | 3.0000 | 3.0000 | 3.0000 | +0.5000 [+0.5000, +0.5000]" in text
     assert "| teacher a | 0.9000" in text
+    other = fr.Experiment(tmp_path, exp.arms, [5], fr.Sizes(steps=7), names, exp.grids,
+                          pivot_tokenizer="chars", teachers=exp.teachers)
+    with pytest.raises(SystemExit, match="other sizes .*steps: 300 -> 7"):
+        other.run()                     # cached results of another recipe are never reused
 
 
 @pytest.mark.slow
