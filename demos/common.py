@@ -41,15 +41,27 @@ def eval_table(metrics_file: Path) -> dict:
     return {"before": evals[0], "after": evals[-1]} if evals else {}
 
 
-def print_results(table: dict, fpo_table: dict, fused: Path, fpo: Path) -> None:
-    """The demos' closing table: held-out CE per domain, preference accuracy, where things are."""
+def print_results(table: dict, fpo_table: dict, fused: Path, fpo: Path,
+                  sft_table: dict | None = None) -> None:
+    """The demos' closing table: held-out CE per domain, preference accuracy, where things are.
+
+    ``sft_table`` (the real demo): the same run with CE only (same init, data and steps), printed
+    beside the fused one, so the teacher's share of "CE after" is visible."""
     nan = float("nan")
-    print(f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}")
+    head = f"{'held-out domain':20s} {'CE before':>10s} {'CE after':>10s} {'ppl after':>10s}"
+    if sft_table is not None:
+        head += f" {'SFT-only':>10s} {'fused-SFT':>10s}"
+    print(head + ("   (CE after = fused; SFT-only: CE alone, same init/data/steps)"
+                  if sft_table is not None else ""))
     for dom in ("valid_arith", "valid_string"):
         b = table.get("before", {}).get(f"eval/{dom}/ce", nan)
         a = table.get("after", {}).get(f"eval/{dom}/ce", nan)
         p = table.get("after", {}).get(f"eval/{dom}/ppl", nan)
-        print(f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}")
+        row = f"{dom:20s} {b:10.3f} {a:10.3f} {p:10.2f}"
+        if sft_table is not None:
+            s = sft_table.get("after", {}).get(f"eval/{dom}/ce", nan)
+            row += f" {s:10.3f} {a - s:+10.3f}"
+        print(row)
     b = fpo_table.get("before", {}).get("eval/pref_accuracy", nan)
     a = fpo_table.get("after", {}).get("eval/pref_accuracy", nan)
     print(f"{'held-out pairs':20s} {'acc before':>10s} {'acc after':>10s}   (FPO, correct > wrong answer)")

@@ -1,5 +1,10 @@
 """Controlled fusion experiment: SFT-only vs ULD vs ULD + GLD, same pivot init, data and tokens.
 
+    python -m demos.fusion_experiment --world real [--out runs/fusion_real] [--arms ...] [--seeds 1,2,3]
+        real teachers (SmolLM2-135M-Instruct, Gemma-3-270M) on real text, bits per byte:
+        demos/fusion_real.py (its options: --world real --help)
+
+The default world (``--world tiny``) is the one below:
     python -m demos.fusion_experiment [--out runs/experiment] [--steps 200] [--teacher-steps 300]
                                       [--arms sft,uld,uld_gld] [--seed N] [--accuracy]
                                       [--write docs/experiments.md]
@@ -107,7 +112,24 @@ def parse_arms(spec: str) -> dict[str, list[str]]:
 
 
 def main(argv=None) -> int:
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--world", choices=["tiny", "real"], default="tiny")
+    world, rest = pre.parse_known_args(argv)
+    if world.world == "real":
+        from demos import fusion_real
+
+        ap = argparse.ArgumentParser(prog="python -m demos.fusion_experiment --world real",
+                                     description=fusion_real.__doc__.splitlines()[0])
+        ap.add_argument("--out", default="runs/fusion_real")
+        ap.add_argument("--arms", default=fusion_real.DEFAULT_ARMS,
+                        help="LOSS[@TEACHERS][/WEIGHTING], comma-separated; LOSS in "
+                             f"{', '.join(fusion_real.LOSSES)}; TEACHERS 'all' or names joined "
+                             "by '&' (default: %(default)s)")
+        fusion_real.add_args(ap)
+        return fusion_real.main_real(ap.parse_args(rest))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--world", choices=["tiny", "real"], default="tiny",
+                    help="tiny: the synthetic world below (default); real: demos/fusion_real.py")
     ap.add_argument("--out", default="runs/experiment")
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--teacher-steps", type=int, default=300)

@@ -13,6 +13,8 @@
    (``tools/precompute_teacher_topk.py --backend hf``) and aligned to pivot positions;
 4. fuse: CE + ULD + GLD from the converted pivot (``configs/demo/real_fuse.yaml``), held-out CE
    on arithmetic / string tasks before and after;
+   beside the same run with CE only (the SFT-only row: same init, data and steps), so the
+   teacher's share of the change is visible;
 5. FPO from the fused pivot on preference pairs (correct vs wrong answer), Gemma scoring them as
    the source (``tools/precompute_source_logprobs.py --backend hf``; ``configs/demo/real_fpo.yaml``),
    held-out preference accuracy before and after;
@@ -147,10 +149,13 @@ def plan(args) -> list[str]:
         f"teacher top-K: Gemma-3-270M (HF backend, frozen) over the SFT set -> {out}/topk/gemma3 (cached)",
         f"fuse: {args.fuse_steps} steps at TP={args.tp} from the converted pivot "
         f"(configs/demo/real_fuse.yaml) -> {out}/fused",
+        (f"SFT-only baseline: the same {args.fuse_steps} steps from the same pivot and data, CE only "
+         f"(stage sft) -> {out}/sft_only" if not args.no_sft_baseline else "SFT-only baseline: skipped"),
         f"source log-probs: Gemma-3-270M (HF backend) over the pairs -> {out}/logprobs/gemma3 (cached)",
         f"fpo: {args.fpo_steps} steps at TP={args.tp} from the fused pivot "
         f"(configs/demo/real_fpo.yaml) -> {out}/fpo",
-        "table: held-out CE before/after fusing, held-out preference accuracy before/after FPO",
+        "table: held-out CE before/after fusing (beside SFT-only), held-out preference accuracy "
+        "before/after FPO",
     ]
 
 
@@ -165,6 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--tp", type=int, default=TP, choices=[1, 3],
                     help="tensor parallel size (must divide SmolLM2's 3 KV groups)")
+    ap.add_argument("--no-sft-baseline", action="store_true",
+                    help="skip the SFT-only run (same init, data, steps; CE only) printed beside the fused row")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     args = ap.parse_args(argv)
     for name in ("fuse_steps", "fpo_steps", "n_train", "n_pref", "n_valid", "seq_len"):
@@ -210,6 +217,16 @@ def main(argv=None) -> int:
         f"fuse.teachers.0.tokenizer={gemma}", f"fuse.teachers.0.topk_dir={out}/topk/gemma3"],
         f"fusing SmolLM2-135M with Gemma-3-270M's top-K at TP={args.tp} (CE + ULD + GLD)")
     t_fuse = time.time()
+    sft = out / "sft_only"
+    if not args.no_sft_baseline:    # the same run with CE only: what SFT alone gives
+        shutil.rmtree(sft, ignore_errors=True)
+        train("configs/demo/real_fuse.yaml", args.tp, common + [
+            f"run.dir={sft}", f"train.steps={args.fuse_steps}", f"checkpoint.load={pivot}",
+            f"data.train={data['train']}", f"data.valid=[{data['valid_arith']},{data['valid_string']}]",
+            "stage=sft", "logging.wandb_mode=disabled"],
+            f"SFT-only baseline: the same {args.fuse_steps} steps from the same pivot, CE only")
+        shutil.rmtree(sft / "checkpoints", ignore_errors=True)   # only its metrics are needed
+    t_sft = time.time()
     shutil.rmtree(fpo, ignore_errors=True)
     train("configs/demo/real_fpo.yaml", args.tp, common + [
         f"run.dir={fpo}", f"train.steps={args.fpo_steps}", f"checkpoint.load={fused}",
@@ -219,12 +236,13 @@ def main(argv=None) -> int:
     t_end = time.time()
 
     table, fpo_table = eval_table(fused / "metrics.jsonl"), eval_table(fpo / "metrics.jsonl")
+    sft_table = None if args.no_sft_baseline else eval_table(sft / "metrics.jsonl")
     print("\n" + "=" * 72)
     print(f"megatron-fusion real-model demo finished in {t_end - t0:.0f}s (models+pivot+data "
           f"{t_prep - t0:.0f}s, Gemma top-K+log-probs {t_teacher - t_prep:.0f}s, fuse "
-          f"{t_fuse - t_teacher:.0f}s, FPO {t_end - t_fuse:.0f}s)")
+          f"{t_fuse - t_teacher:.0f}s, SFT-only {t_sft - t_fuse:.0f}s, FPO {t_end - t_sft:.0f}s)")
     print("pivot SmolLM2-135M-Instruct (BPE 49k) <- teacher/source Gemma-3-270M (SentencePiece 262k)")
-    print_results(table, fpo_table, fused, fpo)
+    print_results(table, fpo_table, fused, fpo, sft_table)
     return 0
 
 

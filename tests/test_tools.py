@@ -32,6 +32,7 @@ def test_demo_drivers_parse_and_plan():
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "fuse: 3 steps" in p.stdout and "/nonexistent/demo" in p.stdout
+    assert "SFT-only baseline: the same 3 steps" in p.stdout       # the row beside the fused one
     assert not Path("/nonexistent/demo").exists()
     h = subprocess.run([sys.executable, "-m", "demos.tiny", "--help"], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=120)
