@@ -17,8 +17,7 @@ Does fusing real teachers make a better pivot than SFT alone, and by how much? (
   measured the same way (``bits_per_byte``) for every arm and for the teachers themselves.
 
 Arms are ``LOSS[@TEACHERS][/WEIGHTING]``, e.g. ``sft``, ``uld+gld@all``, ``uld+gld@smollm2``,
-``uld+gld@all/minCE``. ``LOSSES`` is the table of losses; a loss whose config support has not
-landed (``hybrid``: ``fuse.loss``) is refused with a message until it does. Each fusion loss has a
+``uld+gld@all/minCE``, ``hybrid+gld@all``. ``LOSSES`` is the table of losses. Each fusion loss has a
 lambda grid; per loss, the grid is trained on the first arm of that loss at the first seed and the
 point with the lowest mean *valid* bits per byte is used for every arm of that loss and seed.
 Each seed has its own step-0 pivot (``train.seed`` = init and data order), shared by all arms of
@@ -337,7 +336,6 @@ class Loss:
     overrides: tuple[str, ...]
     keys: tuple[str, ...] = ()                  # fuse.<key> set from a grid point
     grid: tuple[tuple[float, ...], ...] = ((),)
-    needs: str | None = None                    # a FuseConfig field the loss needs
 
 
 LOSSES: dict[str, Loss] = {
@@ -345,11 +343,13 @@ LOSSES: dict[str, Loss] = {
     "uld": Loss(("stage=fuse", "fuse.lambda_gld=0"), ("lambda_uld",), ((0.1,), (0.3,), (1.0,))),
     "uld+gld": Loss(("stage=fuse",), ("lambda_uld", "lambda_gld"),
                     ((0.1, 0.05), (0.3, 0.15), (1.0, 0.5))),
-    # the hybrid loss (vocab-matched exact KL + ULD on the rest) once `fuse.loss: hybrid` lands:
-    "hybrid": Loss(("stage=fuse", "fuse.loss=hybrid", "fuse.lambda_gld=0"), ("lambda_uld",),
-                   ((0.1,), (0.3,), (1.0,)), needs="loss"),
-    "hybrid+gld": Loss(("stage=fuse", "fuse.loss=hybrid"), ("lambda_uld", "lambda_gld"),
-                       ((0.1, 0.05), (0.3, 0.15), (1.0, 0.5)), needs="loss"),
+    # the hybrid loss (methods.md §9): KL on the vocab-matched top-K + ULD on the rest; its own
+    # lambdas (lambda_uld is not used under fuse.loss=hybrid)
+    "hybrid": Loss(("stage=fuse", "fuse.loss=hybrid", "fuse.lambda_gld=0"),
+                   ("lambda_matched", "lambda_unmatched"), ((0.3, 0.3), (1.0, 0.3), (1.0, 1.0))),
+    "hybrid+gld": Loss(("stage=fuse", "fuse.loss=hybrid"),
+                       ("lambda_matched", "lambda_unmatched", "lambda_gld"),
+                       ((0.3, 0.3, 0.15), (1.0, 0.3, 0.5), (1.0, 1.0, 0.5))),
 }
 WEIGHTINGS = ("uniform", "minCE", "avgCE")
 DEFAULT_ARMS = ("sft,uld@all,uld+gld@all,uld+gld@smollm2,uld+gld@gemma3,"
@@ -370,9 +370,6 @@ class Arm:
 
 def parse_arms(spec: str, teacher_names: list[str]) -> list[Arm]:
     """``"sft,uld+gld@all,uld+gld@smollm2/minCE"`` -> arms; a bad one raises naming it."""
-    from megatron_fusion.config import FuseConfig
-
-    fuse_fields = {f.name for f in dataclasses.fields(FuseConfig)}
     arms: list[Arm] = []
     for label in (a.strip() for a in spec.split(",")):
         if not label:
@@ -381,10 +378,6 @@ def parse_arms(spec: str, teacher_names: list[str]) -> list[Arm]:
         loss, _, who = rest.partition("@")
         if loss not in LOSSES:
             raise ValueError(f"arm {label!r}: unknown loss {loss!r}; one of {', '.join(LOSSES)}")
-        need = LOSSES[loss].needs
-        if need and need not in fuse_fields:
-            raise ValueError(f"arm {label!r}: needs fuse.{need} (the hybrid loss), which this "
-                             "megatron_fusion.config.FuseConfig does not have yet")
         if loss == "sft":
             if who or weighting:
                 raise ValueError(f"arm {label!r}: sft takes no teachers or weighting")

@@ -10,7 +10,6 @@ take minutes on a CPU and are what the experiment itself runs).
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -116,11 +115,11 @@ def test_arms_table_and_refusals():
                       ("uld/median", "weighting 'median'"), ("sft,sft", "twice")]:
         with pytest.raises(ValueError, match=msg):
             fr.parse_arms(spec, names)
-    from megatron_fusion.config import FuseConfig
-
-    if "loss" not in {f.name for f in dataclasses.fields(FuseConfig)}:
-        with pytest.raises(ValueError, match=r"needs fuse\.loss"):
-            fr.parse_arms("hybrid@all", names)
+    hyb = fr.parse_arms("hybrid+gld@all", names)[0]    # fuse.loss=hybrid and its own lambdas
+    ov = fr.arm_overrides(hyb, (1.0, 0.3, 0.5), {n: fr.Teacher(n, f"/m/{n}", f"/t/{n}") for n in names},
+                          {n: f"/k/{n}" for n in names})
+    assert {"fuse.loss=hybrid", "fuse.lambda_matched=1.0", "fuse.lambda_unmatched=0.3",
+            "fuse.lambda_gld=0.5"} <= set(ov)
     assert fr.parse_grid(["uld+gld=0.1/0.05;1/0.5"]) == {"uld+gld": ((0.1, 0.05), (1.0, 0.5))}
     with pytest.raises(ValueError, match="needs 2 value"):
         fr.parse_grid(["uld+gld=0.1"])
