@@ -96,8 +96,9 @@ def _stage(weighting: str, static=(1.0, 1.0, 1.0)):
 
 def _batch(ce_rows):
     ce = _w(ce_rows)                                                # [N, b]
+    # a micro-batch as the data path makes it: b samples (sample_id; packed rows may hold several)
     return {"tokens": torch.zeros(ce.shape[1], 4, dtype=torch.long),
-            "teachers": [{"ce": row} for row in ce]}
+            "sample_id": torch.arange(ce.shape[1]), "teachers": [{"ce": row} for row in ce]}
 
 
 def test_fuse_stage_uniform_uses_the_static_weights():
