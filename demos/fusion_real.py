@@ -259,25 +259,29 @@ def bits_per_byte(backend, tokenizer, texts: list[str], max_len: int | None = No
 
 
 def score(backend, tokenizer, data: dict[str, str], splits=("valid", "test"),
-          max_len: int | None = None) -> dict:
-    """``{split: {domain: bits_per_byte(...)}}`` of one model over the valid / test chunks."""
-    return {s: {d: bits_per_byte(backend, tokenizer, read_texts(data[f"{s}_{d}"]), max_len)
+          max_len: int | None = None, limit: int | None = None) -> dict:
+    """``{split: {domain: bits_per_byte(...)}}`` of one model over the chunks of each split
+    (``limit``: the first that many chunks of each split and domain)."""
+    return {s: {d: bits_per_byte(backend, tokenizer, read_texts(data[f"{s}_{d}"])[:limit], max_len)
                 for d in DOMAINS} for s in splits}
 
 
-def score_pivot(run_dir: Path, tokenizer, data: dict[str, str], seq_len: int) -> dict:
+def score_pivot(run_dir: Path, tokenizer, data: dict[str, str], seq_len: int,
+                splits=("valid", "test"), limit: int | None = None) -> dict:
     """Bits per byte of a trained pivot (its latest checkpoint), in this process at TP=1."""
     from megatron_fusion.teachers.backends import open_backend
 
     with open_backend("megatron", checkpoint=str(run_dir), what="pivot") as (be, _, _):
-        return score(be, tokenizer, data, max_len=seq_len)
+        return score(be, tokenizer, data, splits, max_len=seq_len, limit=limit)
 
 
-def score_teacher(model_dir: str, tokenizer_spec: str, data: dict[str, str]) -> dict:
+def score_teacher(model_dir: str, tokenizer_spec: str, data: dict[str, str],
+                  splits=("valid", "test"), limit: int | None = None) -> dict:
     from megatron_fusion.teachers.backends import HFTeacherBackend
     from megatron_fusion.tokenizers import load_tokenizer
 
-    return score(HFTeacherBackend(model_dir), load_tokenizer(tokenizer_spec), data)
+    return score(HFTeacherBackend(model_dir), load_tokenizer(tokenizer_spec), data, splits,
+                 limit=limit)
 
 
 # --- teachers -----------------------------------------------------------------------------------
@@ -477,8 +481,12 @@ class Experiment:
                 atomic_json(f, res)
             teacher_scores[n] = json.loads(f.read_text())
         self.check_train_spec()
+        # every step in metrics.jsonl (the diagnostics read step 1; logging changes no numbers)
         common = self.sizes.overrides() + [f"data.train={data['train']}",
-                                           f"data.tokenizer={self.pivot_tokenizer}"]
+                                           f"data.tokenizer={self.pivot_tokenizer}",
+                                           "logging.interval=1"]
+        self.data, self.topk, self.tok = data, topk, tok
+        self.trained = []                   # (arm, lambda point, seed) of every run, in order
         chosen: dict[str, tuple] = {}
         results: dict[str, dict[int, dict]] = {a.label: {} for a in self.arms}
         for si, seed in enumerate(self.seeds):
@@ -490,6 +498,7 @@ class Experiment:
                     if si != 0:
                         raise AssertionError("lambda selection happens at the first seed")
                     cands = {p: self.one(arm, p, seed, init, common, topk, tok, data) for p in grid}
+                    self.trained += [(arm, p, seed) for p in grid]
                     best = min(cands, key=lambda p: mean_bpb(cands[p], "valid"))
                     chosen[arm.loss] = best
                     if len(grid) > 1:
@@ -500,6 +509,7 @@ class Experiment:
                     continue
                 results[arm.label][seed] = self.one(arm, chosen[arm.loss], seed, init, common,
                                                     topk, tok, data)
+                self.trained.append((arm, chosen[arm.loss], seed))
         summary = {"sizes": dataclasses.asdict(self.sizes), "seeds": self.seeds,
                    "teachers": {n: dataclasses.asdict(t) for n, t in self.teachers.items()},
                    "teacher_scores": teacher_scores,
@@ -533,10 +543,13 @@ class Experiment:
                   f"pivot init, seed {seed} (step 0)")
         return init
 
+    def run_dir(self, arm: Arm, point: tuple, seed: int) -> Path:
+        return self.out / "runs" / arm.slug / point_tag(point) / f"s{seed}"
+
     def one(self, arm: Arm, point: tuple, seed: int, init: Path, common: list[str],
             topk: dict, tok, data: dict) -> dict:
         """Train and score one (arm, lambda point, seed); cached in its result.json."""
-        run_dir = self.out / "runs" / arm.slug / point_tag(point) / f"s{seed}"
+        run_dir = self.run_dir(arm, point, seed)
         res_file = run_dir / "result.json"
         if res_file.exists():
             self.log(f"{arm.label} {point_tag(point)} seed {seed}: cached ({res_file})")
@@ -553,6 +566,51 @@ class Experiment:
         self.log(f"{arm.label} {point_tag(point)} seed {seed}: valid {mean_bpb(res, 'valid'):.4f} "
                  f"test {mean_bpb(res, 'test'):.4f} bpb (train {t_train:.0f}s)")
         return res
+
+
+    def diagnose(self, summary: dict) -> dict:
+        """Why an arm does (not) beat sft, for the runs of ``run()`` (call it after): per teacher
+        its shards' alignment and matched mass (``topk_diagnostics``) and its bits per byte on
+        the first ``n_valid`` training chunks per domain (``bits_per_byte``, as the held-out
+        numbers), next to the trained pivots' on the same chunks; per run its per-term loss
+        curves (``loss_diagnostics``). Written to ``out/diagnostics.json``; cached scores:
+        ``teachers/<name>.train<n>.json``, ``<run dir>/train_score<n>.json``."""
+        n = self.sizes.n_valid
+        teachers = {}
+        for name in self.teacher_names:
+            f = self.out / "teachers" / f"{name}.train{n}.json"
+            if not f.exists():
+                self.log(f"teacher '{name}': bits per byte on {n} training chunks per domain")
+                f.parent.mkdir(parents=True, exist_ok=True)
+                atomic_json(f, score_teacher(self.teachers[name].model_dir,
+                                             self.teachers[name].tokenizer, self.data,
+                                             ("train",), limit=n))
+            sc = json.loads(f.read_text())
+            teachers[name] = {"train_bpb": mean_bpb(sc, "train"), "train_score": sc["train"],
+                              "shards": topk_diagnostics(self.topk[name]) if name in self.topk
+                              else None}
+        runs = []
+        for arm, point, seed in self.trained:
+            rd = self.run_dir(arm, point, seed)
+            f = rd / f"train_score{n}.json"
+            if not f.exists():
+                atomic_json(f, score_pivot(rd, self.tok, self.data, self.sizes.seq_len,
+                                           ("train",), limit=n))
+            sc = json.loads(f.read_text())
+            res = json.loads((rd / "result.json").read_text())
+            runs.append({"arm": arm.label, "point": point_tag(point), "seed": seed,
+                         "chosen": summary["lambdas"].get(arm.loss, ()) ==
+                         dict(zip(LOSSES[arm.loss].keys, point)),
+                         "lambdas": effective_lambdas(arm, point),
+                         "train_bpb": mean_bpb(sc, "train"), "test_bpb": mean_bpb(res, "test"),
+                         "losses": loss_diagnostics(rd / "metrics.jsonl",
+                                                    effective_lambdas(arm, point))})
+        sft = [r for r in runs if r["arm"] == "sft"]
+        diag = {"train_subset_chunks": n, "seeds": self.seeds, "teachers": teachers, "runs": runs,
+                "sft_train_bpb": sum(r["train_bpb"] for r in sft) / len(sft) if sft else None,
+                "sft_test_bpb": sum(r["test_bpb"] for r in sft) / len(sft) if sft else None}
+        atomic_json(self.out / "diagnostics.json", diag)
+        return diag
 
 
 def atomic_json(path: Path, obj) -> None:
@@ -601,6 +659,155 @@ def table(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --- diagnostics: why fusion does (not) beat SFT ------------------------------------------------
+
+TERMS = ("loss/ce", "loss/uld", "loss/gld", "loss/hybrid", "loss/matched", "loss/unmatched")
+"""The per-term losses read from each run's metrics.jsonl (each a mean per CE token, before its
+lambda; ``loss/hybrid`` already holds its w_M / w_U weights)."""
+
+
+def topk_diagnostics(topk_dir: str | Path) -> dict:
+    """What a teacher's top-K shards say about the teacher on the training chunks, from their
+    headers and index (no forward): the aligned fraction of pivot response positions, the
+    teacher's top-K probability mass per aligned position and the share of it on tokens with a
+    pivot match (None when a shard does not record it, e.g. written before the matched mass
+    existed), and the teacher's bits per byte over all training chunks from the precompute's own
+    forward (its summed NLL per byte of the text its tokens cover, nats -> bits)."""
+    from megatron_fusion.teachers.shards import TopKReader
+
+    reader = TopKReader(topk_dir, verify_checksum=False)
+    aligned, response = reader.aligned_fraction()
+    metas = [h.get("meta", {}) for h in reader.headers]
+    has_mass = all("topk_mass" in m and "matched_topk_mass" in m for m in metas)
+    mass = sum(float(m["topk_mass"]) for m in metas) if has_mass else None
+    matched = sum(float(m["matched_topk_mass"]) for m in metas) if has_mass else None
+    ids = reader.sample_ids
+    ce_byte = reader.teacher_ce_byte(ids).double()
+    n_bytes = reader.teacher_ce_bytes(ids).double()
+    ok = n_bytes > 0
+    total_bytes = float(n_bytes[ok].sum())
+    return {"shards": len(reader.paths), "samples": len(ids),
+            "aligned_positions": aligned, "response_positions": response,
+            "aligned_fraction": aligned / response if response else None,
+            "topk_mass": mass, "matched_topk_mass": matched,
+            "topk_mass_per_position": mass / aligned if has_mass and aligned else None,
+            "matched_mass_fraction": matched / mass if has_mass and mass else None,
+            "train_bpb_shards": (float((ce_byte[ok] * n_bytes[ok]).sum()) / math.log(2) / total_bytes
+                                 if total_bytes else None),
+            "train_bytes_shards": int(total_bytes)}
+
+
+def read_metrics(path: str | Path) -> dict[int, dict]:
+    """``{step: record}`` of a run's metrics.jsonl (a resumed run appends: the last record of a
+    step wins); a line that is not JSON stops with its file:line."""
+    recs = {}
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"{path}:{i}: not a JSON record ({e.msg})") from None
+        if "step" in rec:
+            recs[int(rec["step"])] = rec
+    return recs
+
+
+def curve_steps(logged: list[int], n: int = 5) -> list[int]:
+    """About ``n`` steps of a curve: the first and last logged, and the logged steps nearest to
+    10%, 25% and 50% of the last one."""
+    if not logged:
+        return []
+    logged = sorted(logged)
+    picks = {logged[0], logged[-1]}
+    for frac in (0.1, 0.25, 0.5)[:max(n - 2, 0)]:
+        picks.add(min(logged, key=lambda s: (abs(s - frac * logged[-1]), s)))
+    return sorted(picks)
+
+
+def loss_diagnostics(metrics_path: str | Path, lambdas: dict) -> dict:
+    """Per-term losses at a few steps, and how big the distillation terms are next to the CE at
+    the first and the last logged step: ``uld_over_ce`` = lambda_uld * loss/uld / loss/ce, and
+    ``distill_over_ce`` = (lambda_uld * loss/uld + lambda_gld * loss/gld + loss/hybrid) / loss/ce,
+    i.e. what the run's loss/total adds to its CE (lambda_ce = 1), as a multiple of it.
+    ``lambdas``: the run's effective ``lambda_uld`` and ``lambda_gld`` (``effective_lambdas``);
+    an sft run has no such term (None)."""
+    recs = read_metrics(metrics_path)
+    steps = curve_steps(list(recs))
+    lam_uld, lam_gld = float(lambdas["lambda_uld"]), float(lambdas["lambda_gld"])
+
+    def ratios(rec):
+        ce = rec.get("loss/ce")
+        if not ce or not any(k in rec for k in ("loss/uld", "loss/gld", "loss/hybrid")):
+            return None, None
+        uld = lam_uld * rec["loss/uld"] / ce if "loss/uld" in rec else None
+        extra = (lam_uld * rec.get("loss/uld", 0.0) + lam_gld * rec.get("loss/gld", 0.0)
+                 + rec.get("loss/hybrid", 0.0))
+        return uld, extra / ce
+
+    out = {"steps": {str(st): {k: recs[st][k] for k in TERMS if k in recs[st]} for st in steps},
+           "first_step": steps[0] if steps else None, "last_step": steps[-1] if steps else None}
+    for end, st in (("first", out["first_step"]), ("last", out["last_step"])):
+        u, d = ratios(recs[st]) if st is not None else (None, None)
+        out[f"uld_over_ce_{end}"], out[f"distill_over_ce_{end}"] = u, d
+    return out
+
+
+def effective_lambdas(arm: Arm, point: tuple) -> dict[str, float]:
+    """The fuse lambdas a run trained with: the config's, then the loss's fixed overrides (e.g.
+    ``uld``: lambda_gld=0), then its grid point."""
+    import yaml
+
+    fuse = yaml.safe_load((Path(__file__).resolve().parents[1] / CONFIG).read_text())["fuse"]
+    lam = {k: float(v) for k, v in fuse.items() if k.startswith("lambda_")}
+    loss = LOSSES[arm.loss]
+    for o in loss.overrides:
+        key, _, v = o.partition("=")
+        if key.startswith("fuse.lambda_"):
+            lam[key.removeprefix("fuse.")] = float(v)
+    lam.update({k: float(v) for k, v in zip(loss.keys, point)})
+    return lam
+
+
+def diagnostics_table(diag: dict) -> str:
+    """The printed form of ``diagnostics.json``: one table of the teachers (shards, training-text
+    bits per byte next to the pivot's), one of each first-seed run's per-term losses."""
+    def f(v, fmt=".4f"):
+        return "—" if v is None else format(v, fmt)
+
+    n = diag["train_subset_chunks"]
+    lines = [f"teachers on the TRAINING chunks (bpb on the first {n} training chunks per domain; "
+             "'shards' = all training chunks, from the precompute's forward)", "",
+             "| teacher | aligned frac | top-K mass / pos | matched mass frac | bpb train (shards) "
+             "| bpb train | sft pivot bpb train | sft pivot bpb test |", "|---" * 8 + "|"]
+    for name, t in diag["teachers"].items():
+        sh = t.get("shards") or {}
+        lines.append(f"| {name} | {f(sh.get('aligned_fraction'))} | {f(sh.get('topk_mass_per_position'))} "
+                     f"| {f(sh.get('matched_mass_fraction'))} | {f(sh.get('train_bpb_shards'))} "
+                     f"| {f(t['train_bpb'])} | {f(diag.get('sft_train_bpb'))} "
+                     f"| {f(diag.get('sft_test_bpb'))} |")
+    seed = str(diag["seeds"][0])
+    lines += ["", f"per-term training losses (per CE token, before lambda), seed {seed}; "
+              "ratio = lambda_uld*uld/ce and (all distillation terms)/ce at the first / last "
+              "logged step", "",
+              "| run | step | " + " | ".join(k.removeprefix("loss/") for k in TERMS) + " |",
+              "|---" * (2 + len(TERMS)) + "|"]
+    ratio_lines = []
+    for r in diag["runs"]:
+        if str(r["seed"]) != seed:
+            continue
+        name = f"{r['arm']} {r['point']}"
+        for st, vals in r["losses"]["steps"].items():
+            lines.append(f"| {name} | {st} | " + " | ".join(f(vals.get(k)) for k in TERMS) + " |")
+        lo = r["losses"]
+        ratio_lines.append(
+            f"  {name}: uld/ce {f(lo['uld_over_ce_first'], '.3f')} -> {f(lo['uld_over_ce_last'], '.3f')}, "
+            f"distill/ce {f(lo['distill_over_ce_first'], '.3f')} -> {f(lo['distill_over_ce_last'], '.3f')} "
+            f"(steps {lo['first_step']} -> {lo['last_step']}); pivot bpb train "
+            f"{f(r['train_bpb'])} test {f(r['test_bpb'])}")
+    return "\n".join(lines + [""] + ratio_lines) + "\n"
+
+
 # --- command line -------------------------------------------------------------------------------
 
 def add_args(ap) -> None:
@@ -634,7 +841,10 @@ def main_real(args) -> int:
     summary = exp.run()
     text = table(summary)
     print("\nheld-out (test) bits per byte, lower is better; Δ = arm - sft on the same seed\n" + text)
-    print(f"wall time {summary['wall_s']:.0f}s; results: {exp.out / 'results.json'}")
+    diag = exp.diagnose(summary)
+    print("\ndiagnostics (docs/experiments.md, Diagnostics)\n" + diagnostics_table(diag))
+    print(f"wall time {summary['wall_s']:.0f}s; results: {exp.out / 'results.json'}, "
+          f"{exp.out / 'diagnostics.json'}")
     if args.write_table:
         with open(args.write_table, "a") as f:
             f.write(text)

@@ -98,6 +98,22 @@ def test_bits_per_byte_sums_texts_and_checks_length():
         fr.bits_per_byte(_Backend(0.0, tok.encode("hello")), tok, ["hello"], max_len=4)
 
 
+def test_score_reads_split_files_and_limits(tmp_path):
+    """``score`` over each split's per-domain file, the first ``limit`` chunks of each (what the
+    diagnostics use for the training split): uniform logits give log2(V) bits per ASCII byte."""
+    tok = _CharTok()
+    texts = {d: [f"{d} chunk {i}" for i in range(5)] for d in fr.DOMAINS}
+    data = {}
+    for d, ts in texts.items():
+        data[f"train_{d}"] = str(tmp_path / f"train_{d}.jsonl")
+        Path(data[f"train_{d}"]).write_text("".join(json.dumps({"response": t}) + "\n" for t in ts))
+    res = fr.score(_Backend(0.0, [10] * 64), tok, data, ("train",), limit=2)
+    assert set(res) == {"train"}
+    for d in fr.DOMAINS:
+        assert res["train"][d]["tokens"] == sum(len(t) for t in texts[d][:2])
+        assert res["train"][d]["bpb"] == pytest.approx(math.log2(tok.vocab_size), rel=1e-12)
+
+
 def test_arms_table_and_refusals():
     names = ["smollm2", "gemma3"]
     arms = fr.parse_arms("sft,uld@all,uld+gld@smollm2,uld+gld@all/minCE", names)
@@ -221,6 +237,18 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
         assert set(summary["teacher_scores"][n]) == {"valid", "test"}
     assert "| sft |" in fr.table(summary) and "| uld+gld@all/minCE (uld=0.3, gld=0.15) |" in fr.table(summary)
 
+    # the diagnostics on the real shards and metrics (not run in the session that wrote this
+    # block: the machine was busy; the fast tests above check the same functions on fakes)
+    diag = exp.diagnose(summary)
+    assert [r["arm"] for r in diag["runs"]] == ["sft", "uld+gld@all/minCE"]
+    for n in teachers:
+        sh = diag["teachers"][n]["shards"]
+        assert 0 < sh["aligned_fraction"] <= 1 and 0 < sh["samples"] <= 2 * sizes.n_train
+        assert 1.0 < diag["teachers"][n]["train_bpb"] < 12.0   # random teachers
+    lo = diag["runs"][1]["losses"]
+    assert (lo["first_step"], lo["last_step"]) == (1, 2) and lo["uld_over_ce_first"] > 0
+    assert "| smol |" in fr.diagnostics_table(diag)
+
     def no_training(*a, **k):
         raise AssertionError("a cached run was trained again")
 
@@ -229,3 +257,166 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     again = fr.Experiment(out, exp.arms, [3], sizes, list(teachers), exp.grids, pivot_tokenizer=gguf,
                           teachers=teachers).run()
     assert again["arms"] == summary["arms"]
+
+
+# --- diagnostics (why fusion does or does not beat sft) -----------------------------------------
+
+def _write_shards(folder: Path, shards: list[dict]) -> None:
+    """Top-K shards of teacher 't' with the project's TopKWriter: per shard the samples
+    ``(sample_id, n_positions, n_aligned, ce_byte, ce_bytes)`` and the header meta to record."""
+    from megatron_fusion.teachers.shards import TopKHeader, TopKWriter
+
+    folder.mkdir(parents=True)
+    for i, sh in enumerate(shards):
+        with TopKWriter(folder / f"t-{i:05d}.topk",
+                        TopKHeader("t", "th", "ph", 2, "dh", meta=dict(sh["meta"]))) as w:
+            for sid, s, a, ce_byte, n_bytes in sh["samples"]:
+                mask = torch.arange(s) < a
+                w.add(sid, torch.zeros(s, 2), torch.zeros(s, 2, dtype=torch.long), mask,
+                      teacher_ce_byte=ce_byte, teacher_ce_bytes=n_bytes)
+
+
+def test_topk_diagnostics_sums_over_shards(tmp_path):
+    """Aligned fraction and matched mass are ratios of sums over the shards (not means of each
+    shard's ratio: the shards differ in size); the teacher's training-text bits per byte is its
+    summed NLL over all bytes, in bits; a sample with no bytes (NaN CE) does not count."""
+    _write_shards(tmp_path / "k", [
+        {"meta": {"aligned_positions": 9, "response_positions": 10, "topk_mass": 6.0,
+                  "matched_topk_mass": 3.0},
+         "samples": [(0, 5, 4, 0.5, 100), (1, 6, 5, 1.0, 300)]},
+        {"meta": {"aligned_positions": 1, "response_positions": 30, "topk_mass": 2.0,
+                  "matched_topk_mass": 2.0},
+         "samples": [(2, 4, 1, 2.0, 100), (3, 3, 0, float("nan"), 0)]}])
+    d = fr.topk_diagnostics(tmp_path / "k")
+    assert (d["shards"], d["samples"]) == (2, 4)
+    assert d["aligned_fraction"] == pytest.approx(10 / 40)              # not (0.9 + 1/30) / 2
+    assert d["matched_mass_fraction"] == pytest.approx(5 / 8)           # not (0.5 + 1.0) / 2
+    assert d["topk_mass_per_position"] == pytest.approx(8 / 10)
+    nats = 0.5 * 100 + 1.0 * 300 + 2.0 * 100
+    assert d["train_bytes_shards"] == 500
+    assert d["train_bpb_shards"] == pytest.approx(nats / math.log(2) / 500, rel=1e-6)
+    # shards written before the matched mass existed: no mass numbers, the rest still there
+    _write_shards(tmp_path / "old", [{"meta": {"aligned_positions": 3, "response_positions": 4},
+                                      "samples": [(0, 4, 3, 1.0, 10)]},
+                                     {"meta": {"aligned_positions": 1, "response_positions": 1,
+                                               "topk_mass": 1.0, "matched_topk_mass": 1.0},
+                                      "samples": [(1, 1, 1, 1.0, 10)]}])
+    old = fr.topk_diagnostics(tmp_path / "old")
+    assert old["matched_mass_fraction"] is None and old["topk_mass"] is None
+    assert old["aligned_fraction"] == pytest.approx(4 / 5)
+
+
+def _write_metrics(path: Path, recs: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_loss_diagnostics_from_metrics(tmp_path):
+    """Terms at the first / ~10% / 25% / 50% / last logged steps; ratios against closed forms;
+    a resumed run's repeated step takes its last record; a broken line names file:line."""
+    recs = [{"step": s, "loss/ce": 10.0 - s / 20, "loss/uld": 0.3, "loss/gld": 2.0, "lr": 1e-3}
+            for s in range(1, 101)]
+    recs.insert(50, {"step": 100, "loss/ce": 99.0, "loss/uld": 9.0, "loss/gld": 9.0})  # overwritten
+    _write_metrics(tmp_path / "m.jsonl", recs)
+    d = fr.loss_diagnostics(tmp_path / "m.jsonl", {"lambda_uld": 0.5, "lambda_gld": 0.25})
+    assert list(d["steps"]) == ["1", "10", "25", "50", "100"]
+    assert d["steps"]["1"] == {"loss/ce": 9.95, "loss/uld": 0.3, "loss/gld": 2.0}   # no lr
+    assert (d["first_step"], d["last_step"]) == (1, 100)
+    assert d["uld_over_ce_first"] == pytest.approx(0.5 * 0.3 / 9.95)
+    assert d["uld_over_ce_last"] == pytest.approx(0.5 * 0.3 / 5.0)
+    assert d["distill_over_ce_last"] == pytest.approx((0.5 * 0.3 + 0.25 * 2.0) / 5.0)
+    # sft: CE only, no ratio; hybrid: its term is already weighted
+    _write_metrics(tmp_path / "sft.jsonl", [{"step": 10, "loss/ce": 5.0}, {"step": 20, "loss/ce": 4.0}])
+    s = fr.loss_diagnostics(tmp_path / "sft.jsonl", {"lambda_uld": 1.0, "lambda_gld": 0.5})
+    assert s["uld_over_ce_first"] is None and s["distill_over_ce_last"] is None
+    assert list(s["steps"]) == ["10", "20"]
+    _write_metrics(tmp_path / "h.jsonl", [{"step": 1, "loss/ce": 4.0, "loss/hybrid": 1.0,
+                                           "loss/matched": 0.6, "loss/unmatched": 0.4,
+                                           "loss/gld": 2.0}])
+    h = fr.loss_diagnostics(tmp_path / "h.jsonl", {"lambda_uld": 1.0, "lambda_gld": 0.5})
+    assert h["uld_over_ce_first"] is None
+    assert h["distill_over_ce_first"] == pytest.approx((1.0 + 0.5 * 2.0) / 4.0)
+    (tmp_path / "bad.jsonl").write_text('{"step": 1, "loss/ce": 1}\n{"step": 2,\n')
+    with pytest.raises(SystemExit, match=r"bad.jsonl:2: not a JSON record"):
+        fr.read_metrics(tmp_path / "bad.jsonl")
+
+
+def test_effective_lambdas():
+    names = ["a", "b"]
+    uld, ug, hyb = fr.parse_arms("uld@all,uld+gld@all,hybrid@all", names)
+    assert fr.effective_lambdas(uld, (0.3,))["lambda_uld"] == 0.3
+    assert fr.effective_lambdas(uld, (0.3,))["lambda_gld"] == 0.0       # the loss's fixed override
+    assert fr.effective_lambdas(ug, (1.0, 0.5)).items() >= {"lambda_uld": 1.0, "lambda_gld": 0.5}.items()
+    assert fr.effective_lambdas(hyb, (1.0, 0.3))["lambda_gld"] == 0.0
+
+
+def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
+    """``Experiment.diagnose`` after ``run()``: one entry per trained run (grid points too), the
+    teachers' shard numbers and training-text bpb beside the sft pivot's, cached scores; the
+    printed table carries them. Training and scoring are fakes (the slow test runs them)."""
+    names = ["a", "b"]
+    for n in names:
+        _write_shards(tmp_path / "k" / n, [
+            {"meta": {"aligned_positions": 8, "response_positions": 10, "topk_mass": 4.0,
+                      "matched_topk_mass": 1.0}, "samples": [(0, 10, 8, 0.7, 50)]}])
+    ce0 = {"sft": 9.0, "uld+gld@all": 10.0}
+
+    def one(self, arm, point, seed, *a):
+        rd = self.run_dir(arm, point, seed)
+        recs = [{"step": s, "loss/ce": ce0[arm.label] - s / 10} for s in range(1, 21)]
+        if arm.loss != "sft":
+            for r in recs:
+                r.update({"loss/uld": 2.0, "loss/gld": 1.0})
+        _write_metrics(rd / "metrics.jsonl", recs)
+        res = _fake_result(2.2 if point == (1.0, 0.5) else 2.0,
+                           3.0 if arm.loss == "sft" else 3.5, point)   # valid picks (0.1, 0.05)
+        fr.atomic_json(rd / "result.json", res)
+        return res
+
+    scored = []
+
+    def score_pivot(run_dir, tok, data, seq_len, splits=("valid", "test"), limit=None):
+        assert splits == ("train",) and limit == 4
+        scored.append(run_dir)
+        return {"train": _fake_result(1.5 if "sft" in str(run_dir) else 1.7, 0)["valid"]}
+
+    def score_teacher(model_dir, tok, data, splits=("valid", "test"), limit=None):
+        if splits == ("train",):
+            assert limit == 4
+            return {"train": _fake_result(0.8, 0)["valid"]}
+        return _fake_result(0.9, 0.9)
+
+    monkeypatch.setattr(fr, "make_data", lambda *a: {"train": "unused"})
+    monkeypatch.setattr(fr, "precompute", lambda out, t, *a: str(tmp_path / "k" / t.name))
+    monkeypatch.setattr(fr, "score_teacher", score_teacher)
+    monkeypatch.setattr(fr, "score_pivot", score_pivot)
+    monkeypatch.setattr(fr.Experiment, "init", lambda self, seed, common: tmp_path / f"s{seed}")
+    monkeypatch.setattr(fr.Experiment, "one", one)
+    monkeypatch.setattr("megatron_fusion.tokenizers.load_tokenizer", lambda spec: _CharTok())
+    exp = fr.Experiment(tmp_path / "exp", fr.parse_arms("sft,uld+gld@all", names), [5, 6],
+                        fr.Sizes(n_valid=4), names, {"uld+gld": ((0.1, 0.05), (1.0, 0.5))},
+                        pivot_tokenizer="chars", teachers={n: fr.Teacher(n, n, n) for n in names})
+    diag = exp.diagnose(exp.run())
+    assert json.loads((tmp_path / "exp" / "diagnostics.json").read_text()) == json.loads(json.dumps(diag))
+    # seed 5: sft + both grid points; seed 6: sft + the chosen point
+    assert [(r["arm"], r["point"], r["seed"]) for r in diag["runs"]] == [
+        ("sft", "default", 5), ("uld+gld@all", "lam0.1_0.05", 5), ("uld+gld@all", "lam1_0.5", 5),
+        ("sft", "default", 6), ("uld+gld@all", "lam0.1_0.05", 6)]
+    assert [r["chosen"] for r in diag["runs"]] == [True, True, False, True, True]
+    t = diag["teachers"]["a"]
+    assert t["train_bpb"] == pytest.approx(0.8) and t["shards"]["aligned_fraction"] == pytest.approx(0.8)
+    assert t["shards"]["matched_mass_fraction"] == pytest.approx(0.25)
+    assert diag["sft_train_bpb"] == pytest.approx(1.5) and diag["sft_test_bpb"] == pytest.approx(3.0)
+    fused = diag["runs"][2]["losses"]
+    assert fused["uld_over_ce_first"] == pytest.approx(1.0 * 2.0 / 9.9)
+    assert fused["distill_over_ce_last"] == pytest.approx((2.0 + 0.5 * 1.0) / 8.0)
+    assert diag["runs"][1]["losses"]["distill_over_ce_first"] == pytest.approx((0.2 + 0.05) / 9.9)
+    text = fr.diagnostics_table(diag)
+    assert "| a | 0.8000 | 0.5000 | 0.2500 |" in text and "| 0.8000 | 1.5000 | 3.0000 |" in text
+    assert "| uld+gld@all lam1_0.5 | 1 | 9.9000 | 2.0000 | 1.0000 | — | — | — |" in text
+    assert "uld+gld@all lam1_0.5: uld/ce 0.202 -> 0.250" in text
+    assert "seed 6" not in text and "lam0.1_0.05 | 20 |" in text
+    n_scored = len(scored)
+    assert n_scored == 5
+    exp.diagnose(exp.run())                                    # cached: nothing scored again
+    assert len(scored) == n_scored
