@@ -102,7 +102,8 @@ def _weights(mode, ces):
     stage.f = FuseConfig(teachers=[TeacherConfig(name="a"), TeacherConfig(name="b")],
                          weighting=mode)
     stage.teachers = [None, None]
-    batch = {"tokens": torch.zeros(1, 4), "teachers": [{"ce": c} for c in ces]}
+    batch = {"tokens": torch.zeros(1, 4), "sample_id": torch.tensor([7]),   # one sample
+             "teachers": [{"ce": c} for c in ces]}
     return stage._weights(batch)
 
 
