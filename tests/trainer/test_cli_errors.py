@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _train(args, cwd=ROOT, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    env.pop("RANK", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)          # a world of one: the child picks its own free port
     p = subprocess.run([sys.executable, "-m", "megatron_fusion.train", *args], cwd=cwd, env=env,
                        capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stderr.strip().splitlines()
