@@ -555,7 +555,12 @@ class Experiment:
             self.log(f"{arm.label} {point_tag(point)} seed {seed}: cached ({res_file})")
             return json.loads(res_file.read_text())
         t0 = time.time()
-        train(CONFIG, self.sizes.tp, common + arm_overrides(arm, point, self.teachers, topk) + [
+        # the first seed's fusion runs log each term's gradient at the logits (diagnostics; the
+        # training numbers are the same with or without: methods.md §4)
+        every = max(1, self.sizes.steps // 8)
+        diag = [f"fuse.grad_diagnostics={every}"] if arm.loss != "sft" and seed == self.seeds[0] \
+            else []
+        train(CONFIG, self.sizes.tp, common + arm_overrides(arm, point, self.teachers, topk) + diag + [
             f"run.dir={run_dir}", f"train.seed={seed}", f"checkpoint.load={init}"],
             f"arm {arm.label} {point_tag(point)} seed {seed} ({self.sizes.steps} steps)")
         t_train = time.time() - t0
@@ -664,6 +669,10 @@ def table(summary: dict) -> str:
 TERMS = ("loss/ce", "loss/uld", "loss/gld", "loss/hybrid", "loss/matched", "loss/unmatched")
 """The per-term losses read from each run's metrics.jsonl (each a mean per CE token, before its
 lambda; ``loss/hybrid`` already holds its w_M / w_U weights)."""
+GRADS = ("grad/ce", "grad/uld", "grad/hybrid", "grad/gld", "grad/cos_uld_ce", "grad/cos_hybrid_ce",
+         "grad/cos_gld_ce")
+"""The per-term gradients at the logits (``fuse.grad_diagnostics``, the first seed's fusion runs):
+the norm of d(lambda * term)/d logits over the step, and the cosine with the CE's."""
 
 
 def topk_diagnostics(topk_dir: str | Path) -> dict:
@@ -745,7 +754,10 @@ def loss_diagnostics(metrics_path: str | Path, lambdas: dict) -> dict:
                  + rec.get("loss/hybrid", 0.0))
         return uld, extra / ce
 
+    grad_steps = curve_steps([st for st, r in recs.items() if "grad/ce" in r])
     out = {"steps": {str(st): {k: recs[st][k] for k in TERMS if k in recs[st]} for st in steps},
+           "grad_steps": {str(st): {k: recs[st][k] for k in GRADS if k in recs[st]}
+                          for st in grad_steps},
            "first_step": steps[0] if steps else None, "last_step": steps[-1] if steps else None}
     for end, st in (("first", out["first_step"]), ("last", out["last_step"])):
         u, d = ratios(recs[st]) if st is not None else (None, None)
@@ -792,19 +804,26 @@ def diagnostics_table(diag: dict) -> str:
               "logged step", "",
               "| run | step | " + " | ".join(k.removeprefix("loss/") for k in TERMS) + " |",
               "|---" * (2 + len(TERMS)) + "|"]
-    ratio_lines = []
+    ratio_lines, grad_lines = [], []
     for r in diag["runs"]:
         if str(r["seed"]) != seed:
             continue
         name = f"{r['arm']} {r['point']}"
         for st, vals in r["losses"]["steps"].items():
             lines.append(f"| {name} | {st} | " + " | ".join(f(vals.get(k)) for k in TERMS) + " |")
+        for st, vals in r["losses"].get("grad_steps", {}).items():
+            grad_lines.append(f"| {name} | {st} | " + " | ".join(f(vals.get(k)) for k in GRADS) + " |")
         lo = r["losses"]
         ratio_lines.append(
             f"  {name}: uld/ce {f(lo['uld_over_ce_first'], '.3f')} -> {f(lo['uld_over_ce_last'], '.3f')}, "
             f"distill/ce {f(lo['distill_over_ce_first'], '.3f')} -> {f(lo['distill_over_ce_last'], '.3f')} "
             f"(steps {lo['first_step']} -> {lo['last_step']}); pivot bpb train "
             f"{f(r['train_bpb'])} test {f(r['test_bpb'])}")
+    if grad_lines:
+        lines += ["", f"per-term gradients at the logits, seed {seed} (fuse.grad_diagnostics): "
+                  "norm of d(lambda*term)/d logits over the step, cosine with the CE's", "",
+                  "| run | step | " + " | ".join(k.removeprefix("grad/") for k in GRADS) + " |",
+                  "|---" * (2 + len(GRADS)) + "|"] + grad_lines
     return "\n".join(lines + [""] + ratio_lines) + "\n"
 
 

@@ -369,6 +369,14 @@ class FuseConfig:
     teacher, w_M = matched teacher tokens / teacher vocab size (needs lambda_unmatched: adaptive)."""
     lambda_unmatched: Union[float, Literal["adaptive"]] = 1.0
     """hybrid: weight w_U of the ULD over the unmatched remainder, >= 0; adaptive = 1 - w_M."""
+    grad_diagnostics: int = 0
+    """Every this many steps (and at step 1; 0 = never) report each loss term's gradient at the
+    logits: ``grad/ce``, ``grad/uld`` (or
+    ``grad/hybrid``), ``grad/gld`` = the L2 norm over the step's logits of d(lambda * term)/d logits
+    (each term as it enters the objective), ``grad/<term>_over_ce`` and ``grad/cos_<term>_ce``
+    (cosine with the CE's gradient). Shows whether a distillation term that is small in the loss
+    dominates the update (docs/methods.md §4). Costs one more backward through the logits-sized
+    loss Function per term on those steps (not through the model; about 2x a step on CPU)."""
 
     def __post_init__(self):
         _check(self.k >= 1, "fuse.k", "must be >= 1")
@@ -386,6 +394,9 @@ class FuseConfig:
             _check(getattr(self, n) >= 0, f"fuse.{n}", "must be >= 0")
         _check(self.loss in ("uld", "hybrid"), "fuse.loss",
                f"must be uld or hybrid, got {self.loss!r}")
+        _check(isinstance(self.grad_diagnostics, int) and not isinstance(self.grad_diagnostics, bool)
+               and self.grad_diagnostics >= 0, "fuse.grad_diagnostics",
+               f"must be an integer >= 0 (every N steps; 0 = off), got {self.grad_diagnostics!r}")
         _check(isinstance(self.tail_bucket, bool), "fuse.tail_bucket",
                f"must be true or false, got {self.tail_bucket!r}")
         _check(not self.tail_bucket or self.loss == "hybrid", "fuse.tail_bucket",

@@ -327,6 +327,7 @@ class Trainer:
         t0 = time.perf_counter()
         micro = rank_microbatches(self.train_ds, self.order, state.consumed, cfg, self.dp,
                                   self.groups.dp_rank, stage.collate, device=self.groups.device)
+        stage.step = state.step + 1
         stage.prepare_step(micro, self.groups)
         self.optimizer.zero_grad()
         for m in model:
@@ -357,6 +358,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         real, slots = red.pop("real"), red.pop("slots")
         metrics = {k: v for k, v in red.items() if not k.endswith("_count")}
+        metrics = stage.derive_metrics(metrics)
         if "loss/total" not in metrics and stage.total_alias in metrics:
             metrics["loss/total"] = metrics[stage.total_alias]
         metrics.update({"lr": self.optimizer.param_groups[0]["lr"], "perf/step_s": dt,

@@ -229,6 +229,10 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     metrics = [json.loads(x) for x in (out / "runs" / "uld_gld-all-minCE" / "lam0.3_0.15" / "s3"
                                        / "metrics.jsonl").read_text().splitlines()]
     assert any("loss/uld" in m and m["loss/uld"] > 0 for m in metrics)
+    # the first seed's fusion runs log the per-term gradients at the logits
+    grads = [m for m in metrics if "grad/uld" in m]
+    assert grads and all(m["grad/ce"] > 0 and m["grad/uld"] > 0 and -1 <= m["grad/cos_uld_ce"] <= 1
+                         for m in grads)
     for n in teachers:
         assert set(summary["teacher_scores"][n]) == {"valid", "test"}
     assert "| sft |" in fr.table(summary) and "| uld+gld@all/minCE (uld=0.3, gld=0.15) |" in fr.table(summary)
@@ -366,6 +370,9 @@ def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
         if arm.loss != "sft":
             for r in recs:
                 r.update({"loss/uld": 2.0, "loss/gld": 1.0})
+                if r["step"] % 5 == 0:          # fuse.grad_diagnostics=5
+                    r.update({"grad/ce": 1.0, "grad/uld": 3.0, "grad/gld": 0.5,
+                              "grad/cos_uld_ce": -0.2, "grad/cos_gld_ce": 0.1})
         _write_metrics(rd / "metrics.jsonl", recs)
         res = _fake_result(2.2 if point == (1.0, 0.5) else 2.0,
                            3.0 if arm.loss == "sft" else 3.5, point)   # valid picks (0.1, 0.05)
@@ -414,6 +421,10 @@ def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
     assert "| a | 0.8000 | 0.5000 | 0.2500 |" in text and "| 0.8000 | 1.5000 | 3.0000 |" in text
     assert "| uld+gld@all lam1_0.5 | 1 | 9.9000 | 2.0000 | 1.0000 | — | — | — |" in text
     assert "uld+gld@all lam1_0.5: uld/ce 0.202 -> 0.250" in text
+    assert "| uld+gld@all lam1_0.5 | 20 | 1.0000 | 3.0000 | — | 0.5000 | -0.2000 | — | 0.1000 |" in text
+    assert list(diag["runs"][2]["losses"]["grad_steps"]) == ["5", "10", "20"]
+    assert diag["runs"][2]["losses"]["grad_steps"]["5"]["grad/cos_uld_ce"] == -0.2
+    assert "grad/ce" not in diag["runs"][2]["losses"]["steps"]["1"]
     assert "seed 6" not in text and "lam0.1_0.05 | 20 |" in text
     n_scored = len(scored)
     assert n_scored == 5

@@ -9,6 +9,7 @@ and per optimizer step, with this DP rank's micro-batches (made by ``stage.colla
 
     stage.prepare_step(microbatches, groups)     # before any forward (global term counts, teachers)
     ... Megatron's schedule calls stage.loss_func(batch, output) per micro-batch ...
+    stage.derive_metrics(metrics)                 # metrics derived from the reduced reports
     stage.step_metrics()                          # extra per-step metrics (e.g. teacher wait time)
 
 Held-out evaluation: CE per ``data.valid`` file through ``stage.eval_stage()`` (a plain SFT
@@ -44,6 +45,8 @@ class Stage:
     sequences_per_sample: ClassVar[int] = 1
     #: whether ``evaluate`` adds held-out metrics of the stage's own
     has_evaluate: ClassVar[bool] = False
+    #: the optimizer step being prepared (1-based); the trainer sets it before ``prepare_step``
+    step: int = 0
 
     @classmethod
     def build_dataset(cls, cfg: Config, tokenizer):
@@ -82,6 +85,11 @@ class Stage:
     def step_metrics(self) -> dict[str, float]:
         """Extra metrics of the step just taken."""
         return {}
+
+    def derive_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The step's metrics from the reduced reports, with any the stage derives from them
+        (e.g. norms from squared norms); default: unchanged."""
+        return metrics
 
 
 STAGES: dict[str, type[Stage]] = {}

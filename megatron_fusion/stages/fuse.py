@@ -49,6 +49,8 @@ shard's checksum when it is first read.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -93,6 +95,12 @@ class FuseStage(Stage):
                                  f"teacher/{n}/weight"]
             if self.hybrid:
                 self.report_keys.append(f"teacher/{n}/matched_mass")
+        # fuse.grad_diagnostics: per term its squared gradient norm at the logits and its dot
+        # product with the CE's, reduced as reports; derive_metrics turns them into norms/cosines
+        self.grad_terms = ["ce", term, "gld"] if f.grad_diagnostics else []
+        self.report_keys += [f"grad/{n}_sq" for n in self.grad_terms] + \
+            [f"grad/{n}_dot_ce" for n in self.grad_terms[1:]]
+        self._n_reports, self._grad_now = 1, False
         self.matches = []
         if self.hybrid:
             if tokenizer is None and dataset is not None:
@@ -197,6 +205,10 @@ class FuseStage(Stage):
             return
         seq = self.cfg.model.seq_length
         k = self.f.k
+        every = self.f.grad_diagnostics
+        self._grad_now = bool(every) and (self.step <= 1 or self.step % every == 0)
+        if self._grad_now:
+            self._n_reports = len(microbatches) * groups.dp_size   # grad/* reports, world
         counts = torch.zeros(1 + 2 * len(self.teachers), dtype=torch.float64, device=groups.device)
         # per sample, in each batch's sample order (packed rows: data/packing.py, methods.md §10)
         fetched = [fetch_per_sample(t.fetch, microbatches, seq, self.cfg.train.micro_batch)
@@ -348,4 +360,50 @@ class FuseStage(Stage):
                 report[f"loss/{p}"] = torch.stack([n_ce * parts[p], ce_count])
         report["loss/gld"] = torch.stack([(n_ce * gld_total).detach(), ce_count])
         report["loss/total"] = torch.stack([loss_sum.detach(), ce_count])
+        if self._grad_now:
+            report.update(self._grad_report(output, [
+                f.lambda_ce * ce_sum / n_ce, lam * dist_total if lam else None,
+                f.lambda_gld * gld_total if f.lambda_gld else None]))
         return loss_sum, ce_count.to(torch.int), report
+
+    def _grad_report(self, output: torch.Tensor, terms: list) -> dict:
+        """fuse.grad_diagnostics: d(term)/d(logits) of each term of this micro-batch's share of the
+        objective (``loss_sum / N_ce``), by autograd through the loss Function only (the graph is
+        kept for the step's backward). Reports ``[sum, 1 / reports per step]`` so the reduced
+        value is the step's sum over micro-batches and DP replicas of ||g||^2 and <g, g_ce>;
+        the vocab shards' parts are summed over TP here (every TP rank joins)."""
+        grads = []
+        for t in terms:
+            g = None
+            if t is not None and t.requires_grad:
+                g = torch.autograd.grad(t, output, retain_graph=True, allow_unused=True)[0]
+            grads.append(None if g is None else g.float())
+        zero = output.new_zeros((), dtype=torch.float32)
+        ce = grads[0]
+        vals = [zero if g is None else (g * g).sum() for g in grads]
+        vals += [zero if g is None or ce is None else (g * ce).sum() for g in grads[1:]]
+        vec = torch.stack(vals).double()
+        if self.groups.tp_size > 1:
+            dist.all_reduce(vec, group=self.groups.tp)
+        keys = [f"grad/{n}_sq" for n in self.grad_terms] + \
+            [f"grad/{n}_dot_ce" for n in self.grad_terms[1:]]
+        share = vec.new_full((), 1.0 / self._n_reports)
+        return {k: torch.stack([v, share]) for k, v in zip(keys, vec)}
+
+    def derive_metrics(self, metrics: dict) -> dict:
+        """fuse.grad_diagnostics: the reduced squared norms and dot products -> ``grad/<term>``
+        (L2 norm), ``grad/<term>_over_ce`` and ``grad/cos_<term>_ce`` (0 where a norm is 0)."""
+        if not self.grad_terms:
+            return metrics
+        sq = {n: max(metrics.pop(f"grad/{n}_sq"), 0.0) for n in self.grad_terms}
+        dots = {n: metrics.pop(f"grad/{n}_dot_ce") for n in self.grad_terms[1:]}
+        if sq["ce"] == 0.0:             # not a diagnostics step (no report): nothing to derive
+            return metrics
+        norm = {n: math.sqrt(v) for n, v in sq.items()}
+        for n in self.grad_terms:
+            metrics[f"grad/{n}"] = norm[n]
+        for n in self.grad_terms[1:]:
+            both = norm[n] * norm["ce"]
+            metrics[f"grad/{n}_over_ce"] = norm[n] / norm["ce"] if norm["ce"] > 0 else 0.0
+            metrics[f"grad/cos_{n}_ce"] = dots[n] / both if both > 0 else 0.0
+        return metrics

@@ -115,6 +115,10 @@ CASES = {
                    lambda: [match_map(45, 3, 0.5), match_map(60, 4, 0.9)],
                    dict(weighting="avgCE", lambda_matched=0.6, lambda_unmatched=1.3,
                         lambda_gld=0.0, lambda_ce=0.7), True),
+    # fuse.loss=uld (the paper's ULD) through the same harness, for the gradient diagnostics
+    "uld_gld": (lambda: [Teacher("tA", 45, 5), Teacher("tB", 60, 6)],
+                lambda: [match_map(45, 5, 0.6), match_map(60, 6, 0.8)],
+                dict(loss="uld", lambda_uld=0.8, lambda_gld=0.5), False),
     "identity": (lambda: [Teacher("self", VOCAB, 0, self_of=True)],
                  lambda: [match_map(VOCAB, 0, 1.0, identity=True)],
                  # GLD = 0 here sits on the kink of |.| in W1 (fp32 teacher values): its
@@ -133,7 +137,8 @@ def _config(name: str):
     return Config(stage="fuse", run=RunConfig(dir="unused"),
                   model=ModelConfig(seq_length=SEQ, vocab_size=VOCAB),
                   train=TrainConfig(global_batch=4, micro_batch=2),
-                  fuse=FuseConfig(teachers=tcfg, k=K, loss="hybrid", **over))
+                  fuse=FuseConfig(teachers=tcfg, k=K, grad_diagnostics=1,
+                                  **({"loss": "hybrid"} | over)))
 
 
 def _run_cases(groups, rank: int, tp: int) -> dict:
@@ -161,6 +166,7 @@ def _run_cases(groups, rank: int, tp: int) -> dict:
             grads.append(x.grad)
         # a world all-reduce: at TP1 both ranks add the same sums and counts (same ratios)
         red, _ = _reduce_reports(reports, stage.report_keys, groups, False)
+        red = stage.derive_metrics(red)
         out[name] = {"objective": loss / count, "red": red,
                      "grads": [g / count for g in grads]}
     return out
@@ -222,7 +228,7 @@ def reference(name: str) -> dict:
              for t in teachers]
     n_uld = [sum(float(m.sum()) for m in ms) for ms in masks]
     n_gld = [sum(float(m.any(-1).sum()) for m in ms) for ms in masks]
-    ce = matched = unmatched = tail = hyb = gld = 0.0
+    ce = matched = unmatched = tail = hyb = uld = gld = 0.0
     for i, (mb, z) in enumerate(zip(micro, zs)):
         lsm = torch.log_softmax(z, -1)
         ce = ce - (lsm.gather(-1, mb["labels"][..., None])[..., 0] * mb["loss_mask"]).sum()
@@ -240,22 +246,45 @@ def reference(name: str) -> dict:
                     w_u = 1 - w_m
                 else:
                     w_m, w_u = cfg.lambda_matched, cfg.lambda_unmatched
-                args = (z[bi:bi + 1], tl, m.dense(), mask, K)
-                kl = ref_hybrid(*args, 1.0, 0.0, False)
-                kl_tail = ref_hybrid(*args, 1.0, 0.0, True) if cfg.tail_bucket else kl
-                u = ref_hybrid(*args, 0.0, 1.0, False)
-                matched = matched + w[j] * kl / n_uld[j]
-                tail = tail + w[j] * (kl_tail - kl) / n_uld[j]
-                unmatched = unmatched + w[j] * u / n_uld[j]
-                hyb = hyb + w[j] * (w_m * kl_tail + w_u * u) / n_uld[j]
                 pos = [s for s in range(SEQ) if mask[0, s]]
+                if cfg.loss == "uld":         # methods.md §2: L1 of the sorted softmaxes
+                    vals = t.fetch(torch.tensor([sid]), SEQ)[0][0].double()
+                    for s in pos:
+                        p_s = torch.softmax(a_s[bi, s], -1).sort(descending=True).values
+                        p_t = torch.softmax(vals[s], -1).sort(descending=True).values
+                        uld = uld + w[j] * (p_s - p_t).abs().sum() / n_uld[j]
+                else:
+                    args = (z[bi:bi + 1], tl, m.dense(), mask, K)
+                    kl = ref_hybrid(*args, 1.0, 0.0, False)
+                    kl_tail = ref_hybrid(*args, 1.0, 0.0, True) if cfg.tail_bucket else kl
+                    u = ref_hybrid(*args, 0.0, 1.0, False)
+                    matched = matched + w[j] * kl / n_uld[j]
+                    tail = tail + w[j] * (kl_tail - kl) / n_uld[j]
+                    unmatched = unmatched + w[j] * u / n_uld[j]
+                    hyb = hyb + w[j] * (w_m * kl_tail + w_u * u) / n_uld[j]
                 if pos and not ties:        # GLD's node ids under ties: not compared
+
                     vals, ids = t.fetch(torch.tensor([sid]), SEQ)[:2]
                     e_s = eccentricity(a_s[bi, pos], id_s[bi, pos])
                     e_t = eccentricity(vals[0, pos].double(), ids[0, pos])
                     gld = gld + w[j] * wasserstein1(e_s, e_t) / n_gld[j]
     ce = ce / n_ce
-    total = cfg.lambda_ce * ce + hyb + cfg.lambda_gld * gld
+    dist_term = cfg.lambda_uld * uld if cfg.loss == "uld" else hyb
+    terms = {"ce": cfg.lambda_ce * ce, cfg.loss: dist_term, "gld": cfg.lambda_gld * gld}
+    # fuse.grad_diagnostics: each term's gradient at the logits over the whole step
+    term_grads = {n: torch.autograd.grad(v, zs, retain_graph=True, allow_unused=True)
+                  if torch.is_tensor(v) and v.requires_grad else [None] * len(zs)
+                  for n, v in terms.items()}
+    sq = {n: sum(0.0 if g is None else float((g * g).sum()) for g in gs)
+          for n, gs in term_grads.items()}
+    dot = {n: sum(0.0 if g is None or c is None else float((g * c).sum())
+                  for g, c in zip(gs, term_grads["ce"])) for n, gs in term_grads.items()}
+    diag = {f"grad/{n}": v ** 0.5 for n, v in sq.items()}
+    for n in (cfg.loss, "gld"):
+        both = (sq[n] * sq["ce"]) ** 0.5
+        diag[f"grad/{n}_over_ce"] = (sq[n] / sq["ce"]) ** 0.5
+        diag[f"grad/cos_{n}_ce"] = dot[n] / both if both > 0 else 0.0
+    total = cfg.lambda_ce * ce + dist_term + cfg.lambda_gld * gld
     total.backward()
     grads = []
     for z in zs:
@@ -263,8 +292,10 @@ def reference(name: str) -> dict:
         g[..., :VOCAB] = z.grad
         grads.append(g)
     parts = {"loss/ce": ce, "loss/hybrid": hyb, "loss/matched": matched,
-             "loss/unmatched": unmatched, "loss/tail": tail, "loss/gld": gld, "loss/total": total}
-    return {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()} | {"grads": grads}
+             "loss/unmatched": unmatched, "loss/tail": tail, "loss/gld": gld, "loss/total": total,
+             "loss/uld": uld}
+    return {k: float(torch.as_tensor(v).detach()) for k, v in parts.items()} | diag | \
+        {"grads": grads}
 
 
 @pytest.fixture(scope="module")
@@ -279,9 +310,12 @@ def test_hybrid_stage_matches_float64_reference(runs, tp, name):
     ref = reference(name)
     per_rank = runs[tp]
     got = per_rank[0][name]
-    keys = ["loss/ce", "loss/hybrid", "loss/matched", "loss/unmatched", "loss/total"] + \
-        (["loss/tail"] if _config(name).fuse.tail_bucket else []) + \
-        ([] if CASES[name][3] else ["loss/gld"])
+    fuse = _config(name).fuse
+    if fuse.loss == "uld":
+        keys = ["loss/ce", "loss/uld", "loss/gld", "loss/total"]
+    else:
+        keys = ["loss/ce", "loss/hybrid", "loss/matched", "loss/unmatched", "loss/total"] + \
+            (["loss/tail"] if fuse.tail_bucket else []) + ([] if CASES[name][3] else ["loss/gld"])
     for k in keys:
         # the stage gets the teacher log-probs in fp32, as shards and the wire carry them
         assert abs(got["red"][k] - ref[k]) <= 1e-6 * abs(ref[k]) + 1e-7, (name, k, got["red"][k],
@@ -293,12 +327,36 @@ def test_hybrid_stage_matches_float64_reference(runs, tp, name):
         assert torch.all(g[..., VOCAB:] == 0)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_grad_diagnostics_match_reference(runs, tp, name):
+    """fuse.grad_diagnostics: each term's gradient norm at the logits over the step and its cosine
+    with the CE's equal the float64 reference's (separate autograd per term)."""
+    ref, got = reference(name), runs[tp][0][name]["red"]
+    term = _config(name).fuse.loss
+    if name == "identity":          # the hybrid gradient is rounding noise: its cosine is too
+        assert got["grad/hybrid"] < 1e-6 * got["grad/ce"] and ref["grad/hybrid"] < 1e-9
+        assert abs(got["grad/ce"] - ref["grad/ce"]) <= 1e-6 * ref["grad/ce"]
+        return
+    for k in ["grad/ce", f"grad/{term}", f"grad/{term}_over_ce", f"grad/cos_{term}_ce"] + \
+            ([] if CASES[name][3] else ["grad/gld", "grad/gld_over_ce", "grad/cos_gld_ce"]):
+        assert abs(got[k] - ref[k]) <= 1e-6 * abs(ref[k]) + 1e-7, (name, tp, k, got[k], ref[k])
+    assert not any(k.endswith(("_sq", "_dot_ce")) for k in got if k.startswith("grad/"))
+
+
 def test_reference_cases_are_not_trivial():
     ref = reference("tail_adaptive_gld")
     assert ref["loss/matched"] > 0.05 and ref["loss/unmatched"] > 0.01 and ref["loss/tail"] != 0
     assert ref["loss/gld"] > 0
     ref = reference("ties_avgce")
     assert ref["loss/matched"] > 0.05 and ref["loss/unmatched"] > 0.01
+    ref = reference("uld_gld")
+    assert ref["loss/uld"] > 0.05 and ref["loss/gld"] > 0
+    for name in ("uld_gld", "tail_adaptive_gld"):        # the diagnostics are not degenerate
+        ref = reference(name)
+        term = _config(name).fuse.loss
+        assert ref[f"grad/{term}"] > 1e-3 and ref["grad/gld"] > 1e-3
+        assert 0.01 < abs(ref[f"grad/cos_{term}_ce"]) < 0.99, ref
 
 
 def test_identity_teacher_hybrid_vanishes(runs):
