@@ -838,6 +838,14 @@ def add_args(ap) -> None:
     g.add_argument("--grid", action="append", default=[], metavar="LOSS=U[/G];...",
                    help="replace a loss's lambda grid, e.g. 'uld+gld=0.1/0.05;0.3/0.15'")
     g.add_argument("--write-table", default=None, help="append the markdown table to this file")
+    g.add_argument("--fpo", action="store_true",
+                   help="then FPO vs DPO from each seed's sft pivot (demos/fusion_fpo.py; needs the "
+                        "sft arm)")
+    from demos.fusion_fpo import PrefSizes
+
+    for f in dataclasses.fields(PrefSizes):
+        g.add_argument(f"--pref-{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                       help=f"--fpo: PrefSizes.{f.name} (default {f.default})")
     for f in dataclasses.fields(Sizes):
         g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                        help=f"Sizes.{f.name} (default {f.default})")
@@ -867,4 +875,21 @@ def main_real(args) -> int:
     if args.write_table:
         with open(args.write_table, "a") as f:
             f.write(text)
+    if args.fpo:
+        from demos import fusion_fpo
+
+        sft = next((a for a in arms if a.loss == "sft"), None)
+        if sft is None:
+            raise SystemExit("fusion_experiment: --fpo starts from each seed's sft pivot: add sft "
+                             "to --arms")
+        psizes = fusion_fpo.PrefSizes(**{f.name: getattr(args, f"pref_{f.name}")
+                                         for f in dataclasses.fields(fusion_fpo.PrefSizes)
+                                         if getattr(args, f"pref_{f.name}", None) is not None})
+        pref = fusion_fpo.run_fpo(exp, psizes, {s: exp.run_dir(sft, (), s) for s in seeds}, CONFIG)
+        ptext = fusion_fpo.table(pref)
+        print("\nFPO vs DPO: held-out preference accuracy and margin (mean over seeds; "
+              "Δ = fpo - dpo on the same seed)\n" + ptext)
+        if args.write_table:
+            with open(args.write_table, "a") as f:
+                f.write(ptext)
     return 0

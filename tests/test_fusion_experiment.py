@@ -261,6 +261,24 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     # a later launch from this process would inherit while the port is still held
     assert {k: os.environ.get(k) for k in ENV_KEYS} == env_before
 
+    # FPO vs DPO (--fpo) from the sft pivot: both teachers' sequence log-probs (HF backend, their
+    # own tokenizers), the pivot's own (Megatron backend), one step of each arm, held-out pairs
+    monkeypatch.undo()
+    from demos import fusion_fpo as ff
+
+    psizes = ff.PrefSizes(n_pairs=4, n_valid=4, steps=1, micro_batch=2, global_batch=4)
+    pref = ff.run_fpo(exp, psizes, {3: exp.run_dir(exp.arms[0], (), 3)}, fr.CONFIG)
+    for arm in ff.ARMS:
+        res = pref["arms"][arm]["3"]
+        for when in ("before", "after"):
+            assert 0.0 <= res[when]["pref_accuracy"] <= 1.0 and math.isfinite(res[when]["pref_margin"])
+        assert res["before"] == pref["arms"]["dpo"]["3"]["before"]      # the same start
+    assert pref["arms"]["fpo"]["3"]["after"] != pref["arms"]["dpo"]["3"]["after"]  # sources acted
+    cfg = (out / "pref" / "runs" / "fpo" / "s3" / "config.yaml").read_text()
+    assert "logprobs/smol" in cfg and "logprobs/mistral" in cfg and "pivot_s3" not in cfg
+    assert "logprobs/pivot_s3" in (out / "pref" / "runs" / "dpo" / "s3" / "config.yaml").read_text()
+    assert "| fpo |" in ff.table(pref)
+
 
 # --- diagnostics (why fusion does or does not beat sft) -----------------------------------------
 
@@ -430,3 +448,31 @@ def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
     assert n_scored == 5
     exp.diagnose(exp.run())                                    # cached: nothing scored again
     assert len(scored) == n_scored
+
+
+def test_fpo_table_pairs_and_sizes(tmp_path):
+    """FPO vs DPO (demos/fusion_fpo.py): paired deltas over seeds in the table, cached pairs
+    with disjoint train / held-out seeds, size refusals."""
+    from demos import fusion_fpo as ff
+
+    def res(acc0, acc1, m0, m1):
+        return {"before": {"pref_accuracy": acc0, "pref_margin": m0},
+                "after": {"pref_accuracy": acc1, "pref_margin": m1}}
+
+    summary = {"arms": {"dpo": {"1": res(0.5, 0.6, -0.1, 0.2), "2": res(0.4, 0.5, 0.0, 0.1)},
+                        "fpo": {"1": res(0.5, 0.7, -0.1, 0.1), "2": res(0.4, 0.4, 0.0, 0.3)}}}
+    text = ff.table(summary)
+    assert "| dpo | 0.4500 | 0.5500 | -0.0500 | +0.1500 | — | — |" in text
+    assert "| fpo | 0.4500 | 0.5500 | -0.0500 | +0.2000 | +0.0000 [-0.1000, +0.1000] " \
+           "| +0.0500 [-0.1000, +0.2000] |" in text
+    paths = ff.make_pairs(tmp_path / "p", ff.PrefSizes(n_pairs=6, n_valid=3))
+    train = [json.loads(x) for x in Path(paths["train"]).read_text().splitlines()]
+    valid = [json.loads(x) for x in Path(paths["valid"]).read_text().splitlines()]
+    assert len(train) == 6 and len(valid) == 3 and all(r["chosen"] != r["rejected"] for r in train)
+    assert not {r["prompt"] for r in valid} & {r["prompt"] for r in train}
+    with pytest.raises(SystemExit, match="other sizes"):
+        ff.make_pairs(tmp_path / "p", ff.PrefSizes(n_pairs=7, n_valid=3))
+    with pytest.raises(ValueError, match="global_batch"):
+        ff.PrefSizes(micro_batch=3, global_batch=16)
+    with pytest.raises(ValueError, match="steps"):
+        ff.PrefSizes(steps=0)
