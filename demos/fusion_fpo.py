@@ -119,7 +119,9 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
         f"train.micro_batch={sizes.micro_batch}", f"train.global_batch={sizes.global_batch}",
         f"optim.lr={sizes.lr}", f"optim.min_lr={sizes.lr / 10}",
         f"optim.warmup_steps={max(1, sizes.steps // 10)}", "logging.interval=1",
-        f"train.eval_interval={sizes.steps}", f"model.seq_length={seq}"]
+        f"train.eval_interval={sizes.steps}", f"model.seq_length={seq}",
+        # every held-out pair is scored (the stage scores eval_batches x micro_batch of them)
+        f"train.eval_batches={-(-sizes.n_valid // sizes.micro_batch)}"]
     results: dict[str, dict[str, dict]] = {a: {} for a in ARMS}
     for seed, start in sft_dirs.items():
         own = source_logprobs(out, f"pivot_s{seed}", pairs["train"], seq, checkpoint=str(start))

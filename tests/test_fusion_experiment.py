@@ -262,11 +262,12 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     assert {k: os.environ.get(k) for k in ENV_KEYS} == env_before
 
     # FPO vs DPO (--fpo) from the sft pivot: both teachers' sequence log-probs (HF backend, their
-    # own tokenizers), the pivot's own (Megatron backend), one step of each arm, held-out pairs
+    # own tokenizers), the pivot's own (Megatron backend), two steps of each arm (the first is
+    # the warmup's lr 0), held-out pairs
     monkeypatch.undo()
     from demos import fusion_fpo as ff
 
-    psizes = ff.PrefSizes(n_pairs=4, n_valid=4, steps=1, micro_batch=2, global_batch=4)
+    psizes = ff.PrefSizes(n_pairs=4, n_valid=4, steps=2, micro_batch=2, global_batch=4)
     pref = ff.run_fpo(exp, psizes, {3: exp.run_dir(exp.arms[0], (), 3)}, fr.CONFIG)
     for arm in ff.ARMS:
         res = pref["arms"][arm]["3"]
@@ -278,6 +279,7 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     assert "logprobs/smol" in cfg and "logprobs/mistral" in cfg and "pivot_s3" not in cfg
     assert "logprobs/pivot_s3" in (out / "pref" / "runs" / "dpo" / "s3" / "config.yaml").read_text()
     assert "| fpo |" in ff.table(pref)
+    assert "eval_batches: 2" in cfg                  # all 4 held-out pairs, 2 per micro-batch
 
 
 # --- diagnostics (why fusion does or does not beat sft) -----------------------------------------
