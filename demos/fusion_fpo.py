@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demos.common import env, eval_table, run, train
+from demos.fusion_real import atomic_json
 
 ARMS = ("dpo", "fpo")
 
@@ -145,21 +146,15 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
                 raise SystemExit(f"fusion_fpo: {rd / 'metrics.jsonl'} has no eval/ record")
             res = {k: {m: ev[k][f"eval/{m}"] for m in ("pref_accuracy", "pref_margin")}
                    for k in ("before", "after")} | {"train_s": time.time() - t1, "start": str(start)}
-            _atomic(res_file, res)
+            atomic_json(res_file, res)
             results[arm][str(seed)] = res
             exp.log(f"{arm} seed {seed}: held-out preference accuracy {res['before']['pref_accuracy']:.3f}"
                     f" -> {res['after']['pref_accuracy']:.3f}, margin {res['before']['pref_margin']:+.4f}"
                     f" -> {res['after']['pref_margin']:+.4f}")
     summary = {"arms": results, "sizes": vars(sizes), "sources": list(teachers),
                "wall_s": time.time() - t0}
-    _atomic(out / "results.json", summary)
+    atomic_json(out / "results.json", summary)
     return summary
-
-
-def _atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def table(summary: dict) -> str:
