@@ -591,9 +591,20 @@ class Experiment:
                                              self.teachers[name].tokenizer, self.data,
                                              ("train",), limit=n))
             sc = json.loads(f.read_text())
+            seg = None
+            if name in self.topk:
+                g = self.out / "teachers" / f"{name}.segmentation.json"
+                if not g.exists():
+                    from megatron_fusion.tokenizers import load_tokenizer
+
+                    self.log(f"teacher '{name}': segmentation check on its shards")
+                    atomic_json(g, segmentation_diagnostics(
+                        self.data["train"], self.sizes.seq_len, self.topk[name], self.tok,
+                        load_tokenizer(self.teachers[name].tokenizer, name=name)))
+                seg = json.loads(g.read_text())
             teachers[name] = {"train_bpb": mean_bpb(sc, "train"), "train_score": sc["train"],
                               "shards": topk_diagnostics(self.topk[name]) if name in self.topk
-                              else None}
+                              else None, "segmentation": seg}
         runs = []
         for arm, point, seed in self.trained:
             rd = self.run_dir(arm, point, seed)
@@ -706,6 +717,76 @@ def topk_diagnostics(topk_dir: str | Path) -> dict:
             "train_bytes_shards": int(total_bytes)}
 
 
+def segmentation_diagnostics(data_path: str, seq_len: int, topk_dir: str | Path, pivot_tok,
+                             teacher_tok, limit: int | None = None) -> dict:
+    """Is a teacher's top-K at an aligned position over the pivot's next token? (issue #16: the
+    segmentation check; from the shards and the text, no forward.)
+
+    At an aligned response position t the pivot and the teacher have read the same text (methods.md
+    §1), but each predicts the next piece of ITS tokenization of what follows: the pivot's label
+    ``ids[t+1]`` and the teacher's own next token (``t_ids[j+1]``, j = the aligned teacher position,
+    from the precompute's own alignment). Where the two tokenizers cut the continuation differently
+    ("different cut": the two next pieces have different surfaces), the teacher's probability sits
+    on its own piece, which is not the pivot's label even when a pivot token with its surface
+    exists, so the matched KL of the hybrid loss pulls the pivot toward a piece it never emits
+    there. Reported over the aligned response positions whose pivot label is not a special token
+    (``positions``; ``special_label_positions`` the others): ``same_cut_fraction``; ``top1_label``
+    (the teacher's top-1, mapped to pivot ids, is the pivot's label), ``top1_own_next`` (its top-1
+    is its own next token); the mean top-K probability on the pivot's label (``label_mass``), on
+    its own next token (``own_next_mass``), on matched tokens other than the label
+    (``matched_not_label_mass``), and the same on the different-cut positions alone (``diff_cut``).
+    A teacher with the pivot's tokenizer has ``same_cut_fraction`` 1 by construction."""
+    from megatron_fusion.data.sft import SFTDataset, encode_segments
+    from megatron_fusion.teachers.shards import TopKReader
+    from megatron_fusion.teachers.topk import _teacher_inputs, align_sample
+    from megatron_fusion.teachers.vocab_match import VocabMatch, surface
+
+    ds = SFTDataset(data_path, pivot_tok, seq_len)
+    reader = TopKReader(topk_dir, {"dataset_hash": ds.dataset_hash}, verify_checksum=False)
+    alignment = reader.headers[0].get("meta", {}).get("alignment", "offset")
+    same = teacher_tok.content_hash == pivot_tok.content_hash
+    dense = None if same else VocabMatch.build(teacher_tok, pivot_tok).dense()
+    p_surf = [surface(p, k) for p, k in pivot_tok.vocab_pieces()]
+    t_surf = p_surf if same else [surface(p, k) for p, k in teacher_tok.vocab_pieces()]
+    keys = ("label_mass", "own_next_mass", "matched_not_label_mass", "top1_label", "top1_own_next")
+    acc = {"all": dict.fromkeys(keys, 0.0), "diff": dict.fromkeys(keys, 0.0)}
+    n = {"all": 0, "diff": 0}
+    special = 0
+    for i in range(len(ds) if limit is None else min(limit, len(ds))):
+        s = ds.sample(i)
+        P = min(len(s.ids), seq_len)
+        t_ids, t_offs, *_ = _teacher_inputs(s, teacher_tok, P, None, False)
+        align = align_sample(s, t_ids, t_offs, pivot_tok, teacher_tok, P, alignment)
+        full_t = encode_segments(teacher_tok, s.segments)[0]
+        _, ids, aligned, logp = reader.get(s.sample_id, seq_len, logprobs=True)
+        for t in range(P - 1):
+            j = align[t]
+            if not (aligned[t] and s.is_response[t + 1]) or j < 0 or j + 1 >= len(full_t):
+                continue
+            label, own = int(s.ids[t + 1]), int(full_t[j + 1])
+            if p_surf[label] is None:
+                special += 1
+                continue
+            p = logp[t].double().exp()
+            tid = ids[t]
+            mapped = tid if dense is None else dense[tid]
+            top = int(p.argmax())
+            rec = {"label_mass": float(p[mapped == label].sum()),
+                   "own_next_mass": float(p[tid == own].sum()),
+                   "matched_not_label_mass": float(p[(mapped >= 0) & (mapped != label)].sum()),
+                   "top1_label": float(int(mapped[top]) == label),
+                   "top1_own_next": float(int(tid[top]) == own)}
+            groups = ("all", "diff") if t_surf[own] != p_surf[label] else ("all",)
+            for g in groups:
+                n[g] += 1
+                for k_, v in rec.items():
+                    acc[g][k_] += v
+    mean = {g: {k_: v / n[g] if n[g] else None for k_, v in acc[g].items()} for g in acc}
+    return {"positions": n["all"], "special_label_positions": special,
+            "same_cut_fraction": 1 - n["diff"] / n["all"] if n["all"] else None,
+            **mean["all"], "diff_cut": {"positions": n["diff"], **mean["diff"]}}
+
+
 def read_metrics(path: str | Path) -> dict[int, dict]:
     """``{step: record}`` of a run's metrics.jsonl (a resumed run appends: the last record of a
     step wins); a line that is not JSON stops with its file:line."""
@@ -798,6 +879,21 @@ def diagnostics_table(diag: dict) -> str:
                      f"| {f(sh.get('matched_mass_fraction'))} | {f(sh.get('train_bpb_shards'))} "
                      f"| {f(t['train_bpb'])} | {f(diag.get('sft_train_bpb'))} "
                      f"| {f(diag.get('sft_test_bpb'))} |")
+    segs = {name: t["segmentation"] for name, t in diag["teachers"].items() if t.get("segmentation")}
+    if segs:
+        lines += ["", "segmentation (aligned response positions of the training chunks): does the "
+                  "teacher's top-K predict the pivot's next token? 'diff cut' = the positions where "
+                  "the teacher's own next token has another surface than the pivot's label", "",
+                  "| teacher | positions | same cut | top-1 = label | top-1 = own next | mass on label "
+                  "| mass on own next | matched mass not on label | diff cut: positions | mass on label "
+                  "| mass on own next | matched not on label |", "|---" * 12 + "|"]
+        for name, g in segs.items():
+            d = g["diff_cut"]
+            lines.append(f"| {name} | {g['positions']} | {f(g['same_cut_fraction'])} "
+                         f"| {f(g['top1_label'])} | {f(g['top1_own_next'])} | {f(g['label_mass'])} "
+                         f"| {f(g['own_next_mass'])} | {f(g['matched_not_label_mass'])} "
+                         f"| {d['positions']} | {f(d['label_mass'])} | {f(d['own_next_mass'])} "
+                         f"| {f(d['matched_not_label_mass'])} |")
     seed = str(diag["seeds"][0])
     lines += ["", f"per-term training losses (per CE token, before lambda), seed {seed}; "
               "ratio = lambda_uld*uld/ce and (all distillation terms)/ce at the first / last "

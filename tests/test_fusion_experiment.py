@@ -248,6 +248,9 @@ def test_real_world_tiny_end_to_end(tmp_path, monkeypatch):
     lo = diag["runs"][1]["losses"]
     assert (lo["first_step"], lo["last_step"]) == (1, 2) and lo["uld_over_ce_first"] > 0
     assert "| smol |" in fr.diagnostics_table(diag)
+    seg = {n: diag["teachers"][n]["segmentation"] for n in teachers}
+    assert seg["smol"]["same_cut_fraction"] == 1.0           # the pivot's own tokenizer
+    assert seg["mistral"]["positions"] > 0 and 0 < seg["mistral"]["same_cut_fraction"] < 1
 
     def no_training(*a, **k):
         raise AssertionError("a cached run was trained again")
@@ -418,7 +421,18 @@ def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
     monkeypatch.setattr(fr, "score_pivot", score_pivot)
     monkeypatch.setattr(fr.Experiment, "init", lambda self, seed, common: tmp_path / f"s{seed}")
     monkeypatch.setattr(fr.Experiment, "one", one)
-    monkeypatch.setattr("megatron_fusion.tokenizers.load_tokenizer", lambda spec: _CharTok())
+    monkeypatch.setattr("megatron_fusion.tokenizers.load_tokenizer", lambda spec, name=None: _CharTok())
+    seg_calls = []
+
+    def segmentation(data_path, seq_len, topk_dir, pivot_tok, teacher_tok):
+        seg_calls.append(str(topk_dir))
+        return {"positions": 10, "special_label_positions": 1, "same_cut_fraction": 0.9,
+                "label_mass": 0.3, "own_next_mass": 0.35, "matched_not_label_mass": 0.4,
+                "top1_label": 0.45, "top1_own_next": 0.5,
+                "diff_cut": {"positions": 1, "label_mass": 0.05, "own_next_mass": 0.3,
+                             "matched_not_label_mass": 0.6, "top1_label": 0.0, "top1_own_next": 1.0}}
+
+    monkeypatch.setattr(fr, "segmentation_diagnostics", segmentation)
     exp = fr.Experiment(tmp_path / "exp", fr.parse_arms("sft,uld+gld@all", names), [5, 6],
                         fr.Sizes(n_valid=4), names, {"uld+gld": ((0.1, 0.05), (1.0, 0.5))},
                         pivot_tokenizer="chars", teachers={n: fr.Teacher(n, n, n) for n in names})
@@ -446,10 +460,12 @@ def test_diagnose_writes_json_and_table(tmp_path, monkeypatch):
     assert diag["runs"][2]["losses"]["grad_steps"]["5"]["grad/cos_uld_ce"] == -0.2
     assert "grad/ce" not in diag["runs"][2]["losses"]["steps"]["1"]
     assert "seed 6" not in text and "lam0.1_0.05 | 20 |" in text
+    assert t["segmentation"]["same_cut_fraction"] == 0.9
+    assert "| a | 10 | 0.9000 | 0.4500 | 0.5000 | 0.3000 | 0.3500 | 0.4000 | 1 | 0.0500 | 0.3000 | 0.6000 |" in text
     n_scored = len(scored)
     assert n_scored == 5
     exp.diagnose(exp.run())                                    # cached: nothing scored again
-    assert len(scored) == n_scored
+    assert len(scored) == n_scored and sorted(seg_calls) == [str(tmp_path / "k" / n) for n in names]
 
 
 def test_fpo_table_pairs_and_sizes(tmp_path):
@@ -478,3 +494,86 @@ def test_fpo_table_pairs_and_sizes(tmp_path):
         ff.PrefSizes(micro_batch=3, global_batch=16)
     with pytest.raises(ValueError, match="steps"):
         ff.PrefSizes(steps=0)
+
+
+class _GreedyTok:
+    """Greedy longest-match tokenizer over a list of text pieces (specials <s>, </s>, <pad>
+    first), with the interface the SFT data, the alignment and the vocabulary match use."""
+
+    def __init__(self, name: str, pieces: list[str]):
+        self.name = self.content_hash = name
+        self.pieces = ["<s>", "</s>", "<pad>"] + pieces
+        self.bos_id, self.eos_id, self.pad_id = 0, 1, 2
+        self.vocab_size = len(self.pieces)
+
+    def encode_with_offsets(self, text):
+        ids, offs, i = [], [], 0
+        while i < len(text):
+            n, tid = max((len(p), j) for j, p in enumerate(self.pieces)
+                         if j > 2 and text.startswith(p, i))
+            ids.append(tid)
+            offs.append((i, i + n))
+            i += n
+        return ids, offs
+
+    def encode(self, text):
+        return self.encode_with_offsets(text)[0]
+
+    def vocab_pieces(self):
+        return [(p, "special" if j <= 2 else "text") for j, p in enumerate(self.pieces)]
+
+
+def test_segmentation_diagnostics_closed_form(tmp_path):
+    """The segmentation check on a hand-made case. Text "cabc": the pivot cuts it c|ab|c, the
+    teacher c|a|bc. Aligned (same context end): BOS<->BOS (next: pivot "c", teacher "c": same
+    cut), "c"<->"c" (next: pivot "ab", teacher "a": different cut), the last "c"<->"bc" (next:
+    EOS, a special label: counted apart). The teacher's top-2 there: position 0 "c" 0.6, "a" 0.3;
+    position 1 "a" 0.5, "bc" 0.4 ("bc" has no pivot token). Every number below is worked out
+    by hand from that."""
+    from megatron_fusion.data.jsonl import write_jsonl
+    from megatron_fusion.teachers.shards import LOGP_DTYPE, TopKHeader, TopKWriter
+    from megatron_fusion.data.sft import SFTDataset
+
+    piv = _GreedyTok("piv", ["ab", "c", "a", "b"])
+    tea = _GreedyTok("tea", ["a", "bc", "b", "c"])
+    data = tmp_path / "train.jsonl"
+    write_jsonl(data, [{"prompt": "", "response": "cabc"}])
+    ds = SFTDataset(data, piv, 8)
+    assert ds.sample(0).ids.tolist() == [0, 4, 3, 4, 1]          # BOS c ab c EOS
+    tid = {p: j for j, p in enumerate(tea.pieces)}
+    ids = torch.zeros(5, 2, dtype=torch.long)
+    logp = torch.full((5, 2), -20.0)
+    ids[0], logp[0] = torch.tensor([tid["c"], tid["a"]]), torch.tensor([0.6, 0.3]).log()
+    ids[1], logp[1] = torch.tensor([tid["a"], tid["bc"]]), torch.tensor([0.5, 0.4]).log()
+    ids[3], logp[3] = torch.tensor([tid["</s>"], tid["c"]]), torch.tensor([0.9, 0.05]).log()
+    (tmp_path / "k").mkdir()
+    header = TopKHeader("tea", "tea", "piv", 2, ds.dataset_hash, dtype=LOGP_DTYPE,
+                        meta={"alignment": "offset"})
+    with TopKWriter(tmp_path / "k" / "tea-00000.topk", header) as w:
+        w.add(0, None, ids, torch.tensor([1, 1, 0, 1, 0], dtype=torch.bool),
+              logprobs=(logp, torch.ones(5), torch.zeros(5)))
+    g = fr.segmentation_diagnostics(str(data), 8, tmp_path / "k", piv, tea)
+    assert (g["positions"], g["special_label_positions"]) == (2, 1)
+    approx = lambda v: pytest.approx(v, abs=2e-3)               # noqa: E731 (u16 log-prob codes)
+    assert g["same_cut_fraction"] == 0.5
+    assert g["top1_label"] == 0.5 and g["top1_own_next"] == 1.0
+    assert g["label_mass"] == approx((0.6 + 0.0) / 2)
+    assert g["own_next_mass"] == approx((0.6 + 0.5) / 2)
+    assert g["matched_not_label_mass"] == approx((0.3 + 0.5) / 2)     # "a" -> pivot "a"; "bc": none
+    d = g["diff_cut"]
+    assert d["positions"] == 1 and d["top1_label"] == 0.0 and d["top1_own_next"] == 1.0
+    assert (d["label_mass"], d["own_next_mass"]) == (approx(0.0), approx(0.5))
+    assert d["matched_not_label_mass"] == approx(0.5)
+    # a teacher with the pivot's tokenizer cuts like the pivot everywhere (ids are pivot ids)
+    ids_p = torch.tensor([[4, 3], [3, 5], [0, 0], [1, 4], [0, 0]])
+    (tmp_path / "same").mkdir()
+    with TopKWriter(tmp_path / "same" / "piv-00000.topk",
+                    TopKHeader("piv", "piv", "piv", 2, ds.dataset_hash, dtype=LOGP_DTYPE)) as w:
+        w.add(0, None, ids_p, torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool),
+              logprobs=(logp, torch.ones(5), torch.zeros(5)))
+    s = fr.segmentation_diagnostics(str(data), 8, tmp_path / "same", piv, piv)
+    assert s["same_cut_fraction"] == 1.0 and s["diff_cut"]["positions"] == 0
+    assert (s["positions"], s["special_label_positions"]) == (3, 1)
+    # position 0: top-1 "c" = label; 1: top-1 "ab" = label; 2 (no top-K written: log p -20): no mass
+    assert s["top1_label"] == pytest.approx(2 / 3)
+    assert s["label_mass"] == approx((0.6 + 0.5) / 3)
