@@ -111,9 +111,11 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
     out = exp.out / "pref"
     pairs = make_pairs(out / "data", sizes)
     seq = sizes.seq_len
+    from demos.fusion_real import models
+
     teachers = {n: source_logprobs(out, n, pairs["train"], seq, model_dir=t.model_dir,
                                    tokenizer=t.tokenizer)
-                for n, t in exp.teachers.items()}
+                for n, t in models(exp.teachers).items()}     # each model once (not its variants)
     common = exp.sizes.overrides() + [
         "stage=fpo", f"data.train={pairs['train']}", f"data.tokenizer={exp.pivot_tokenizer}",
         f"fpo.valid_preference={pairs['valid']}", f"train.steps={sizes.steps}",
@@ -127,7 +129,8 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
     for seed, start in sft_dirs.items():
         own = source_logprobs(out, f"pivot_s{seed}", pairs["train"], seq, checkpoint=str(start))
         srcs = {"dpo": ([own], [exp.pivot_tokenizer]),
-                "fpo": (list(teachers.values()), [exp.teachers[n].tokenizer for n in teachers])}
+                "fpo": (list(teachers.values()),
+                        [models(exp.teachers)[n].tokenizer for n in teachers])}
         for arm in ARMS:
             rd = out / "runs" / arm / f"s{seed}"
             res_file = rd / "result.json"

@@ -288,29 +288,51 @@ def score_teacher(model_dir: str, tokenizer_spec: str, data: dict[str, str],
 
 @dataclass
 class Teacher:
-    """A frozen HF teacher: its model directory and tokenizer (dir, .model, .gguf)."""
+    """A frozen HF teacher: its model directory and tokenizer (dir, .model, .gguf), the alignment
+    its top-K is made with (methods.md §1) and the model it is (``model``: the name its scores and
+    FPO log-probs are cached under; variants of one model share them)."""
 
     name: str
     model_dir: str
     tokenizer: str
     what: str = ""
+    alignment: str = "offset"
+    model: str = ""
+
+    def __post_init__(self):
+        self.model = self.model or self.name
 
 
 def real_teachers(out: Path, names: list[str]) -> dict[str, Teacher]:
-    """SmolLM2-135M-Instruct and/or Gemma-3-270M as fp32 HF folders under ``out/hf`` (cached)."""
+    """SmolLM2-135M-Instruct and/or Gemma-3-270M as fp32 HF folders under ``out/hf`` (cached).
+    ``<model>_next`` (e.g. ``gemma3_next``): the same model with ``offset_next`` alignment (its
+    top-K only where its next token is the pivot's next token; its own top-K directory)."""
     from demos.real import find_gemma_gguf, find_smollm2_gguf, gguf_to_hf
 
     teachers = {}
     for n in names:
-        if n == "smollm2":
+        model = n.removesuffix("_next")
+        if model == "smollm2":
             d = gguf_to_hf(find_smollm2_gguf(), out / "hf" / "smollm2")
-            teachers[n] = Teacher(n, str(d), str(d), "SmolLM2-135M-Instruct (Llama, BPE 49,152)")
-        elif n == "gemma3":
+            t = Teacher(n, str(d), str(d), "SmolLM2-135M-Instruct (Llama, BPE 49,152)")
+        elif model == "gemma3":
             d = gguf_to_hf(find_gemma_gguf(out / "gguf"), out / "hf" / "gemma3")
-            teachers[n] = Teacher(n, str(d), str(d), "Gemma-3-270M base (Gemma3, SentencePiece 262,144)")
+            t = Teacher(n, str(d), str(d), "Gemma-3-270M base (Gemma3, SentencePiece 262,144)")
         else:
-            raise SystemExit(f"fusion_real: --teachers: unknown teacher {n!r} (smollm2, gemma3)")
+            raise SystemExit(f"fusion_real: --teachers: unknown teacher {n!r} (smollm2, gemma3, "
+                             "or one of them + '_next')")
+        if n != model:
+            t.alignment, t.model, t.what = "offset_next", model, t.what + ", offset_next alignment"
+        teachers[n] = t
     return teachers
+
+
+def models(teachers: dict[str, Teacher]) -> dict[str, Teacher]:
+    """One teacher per model (the first of its variants), for what depends on the model only."""
+    out: dict[str, Teacher] = {}
+    for t in teachers.values():
+        out.setdefault(t.model, t)
+    return out
 
 
 def precompute(out: Path, t: Teacher, data: dict[str, str], pivot_tokenizer: str,
@@ -323,7 +345,8 @@ def precompute(out: Path, t: Teacher, data: dict[str, str], pivot_tokenizer: str
         return str(topk)
     run([sys.executable, "tools/precompute_teacher_topk.py", "--backend", "hf",
          "--teacher-model", t.model_dir, "--teacher-tokenizer", t.tokenizer,
-         "--teacher-name", t.name, "--data", data["train"], "--pivot-tokenizer", pivot_tokenizer,
+         "--teacher-name", t.name, "--alignment", t.alignment, "--data", data["train"],
+         "--pivot-tokenizer", pivot_tokenizer,
          "--seq-len", str(sizes.seq_len), "--out", str(topk), "--batch-size", "4"],
         f"teacher '{t.name}': top-K over {2 * sizes.n_train} training chunks (the tool's progress below)",
         env_vars=dict(env(), OMP_NUM_THREADS=str(os.cpu_count() or 1)))
@@ -426,6 +449,12 @@ def arm_overrides(arm: Arm, point: tuple[float, ...], teachers: dict[str, Teache
                   topk: dict[str, str]) -> list[str]:
     loss = LOSSES[arm.loss]
     out = list(loss.overrides) + [f"fuse.{k}={v}" for k, v in zip(loss.keys, point)]
+    aligns = {teachers[n].alignment for n in arm.teachers}
+    if len(aligns) > 1:       # fuse.alignment is one for all teachers of a run
+        raise ValueError(f"arm {arm.label!r}: its teachers' alignments differ ({sorted(aligns)}); "
+                         "one run has one fuse.alignment")
+    if aligns and aligns != {"offset"}:
+        out.append(f"fuse.alignment={aligns.pop()}")
     if arm.teachers:
         entries = ", ".join(f"{{name: {n}, tokenizer: {teachers[n].tokenizer}, topk_dir: {topk[n]}}}"
                             for n in arm.teachers)
@@ -472,12 +501,12 @@ class Experiment:
         topk = {n: precompute(out, self.teachers[n], data, self.pivot_tokenizer, self.sizes)
                 for n in used}
         teacher_scores = {}
-        for n in self.teacher_names:
+        for n, t in models(self.teachers).items():      # one score per model, not per variant
             f = out / "teachers" / f"{n}.json"
             if not f.exists():
                 self.log(f"teacher '{n}': bits per byte on valid/test")
                 f.parent.mkdir(parents=True, exist_ok=True)
-                res = score_teacher(self.teachers[n].model_dir, self.teachers[n].tokenizer, data)
+                res = score_teacher(t.model_dir, t.tokenizer, data)
                 atomic_json(f, res)
             teacher_scores[n] = json.loads(f.read_text())
         self.check_train_spec()
@@ -583,9 +612,10 @@ class Experiment:
         n = self.sizes.n_valid
         teachers = {}
         for name in self.teacher_names:
-            f = self.out / "teachers" / f"{name}.train{n}.json"
+            model = self.teachers[name].model
+            f = self.out / "teachers" / f"{model}.train{n}.json"
             if not f.exists():
-                self.log(f"teacher '{name}': bits per byte on {n} training chunks per domain")
+                self.log(f"teacher '{model}': bits per byte on {n} training chunks per domain")
                 f.parent.mkdir(parents=True, exist_ok=True)
                 atomic_json(f, score_teacher(self.teachers[name].model_dir,
                                              self.teachers[name].tokenizer, self.data,

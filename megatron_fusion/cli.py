@@ -180,7 +180,8 @@ def precompute_topk_main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="output directory for the shards")
     ap.add_argument("--seq-len", type=int, required=True, help="pivot sequence length")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--alignment", choices=["offset", "mined"], default="offset")
+    ap.add_argument("--alignment", choices=["offset", "offset_next", "mined"], default="offset",
+                    help="methods.md §1 (offset_next: only where the next tokens align too)")
     ap.add_argument("--shard-dtype", choices=["logp16", "bfloat16", "float16"], default="logp16",
                     help="what the shards store per top-K entry (the header's dtype): logp16 = "
                          "the teacher's log-probs in 16-bit fixed point + sigma+eps and mu-lse "

@@ -352,7 +352,7 @@ class FuseConfig:
     eps: float = 1e-6
     """Standardisation epsilon of the teacher top-K (methods.md §2): online teachers use it;
     offline shards must have been made with it (their meta.eps is checked)."""
-    alignment: Literal["offset", "mined"] = "offset"
+    alignment: Literal["offset", "offset_next", "mined"] = "offset"
     """Teacher -> pivot position alignment (methods.md §1): online teachers use it; offline
     shards must have been made with it (their meta.alignment is checked)."""
     loss: Literal["uld", "hybrid"] = "uld"
@@ -387,8 +387,8 @@ class FuseConfig:
                f"must be in [0, fuse.min_aligned_fraction={self.min_aligned_fraction}], "
                f"got {self.min_aligned_fraction_hard}")
         _check(self.eps > 0, "fuse.eps", "must be > 0")
-        _check(self.alignment in ("offset", "mined"), "fuse.alignment",
-               f"must be offset or mined, got {self.alignment!r}")
+        _check(self.alignment in ("offset", "offset_next", "mined"), "fuse.alignment",
+               f"must be offset, offset_next or mined, got {self.alignment!r}")
         _check(self.temperature > 0, "fuse.temperature", "must be > 0")
         for n in ("lambda_ce", "lambda_uld", "lambda_gld"):
             _check(getattr(self, n) >= 0, f"fuse.{n}", "must be >= 0")

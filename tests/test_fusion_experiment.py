@@ -577,3 +577,19 @@ def test_segmentation_diagnostics_closed_form(tmp_path):
     # position 0: top-1 "c" = label; 1: top-1 "ab" = label; 2 (no top-K written: log p -20): no mass
     assert s["top1_label"] == pytest.approx(2 / 3)
     assert s["label_mass"] == approx((0.6 + 0.5) / 3)
+
+
+def test_teacher_variants_share_the_model_and_set_the_alignment():
+    """``gemma3_next``-style variants: their own top-K (own name), the model's caches (``models``),
+    and ``fuse.alignment`` in the run's overrides; one run cannot mix alignments."""
+    ts = {"a": fr.Teacher("a", "A", "tokA"), "b": fr.Teacher("b", "B", "tokB"),
+          "b_next": fr.Teacher("b_next", "B", "tokB", alignment="offset_next", model="b")}
+    assert list(fr.models(ts)) == ["a", "b"] and fr.models(ts)["b"].name == "b"
+    topk = {n: f"/k/{n}" for n in ts}
+    arm = fr.parse_arms("hybrid@b_next", list(ts))[0]
+    o = fr.arm_overrides(arm, (1.0, 1.0), ts, topk)
+    assert "fuse.alignment=offset_next" in o and any("topk_dir: /k/b_next" in x for x in o)
+    plain = fr.arm_overrides(fr.parse_arms("hybrid@b", list(ts))[0], (1.0, 1.0), ts, topk)
+    assert not any(x.startswith("fuse.alignment") for x in plain)
+    with pytest.raises(ValueError, match="alignments differ"):
+        fr.arm_overrides(fr.parse_arms("hybrid@a&b_next", list(ts))[0], (1.0, 1.0), ts, topk)

@@ -20,6 +20,14 @@ that same prefix (and the teacher's top-K at j can stand in for the pivot's at i
   predicted by the cumulative string lengths (``band`` tokens each side), one vectorised numpy
   min-plus scan per row: O(n·band), ~0.2 s for 4k x 4k tokens (tools/bench_align.py).
 
+- ``next_aligned(alignment)`` (``offset_next``): keeps position i only where pivot position i + 1
+  aligns with teacher position j + 1 too. Then both sides' next tokens start and end at the same
+  characters, so they are the same piece of text and the teacher's distribution at j is over the
+  same next-token event as the pivot's label at i. Where the tokenizers cut the continuation
+  differently, plain alignment gives the pivot a teacher distribution over the teacher's next
+  piece, which is not the pivot's next token (the fusion experiment's segmentation check,
+  docs/experiments.md, measures how often).
+
 ``aligned_fraction(alignment, mask)`` and ``report_alignment(name, fraction, threshold)`` report
 coverage per teacher and warn under the threshold (default 0.8).
 """
@@ -84,6 +92,14 @@ def offset_alignment(pivot_offsets: Sequence[Sequence[int]],
             last = j
         out.append(j)
     return out
+
+
+def next_aligned(alignment: Sequence[int]) -> list[int]:
+    """An alignment restricted to positions whose NEXT positions align too (i -> j kept only if
+    i + 1 -> j + 1): both sides then predict the same next piece of text. The last position
+    (whose next is not in the map) is dropped."""
+    a = list(alignment)
+    return [j if j >= 0 and i + 1 < len(a) and a[i + 1] == j + 1 else -1 for i, j in enumerate(a)]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch
 
 from megatron_fusion.data.sft import encode_segments
 from megatron_fusion.errors import TeacherDataError
-from megatron_fusion.teachers.align import mined_alignment, offset_alignment
+from megatron_fusion.teachers.align import mined_alignment, next_aligned, offset_alignment
 from megatron_fusion.teachers.backends import TeacherBackend, true_vocab_size
 
 
@@ -106,10 +106,12 @@ def align_sample(sample, t_ids, t_offs, pivot_tokenizer, teacher_tokenizer, pivo
     p_offs = sample.offsets[:pivot_positions].tolist()
     if method == "offset":
         return offset_alignment(p_offs, t_offs)
+    if method == "offset_next":
+        return next_aligned(offset_alignment(p_offs, t_offs))
     if method == "mined":
         p_pieces = [pivot_tokenizer.id_to_piece(int(i)) for i in sample.ids[:pivot_positions]]
         return mined_alignment(p_pieces, [teacher_tokenizer.id_to_piece(int(i)) for i in t_ids])
-    raise ValueError(f"alignment must be 'offset' or 'mined', got {method!r}")
+    raise ValueError(f"alignment must be 'offset', 'offset_next' or 'mined', got {method!r}")
 
 
 def to_host(*tensors: torch.Tensor) -> list[torch.Tensor]:

@@ -11,7 +11,8 @@ import re
 
 import pytest
 
-from megatron_fusion.teachers.align import (aligned_fraction, mined_alignment, normalize_piece,
+from megatron_fusion.teachers.align import (aligned_fraction, mined_alignment, next_aligned,
+                                            normalize_piece,
                                    offset_alignment, report_alignment)
 from megatron_fusion.tokenizers import load_tokenizer, train_byte_bpe
 
@@ -103,6 +104,35 @@ def test_offset_edge_cases():
     assert offset_alignment(piv, tea1) == [0, -1, -1, 1, 2]
     assert offset_alignment([], tea1) == []
     assert offset_alignment(piv, []) == [-1] * 5
+
+
+def test_next_aligned_keeps_positions_whose_next_token_is_the_same_piece():
+    """``offset_next``: i -> j survives only when i + 1 -> j + 1. Text "cabc": pivot <s> c ab c </s>,
+    teacher <s> c a bc </s>. offset aligns <s>, the first c, the last c (with "bc") and </s>; the
+    pivot's next token after the first c is "ab", the teacher's "a": dropped; after the last c both
+    have </s>: kept; the last position has no next: dropped."""
+    piv = [(0, 0), (0, 1), (1, 3), (3, 4), (4, 4)]
+    tea = [(0, 0), (0, 1), (1, 2), (2, 4), (4, 4)]
+    assert offset_alignment(piv, tea) == [0, 1, -1, 3, 4]
+    assert next_aligned(offset_alignment(piv, tea)) == [0, -1, -1, 3, -1]
+    assert next_aligned(list(range(5))) == [0, 1, 2, 3, -1]     # one tokenizer: all but the last
+    assert next_aligned([]) == [] and next_aligned([-1, 0]) == [-1, -1]
+
+
+def test_align_sample_offset_next_matches_offset_then_next():
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from megatron_fusion.teachers.topk import align_sample
+
+    offs = np.array([(0, 0), (0, 1), (1, 3), (3, 4), (4, 4)])
+    tea = [(0, 0), (0, 1), (1, 2), (2, 4), (4, 4)]
+    s = SimpleNamespace(offsets=offs, ids=np.arange(5))
+    assert align_sample(s, [0] * 5, tea, None, None, 5, "offset_next") == [0, -1, -1, 3, -1]
+    assert align_sample(s, [0] * 5, tea, None, None, 4, "offset_next") == [0, -1, -1, -1]
+    with pytest.raises(ValueError, match="offset_next"):
+        align_sample(s, [0] * 5, tea, None, None, 5, "fuzzy")
 
 
 def test_mined_small_cases():
