@@ -628,9 +628,11 @@ class Experiment:
                     from megatron_fusion.tokenizers import load_tokenizer
 
                     self.log(f"teacher '{name}': segmentation check on its shards")
+                    spec = self.teachers[name].tokenizer
+                    t_tok = (self.tok if spec == self.pivot_tokenizer     # (a GGUF loads slowly)
+                             else load_tokenizer(spec, name=name))
                     atomic_json(g, segmentation_diagnostics(
-                        self.data["train"], self.sizes.seq_len, self.topk[name], self.tok,
-                        load_tokenizer(self.teachers[name].tokenizer, name=name)))
+                        self.data["train"], self.sizes.seq_len, self.topk[name], self.tok, t_tok))
                 seg = json.loads(g.read_text())
             teachers[name] = {"train_bpb": mean_bpb(sc, "train"), "train_score": sc["train"],
                               "shards": topk_diagnostics(self.topk[name]) if name in self.topk
