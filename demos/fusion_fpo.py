@@ -126,8 +126,10 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
         # every held-out pair is scored (the stage scores eval_batches x micro_batch of them)
         f"train.eval_batches={-(-sizes.n_valid // sizes.micro_batch)}"]
     results: dict[str, dict[str, dict]] = {a: {} for a in ARMS}
+    own_dirs = {}
     for seed, start in sft_dirs.items():
         own = source_logprobs(out, f"pivot_s{seed}", pairs["train"], seq, checkpoint=str(start))
+        own_dirs[f"pivot_s{seed}"] = own
         srcs = {"dpo": ([own], [exp.pivot_tokenizer]),
                 "fpo": (list(teachers.values()),
                         [models(exp.teachers)[n].tokenizer for n in teachers])}
@@ -154,10 +156,27 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
             exp.log(f"{arm} seed {seed}: held-out preference accuracy {res['before']['pref_accuracy']:.3f}"
                     f" -> {res['after']['pref_accuracy']:.3f}, margin {res['before']['pref_margin']:+.4f}"
                     f" -> {res['after']['pref_margin']:+.4f}")
+    # what the sources (and each start pivot) know about the training pairs before any step
+    known = {n: source_preferences(d) for n, d in teachers.items()} | {
+        n: source_preferences(d) for n, d in own_dirs.items()}
     summary = {"arms": results, "sizes": vars(sizes), "sources": list(teachers),
-               "wall_s": time.time() - t0}
+               "source_preferences": known, "wall_s": time.time() - t0}
     atomic_json(out / "results.json", summary)
     return summary
+
+
+def source_preferences(logprob_dir: str | Path) -> dict:
+    """A source's own preferences on the TRAINING pairs, from its cached sequence log-probs: the
+    share of pairs whose length-normalised log-prob (per token of its own tokenization, as FPO
+    uses them, methods.md §5) is higher for the chosen response (``accuracy``; ties count as not),
+    the share of ties, and the mean length-normalised margin."""
+    from megatron_fusion.teachers.shards import SourceLogprobStore
+
+    r = SourceLogprobStore(logprob_dir, verify_checksum=False).records
+    lc = r["chosen_logprob"] / r["chosen_tokens"]
+    lr = r["rejected_logprob"] / r["rejected_tokens"]
+    return {"pairs": int(len(r)), "accuracy": float((lc > lr).mean()),
+            "ties": float((lc == lr).mean()), "margin": float((lc - lr).mean())}
 
 
 def table(summary: dict) -> str:
@@ -183,4 +202,11 @@ def table(summary: dict) -> str:
                      f"| {mean(arm, 'after', 'pref_accuracy'):.4f} "
                      f"| {mean(arm, 'before', 'pref_margin'):+.4f} "
                      f"| {mean(arm, 'after', 'pref_margin'):+.4f} | " + " | ".join(deltas) + " |")
+    known = summary.get("source_preferences")
+    if known:
+        lines += ["", "the sources and the start pivots on the TRAINING pairs (their cached "
+                  "log-probs, length-normalised; before any FPO / DPO step)", "",
+                  "| source | pairs | chosen preferred | ties | mean margin |", "|---" * 5 + "|"]
+        lines += [f"| {n} | {k['pairs']} | {k['accuracy']:.4f} | {k['ties']:.4f} | {k['margin']:+.4f} |"
+                  for n, k in known.items()]
     return "\n".join(lines) + "\n"

@@ -494,6 +494,20 @@ def test_fpo_table_pairs_and_sizes(tmp_path):
         ff.PrefSizes(micro_batch=3, global_batch=16)
     with pytest.raises(ValueError, match="steps"):
         ff.PrefSizes(steps=0)
+    # a source's preferences on the training pairs: length-normalised, ties are not preferences
+    from megatron_fusion.teachers.shards import LogprobHeader, SourceLogprobStore
+
+    (tmp_path / "lp").mkdir()
+    SourceLogprobStore.write(tmp_path / "lp" / "s-00000.logp", LogprobHeader("s", "h", "d"), [
+        (0, -4.0, 4, -6.0, 2),      # -1.0 vs -3.0: chosen
+        (1, -6.0, 2, -4.0, 4),      # -3.0 vs -1.0: rejected
+        (2, -2.0, 2, -3.0, 3),      # -1.0 vs -1.0: a tie
+        (3, -1.0, 2, -2.0, 2)])     # -0.5 vs -1.0: chosen
+    k = ff.source_preferences(tmp_path / "lp")
+    assert k == {"pairs": 4, "accuracy": 0.5, "ties": 0.25,
+                 "margin": pytest.approx((2.0 - 2.0 + 0.0 + 0.5) / 4)}
+    text = ff.table(dict(summary, source_preferences={"s": k}))
+    assert "| s | 4 | 0.5000 | 0.2500 | +0.1250 |" in text
 
 
 class _GreedyTok:
