@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from demos.common import env, eval_table, run, train
-from demos.fusion_real import atomic_json
+from demos.fusion_real import atomic_json, models
 
 ARMS = ("dpo", "fpo")
 
@@ -111,11 +111,10 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
     out = exp.out / "pref"
     pairs = make_pairs(out / "data", sizes)
     seq = sizes.seq_len
-    from demos.fusion_real import models
-
+    sources = models(exp.teachers)                      # each model once (not its variants)
     teachers = {n: source_logprobs(out, n, pairs["train"], seq, model_dir=t.model_dir,
                                    tokenizer=t.tokenizer)
-                for n, t in models(exp.teachers).items()}     # each model once (not its variants)
+                for n, t in sources.items()}
     common = exp.sizes.overrides() + [
         "stage=fpo", f"data.train={pairs['train']}", f"data.tokenizer={exp.pivot_tokenizer}",
         f"fpo.valid_preference={pairs['valid']}", f"train.steps={sizes.steps}",
@@ -131,8 +130,7 @@ def run_fpo(exp, sizes: PrefSizes, sft_dirs: dict[int, Path], config: str) -> di
         own = source_logprobs(out, f"pivot_s{seed}", pairs["train"], seq, checkpoint=str(start))
         own_dirs[f"pivot_s{seed}"] = own
         srcs = {"dpo": ([own], [exp.pivot_tokenizer]),
-                "fpo": (list(teachers.values()),
-                        [models(exp.teachers)[n].tokenizer for n in teachers])}
+                "fpo": (list(teachers.values()), [sources[n].tokenizer for n in teachers])}
         for arm in ARMS:
             rd = out / "runs" / arm / f"s{seed}"
             res_file = rd / "result.json"
