@@ -374,6 +374,10 @@ LOSSES: dict[str, Loss] = {
     # lambdas (lambda_uld is not used under fuse.loss=hybrid)
     "hybrid": Loss(("stage=fuse", "fuse.loss=hybrid", "fuse.lambda_gld=0"),
                    ("lambda_matched", "lambda_unmatched"), ((0.3, 0.3), (1.0, 0.3), (1.0, 1.0))),
+    # with the tail bucket (methods.md §9): without it the matched KL is minimised by the
+    # teacher's top-K renormalised, i.e. no student mass outside it; the bucket keeps 1 - sum
+    "hybrid+tail": Loss(("stage=fuse", "fuse.loss=hybrid", "fuse.tail_bucket=true", "fuse.lambda_gld=0"),
+                        ("lambda_matched", "lambda_unmatched"), ((0.3, 0.3), (1.0, 0.3), (1.0, 1.0))),
     "hybrid+gld": Loss(("stage=fuse", "fuse.loss=hybrid"),
                        ("lambda_matched", "lambda_unmatched", "lambda_gld"),
                        ((0.3, 0.3, 0.15), (1.0, 0.3, 0.5), (1.0, 1.0, 0.5))),
@@ -709,7 +713,7 @@ def table(summary: dict) -> str:
 
 # --- diagnostics: why fusion does (not) beat SFT ------------------------------------------------
 
-TERMS = ("loss/ce", "loss/uld", "loss/gld", "loss/hybrid", "loss/matched", "loss/unmatched")
+TERMS = ("loss/ce", "loss/uld", "loss/gld", "loss/hybrid", "loss/matched", "loss/unmatched", "loss/tail")
 """The per-term losses read from each run's metrics.jsonl (each a mean per CE token, before its
 lambda; ``loss/hybrid`` already holds its w_M / w_U weights)."""
 GRADS = ("grad/ce", "grad/uld", "grad/hybrid", "grad/gld", "grad/cos_uld_ce", "grad/cos_hybrid_ce",

@@ -128,6 +128,12 @@ def test_arms_table_and_refusals():
                           {n: f"/k/{n}" for n in names})
     assert {"fuse.loss=hybrid", "fuse.lambda_matched=1.0", "fuse.lambda_unmatched=0.3",
             "fuse.lambda_gld=0.5"} <= set(ov)
+    tail = fr.parse_arms("hybrid+tail@smollm2", names)[0]
+    ov = fr.arm_overrides(tail, (1.0, 1.0), {n: fr.Teacher(n, f"/m/{n}", f"/t/{n}") for n in names},
+                          {n: f"/k/{n}" for n in names})
+    assert {"fuse.loss=hybrid", "fuse.tail_bucket=true", "fuse.lambda_gld=0",
+            "fuse.lambda_matched=1.0", "fuse.lambda_unmatched=1.0"} <= set(ov)
+    assert tail.slug == "hybrid_tail-smollm2"
     assert fr.parse_grid(["uld+gld=0.1/0.05;1/0.5"]) == {"uld+gld": ((0.1, 0.05), (1.0, 0.5))}
     with pytest.raises(ValueError, match="needs 2 value"):
         fr.parse_grid(["uld+gld=0.1"])
